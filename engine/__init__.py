@@ -1,0 +1,1 @@
+"""The engine: blobs, layers, nets, fillers, devices and model I/O."""

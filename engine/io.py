@@ -1,0 +1,86 @@
+"""Reading and writing protobuf files: prototxt (text) and binary (.caffemodel, .solverstate, .binaryproto).
+
+Every failure becomes a KaffeError naming the file (and line and column for text), and binary files
+are written atomically so that an interrupted write never destroys an earlier file.
+"""
+import os
+import tempfile
+
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from .errors import KaffeError
+
+
+def _read_bytes(path, what):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise KaffeError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise KaffeError(f"{what} path is a directory, not a file: {path}") from None
+    except OSError as e:
+        raise KaffeError(f"cannot read {what} file {path}: {e.strerror}") from None
+
+
+def parse_text_proto(text, message, source="<string>"):
+    """Parse protobuf text into `message`; errors name source:line:column and the offending field."""
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as e:
+        line, column = e.GetLine(), e.GetColumn()
+        where = f"{source}:{line}:{column}" if line is not None else source
+        detail = str(e)
+        prefix = f"{line}:{column} : "
+        if detail.startswith(prefix):
+            detail = detail[len(prefix):]
+        raise KaffeError(f"{where}: error parsing {message.DESCRIPTOR.name} text: {detail}") from None
+    return message
+
+
+def read_text_proto(path, message):
+    data = _read_bytes(path, message.DESCRIPTOR.name)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KaffeError(f"{path}: not a text prototxt file (it is binary; "
+                         f"expected a {message.DESCRIPTOR.name} in protobuf text format)") from None
+    return parse_text_proto(text, message, str(path))
+
+
+def read_binary_proto(path, message):
+    """Parse a binary protobuf file of any size (Caffe's weights exceed protobuf's default 64 MB limit)."""
+    data = _read_bytes(path, message.DESCRIPTOR.name)
+    try:
+        message.ParseFromString(data)
+    except DecodeError as e:
+        raise KaffeError(f"{path}: not a valid binary {message.DESCRIPTOR.name} "
+                         f"(truncated or not a protobuf file: {e})") from None
+    return message
+
+
+def _atomic_write(path, payload):
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    except OSError as e:
+        raise KaffeError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_binary_proto(message, path):
+    _atomic_write(path, message.SerializeToString())
+
+
+def write_text_proto(message, path):
+    _atomic_write(path, text_format.MessageToString(message).encode("utf-8"))

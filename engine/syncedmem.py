@@ -1,0 +1,61 @@
+"""Memory that lives on the host (numpy) and/or an OpenCL device, copied lazily, as Caffe's SyncedMemory.
+
+The head says where the newest copy is. Reading one side copies only when the other side was
+written last; asking for a mutable side moves the head there, so the other copy goes stale.
+"""
+import numpy as np
+
+UNINITIALIZED = "uninitialized"
+HEAD_AT_CPU = "head at cpu"
+HEAD_AT_GPU = "head at gpu"
+SYNCED = "synced"
+
+
+class SyncedMemory:
+    def __init__(self, count):
+        self.count = int(count)
+        self._host = None
+        self._device = None
+        self.head = UNINITIALIZED
+
+    def _to_cpu(self):
+        if self.head == UNINITIALIZED:
+            self._host = np.zeros(self.count, dtype=np.float32)
+            self.head = HEAD_AT_CPU
+        elif self.head == HEAD_AT_GPU:
+            if self._host is None:
+                self._host = np.empty(self.count, dtype=np.float32)
+            self._device.get(ary=self._host)
+            self.head = SYNCED
+
+    def _to_gpu(self):
+        from . import opencl
+        if self.head == UNINITIALIZED:
+            self._device = opencl.zeros(self.count)
+            self.head = HEAD_AT_GPU
+        elif self.head == HEAD_AT_CPU:
+            if self._device is None:
+                self._device = opencl.empty(self.count)
+            self._device.set(self._host)
+            self.head = SYNCED
+
+    def cpu(self):
+        """The flat float32 host array, for reading."""
+        self._to_cpu()
+        return self._host
+
+    def mutable_cpu(self):
+        """The flat float32 host array, for writing: the device copy becomes stale."""
+        self._to_cpu()
+        self.head = HEAD_AT_CPU
+        return self._host
+
+    def gpu(self):
+        """The flat float32 device array (pyopencl.array.Array), for reading."""
+        self._to_gpu()
+        return self._device
+
+    def mutable_gpu(self):
+        self._to_gpu()
+        self.head = HEAD_AT_GPU
+        return self._device

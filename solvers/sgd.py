@@ -1,0 +1,74 @@
+"""SGD with momentum (Caffe's SGDSolver): normalisation, regularisation, gradient clipping, history."""
+import numpy as np
+
+from ..engine.blob import Blob
+from ..engine.errors import KaffeError
+from ..engine.log import logger
+from .lr_policy import learning_rate
+from .solver import Solver, register_solver
+
+
+@register_solver("SGD")
+class SGDSolver(Solver):
+    def __init__(self, param):
+        super().__init__(param)
+        # one history blob per learnable parameter (momentum); update rules with more state add more
+        self.history = [Blob(p.shape) for p in self.net.learnable_params]
+        self.lr = 0.0
+
+    def history_blobs(self):
+        return self.history
+
+    def learning_rate(self):
+        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        return rate
+
+    def apply_update(self):
+        rate = self.learning_rate()
+        self.lr = rate
+        if self.param.display and self.iter % self.param.display == 0:
+            logger.info(f"Iteration {self.iter}, lr = {format(rate, '.6g')}")
+        self.clip_gradients()
+        for i, blob in enumerate(self.net.learnable_params):
+            self.normalize(blob)
+            self.regularize(i, blob)
+            self.compute_update_value(i, blob, rate)
+        self.net.update()
+
+    def clip_gradients(self):
+        clip = self.param.clip_gradients
+        if clip < 0:
+            return
+        norm = float(np.sqrt(sum(b.sumsq_diff() for b in self.net.learnable_params)))
+        if norm > clip:
+            factor = clip / norm
+            logger.info(f"Gradient clipping: scaling down gradients (L2 norm {format(norm, '.6g')} > "
+                        f"{format(clip, '.6g')}) by scale factor {format(factor, '.6g')}")
+            for blob in self.net.learnable_params:
+                blob.scale_diff(factor)
+
+    def normalize(self, blob):
+        if self.param.iter_size > 1:
+            blob.scale_diff(1.0 / self.param.iter_size)
+
+    def regularize(self, i, blob):
+        decay = np.float32(self.param.weight_decay * self.net.params_weight_decay[i])
+        if not decay:
+            return
+        kind = self.param.regularization_type
+        diff = blob.mutable_cpu_diff()
+        if kind == "L2":
+            diff += decay * blob.cpu_data()
+        elif kind == "L1":
+            diff += decay * np.sign(blob.cpu_data())
+        else:
+            raise KaffeError(f"Unknown regularization type: '{kind}' (known: L1, L2)")
+
+    def compute_update_value(self, i, blob, rate):
+        """h = lr * lr_mult * g + momentum * h; the parameter then moves by -h."""
+        local_rate = np.float32(rate * self.net.params_lr[i])
+        history = self.history[i].mutable_cpu_data()
+        diff = blob.mutable_cpu_diff()
+        history *= np.float32(self.param.momentum)
+        history += local_rate * diff
+        diff[...] = history

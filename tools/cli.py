@@ -1,0 +1,218 @@
+"""`kaffe`: the command-line tool, with Caffe's commands and flags (`-solver x`, `--solver=x`, `--solver x`)."""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from ..engine import device
+from ..engine.errors import KaffeError
+from ..engine.log import init_log, logger
+from ..proto import caffe_pb2
+
+SIGNAL_EFFECTS = ("stop", "snapshot", "none")
+
+
+def _flag(parser, name, **kwargs):
+    """A flag accepted as -name, --name (with a space or '=')."""
+    parser.add_argument(f"-{name}", f"--{name}", **kwargs)
+
+
+def _add_common(parser, iterations=True):
+    _flag(parser, "gpu", default="", help="OpenCL device id(s): '0', '0,1' or 'all'; empty = CPU "
+                                          "(unless the solver says solver_mode: GPU)")
+    _flag(parser, "level", type=int, default=0, help="NetState level")
+    _flag(parser, "stage", default="", help="comma-separated NetState stages")
+    if iterations:
+        _flag(parser, "iterations", type=int, default=50, help="number of iterations")
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(prog="kaffe", description="kaffe: Caffe's command-line tool, in Python.")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+
+    train = commands.add_parser("train", help="train or fine-tune a model")
+    _flag(train, "solver", default="", help="solver prototxt")
+    _flag(train, "snapshot", default="", help=".solverstate to resume training from")
+    _flag(train, "weights", default="", help="comma-separated .caffemodel files to fine-tune from")
+    _flag(train, "sigint_effect", default="stop", choices=SIGNAL_EFFECTS, help="what Ctrl-C does")
+    _flag(train, "sighup_effect", default="snapshot", choices=SIGNAL_EFFECTS, help="what SIGHUP does")
+    _add_common(train, iterations=False)
+    _flag(train, "iterations", type=int, default=None, help="override the solver's max_iter")
+
+    test = commands.add_parser("test", help="score a model")
+    _flag(test, "model", default="", help="net prototxt")
+    _flag(test, "weights", default="", help="comma-separated .caffemodel files")
+    _add_common(test)
+
+    timing = commands.add_parser("time", help="benchmark a model's execution time")
+    _flag(timing, "model", default="", help="net prototxt")
+    _flag(timing, "phase", default="TRAIN", choices=("TRAIN", "TEST"), help="net phase")
+    _add_common(timing)
+
+    data = commands.add_parser("data", help="download and convert datasets (kaffe data mnist --help)",
+                               add_help=False)
+    data.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _gpus(flag):
+    if not flag:
+        return []
+    if flag == "all":
+        from ..engine import opencl
+        return list(range(len(opencl.devices())))
+    try:
+        return [int(g) for g in flag.split(",")]
+    except ValueError:
+        raise KaffeError(f"--gpu must be a device id, a comma-separated list or 'all', got '{flag}'") from None
+
+
+def _select_mode(gpus):
+    if not gpus:
+        logger.info("Use CPU.")
+        device.set_mode_cpu()
+        return
+    if len(gpus) > 1:
+        logger.warning(f"kaffe trains on one device; using device {gpus[0]} of {gpus}")
+    device.set_device(gpus[0])
+    device.set_mode_gpu()
+
+
+def _stages(flag):
+    return [s for s in flag.split(",") if s]
+
+
+def train(args):
+    from ..solvers import get_solver, read_solver_param
+    if not args.solver:
+        raise KaffeError("Need a solver definition to train (--solver).")
+    if args.snapshot and args.weights:
+        raise KaffeError("Give a snapshot to resume training or weights to finetune but not both.")
+    param = read_solver_param(args.solver)
+    param.train_state.level = args.level
+    param.train_state.stage.extend(_stages(args.stage))
+    if args.iterations is not None:
+        param.max_iter = args.iterations
+    gpu_flag = args.gpu
+    if not gpu_flag and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU:
+        gpu_flag = str(param.device_id)
+    _select_mode(_gpus(gpu_flag))
+    if args.snapshot:
+        del param.weights[:]
+    elif args.weights:
+        del param.weights[:]
+        param.weights.append(args.weights)
+    solver = get_solver(param)
+    restore_signals = solver.handle_signals(args.sigint_effect, args.sighup_effect)
+    try:
+        if args.snapshot:
+            logger.info(f"Resuming from {args.snapshot}")
+        solver.solve(args.snapshot or None)
+    finally:
+        restore_signals()
+    logger.info("Optimization Done.")
+
+
+def test(args):
+    from ..engine.net import Net
+    if not args.model:
+        raise KaffeError("Need a model definition to score (--model).")
+    if not args.weights:
+        raise KaffeError("Need model weights to score (--weights).")
+    _select_mode(_gpus(args.gpu))
+    net = Net(args.model, caffe_pb2.TEST, level=args.level, stages=_stages(args.stage))
+    net.copy_from(args.weights)
+    logger.info(f"Running for {args.iterations} iterations.")
+    totals, loss = None, 0.0
+    for i in range(args.iterations):
+        loss += net.forward_from_to(0, len(net.layers) - 1)
+        values = [b.cpu_data().astype(np.float64).ravel() for b in net.output_blobs]
+        for name, vals in zip(net.outputs, values):
+            for v in vals:
+                logger.info(f"Batch {i}, {name} = {format(v, '.6g')}")
+        totals = values if totals is None else [t + v for t, v in zip(totals, values)]
+    logger.info(f"Loss: {format(loss / args.iterations, '.6g')}")
+    for name, weight, total in zip(net.outputs, net.output_loss_weights, totals):
+        for v in total / args.iterations:
+            extra = f" (* {format(weight, '.6g')} = {format(weight * v, '.6g')} loss)" if weight else ""
+            logger.info(f"{name} = {format(v, '.6g')}{extra}")
+
+
+def time_model(args):
+    from ..engine.net import Net
+    if not args.model:
+        raise KaffeError("Need a model definition to time (--model).")
+    _select_mode(_gpus(args.gpu))
+    phase = caffe_pb2.Phase.Value(args.phase)
+    net = Net(args.model, phase, level=args.level, stages=_stages(args.stage))
+    logger.info("Performing Forward")
+    loss = net.forward_from_to(0, len(net.layers) - 1)
+    logger.info(f"Initial loss: {format(loss, '.6g')}")
+    logger.info("Performing Backward")
+    net.backward_from_to(len(net.layers) - 1, 0)
+    n = len(net.layers)
+    forward_ms, backward_ms = np.zeros(n), np.zeros(n)
+    forward_total = backward_total = 0.0
+    logger.info("*** Benchmark begins ***")
+    logger.info(f"Testing for {args.iterations} iterations.")
+    clock = time.perf_counter
+    total_start = clock()
+    for j in range(args.iterations):
+        iter_start = clock()
+        for i in range(n):
+            t0 = clock()
+            net.layers[i].forward(net.bottom_vecs[i], net.top_vecs[i])
+            device.synchronize()
+            forward_ms[i] += (clock() - t0) * 1e3
+        forward_total += (clock() - iter_start) * 1e3
+        backward_start = clock()
+        for i in range(n - 1, -1, -1):
+            t0 = clock()
+            net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
+            device.synchronize()
+            backward_ms[i] += (clock() - t0) * 1e3
+        backward_total += (clock() - backward_start) * 1e3
+        logger.info(f"Iteration: {j + 1} forward-backward time: {(clock() - iter_start) * 1e3:.0f} ms.")
+    total_ms = (clock() - total_start) * 1e3
+    iters = args.iterations
+    logger.info("Average time per layer: ")
+    for i, name in enumerate(net.layer_names):
+        logger.info(f"{name:>10}\tforward: {format(forward_ms[i] / iters, '.6g')} ms.")
+        logger.info(f"{name:>10}\tbackward: {format(backward_ms[i] / iters, '.6g')} ms.")
+    logger.info(f"Average Forward pass: {format(forward_total / iters, '.6g')} ms.")
+    logger.info(f"Average Backward pass: {format(backward_total / iters, '.6g')} ms.")
+    logger.info(f"Average Forward-Backward: {format(total_ms / iters, '.6g')} ms.")
+    logger.info(f"Total Time: {format(total_ms, '.6g')} ms.")
+    logger.info("*** Benchmark ends ***")
+
+
+def data(args):
+    from . import data as data_tool
+    data_tool.main(args.args)
+
+
+COMMANDS = {"train": train, "test": test, "time": time_model, "data": data}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    init_log()
+    try:
+        COMMANDS[args.command](args)
+    except KaffeError as e:
+        print(f"kaffe {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"kaffe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
