@@ -39,7 +39,9 @@ def create_layer(param, phase=None):
     cls = _REGISTRY.get(param.type)
     if cls is None:
         known = ", ".join(sorted(_REGISTRY))
-        close = difflib.get_close_matches(param.type, list(_REGISTRY), n=1)
+        by_lower = {name.lower(): name for name in _REGISTRY}
+        close = ([by_lower[param.type.lower()]] if param.type.lower() in by_lower
+                 else difflib.get_close_matches(param.type, list(_REGISTRY), n=1))
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise KaffeError(f"Unknown layer type: '{param.type}' (layer '{param.name}').{hint} "
                          f"Known types: {known}")

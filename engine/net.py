@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from ..proto import caffe_pb2
-from .blob import Blob
+from .blob import Blob, proto_shape
 from .errors import KaffeError
 from .graph import filter_net, insert_splits
 from .io import read_binary_proto, read_text_proto
@@ -423,10 +423,10 @@ class Net:
                                  f"{len(target)}, the weights have {len(source.blobs)}")
             for j, (blob, stored) in enumerate(zip(target, source.blobs)):
                 if not blob.shape_equals_proto(stored):
-                    shown = Blob()
-                    shown.from_proto(stored)
+                    shape = proto_shape(stored)
+                    shown = " ".join(map(str, shape)) + f" ({int(np.prod(shape, dtype=np.int64))})"
                     raise KaffeError(f"Cannot copy param {j} weights from layer '{source.name}'; shape mismatch. "
-                                     f"Source param shape is {shown.shape_string()}; target param shape is "
+                                     f"Source param shape is {shown}; target param shape is "
                                      f"{blob.shape_string()}. To learn this layer's parameters from scratch "
                                      f"rather than copying from a saved net, rename the layer.")
                 blob.from_proto(stored, reshape=False)

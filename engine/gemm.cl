@@ -1,0 +1,191 @@
+// C = alpha * op(A) * op(B) + beta * C on row-major matrices (numpy's layout); op(A) is M x K, op(B) is K x N.
+//
+// Compile-time settings (-D):
+//   TRANS_A, TRANS_B  0/1: A is stored K x M (lda = M) / B is stored N x K (ldb = K)
+//   TS_M, TS_N, TS_K  the tile of C one work-group computes (TS_M x TS_N) and the depth of one K step
+//   WPT_M, WPT_N      the register block of C one work-item computes: WPT_M x WPT_N values
+//   VEC_A, VEC_B      1, 2 or 4: width of the global loads along the contiguous axis of A / B; the host picks
+//                     a width > 1 only when the leading dimension and the offset are multiples of it, so that
+//                     every vector starts aligned
+//
+// The work-group is (TS_N / WPT_N) x (TS_M / WPT_M) work-items. Each K step, the group copies a TS_M x TS_K
+// slice of op(A) and a TS_K x TS_N slice of op(B) into local memory with coalesced reads, then every work-item
+// accumulates its register block from there. A work-item's outputs are strided by the group's extent
+// (rather than adjacent) so that neighbouring work-items touch neighbouring addresses: C stores coalesce and
+// local reads spread over the banks.
+
+#define RTS_M (TS_M / WPT_M)
+#define RTS_N (TS_N / WPT_N)
+#define GROUP_SIZE (RTS_M * RTS_N)
+// one spare column: the transposing copies into local memory would otherwise hit one bank per K row
+#define LDS_M (TS_M + 1)
+#define LDS_N (TS_N + 1)
+
+#if VEC_A == 4
+typedef float4 float_a;
+#define LOAD_A(p) vload4(0, p)
+#elif VEC_A == 2
+typedef float2 float_a;
+#define LOAD_A(p) vload2(0, p)
+#else
+typedef float float_a;
+#define LOAD_A(p) (*(p))
+#endif
+
+#if VEC_B == 4
+typedef float4 float_b;
+#define LOAD_B(p) vload4(0, p)
+#elif VEC_B == 2
+typedef float2 float_b;
+#define LOAD_B(p) vload2(0, p)
+#else
+typedef float float_b;
+#define LOAD_B(p) (*(p))
+#endif
+
+typedef union { float_a v; float s[VEC_A]; } vec_a;
+typedef union { float_b v; float s[VEC_B]; } vec_b;
+
+// Copy op(A)[m0 : m0 + TS_M, k0 : k0 + TS_K] into As[k][m], zero outside the matrix.
+inline void load_a_tile(__global const float* A, int lda, int M, int K, int m0, int k0,
+                        __local float* As, int tid) {
+#if TRANS_A
+    // stored K x M: contiguous along m
+    #define A_RUN TS_M
+#else
+    // stored M x K: contiguous along k
+    #define A_RUN TS_K
+#endif
+    #pragma unroll
+    for (int l = tid; l < TS_M * TS_K / VEC_A; l += GROUP_SIZE) {
+        const int run = (l % (A_RUN / VEC_A)) * VEC_A;  // position along the contiguous axis
+        const int line = l / (A_RUN / VEC_A);           // position along the other axis
+#if TRANS_A
+        const int m = run, k = line;
+        const int gline = k0 + k, grun = m0 + m, run_end = M, line_end = K;
+#else
+        const int m = line, k = run;
+        const int gline = m0 + m, grun = k0 + k, run_end = K, line_end = M;
+#endif
+        vec_a x;
+        __global const float* p = A + (size_t)gline * lda + grun;
+        if (gline < line_end && grun + VEC_A <= run_end) {
+            x.v = LOAD_A(p);
+        } else {
+            #pragma unroll
+            for (int c = 0; c < VEC_A; ++c)
+                x.s[c] = (gline < line_end && grun + c < run_end) ? p[c] : 0.0f;
+        }
+        #pragma unroll
+        for (int c = 0; c < VEC_A; ++c) {
+#if TRANS_A
+            As[k * LDS_M + m + c] = x.s[c];
+#else
+            As[(k + c) * LDS_M + m] = x.s[c];
+#endif
+        }
+    }
+    #undef A_RUN
+}
+
+// Copy op(B)[k0 : k0 + TS_K, n0 : n0 + TS_N] into Bs[k][n], zero outside the matrix.
+inline void load_b_tile(__global const float* B, int ldb, int N, int K, int n0, int k0,
+                        __local float* Bs, int tid) {
+#if TRANS_B
+    // stored N x K: contiguous along k
+    #define B_RUN TS_K
+#else
+    // stored K x N: contiguous along n
+    #define B_RUN TS_N
+#endif
+    #pragma unroll
+    for (int l = tid; l < TS_K * TS_N / VEC_B; l += GROUP_SIZE) {
+        const int run = (l % (B_RUN / VEC_B)) * VEC_B;
+        const int line = l / (B_RUN / VEC_B);
+#if TRANS_B
+        const int n = line, k = run;
+        const int gline = n0 + n, grun = k0 + k, run_end = K, line_end = N;
+#else
+        const int n = run, k = line;
+        const int gline = k0 + k, grun = n0 + n, run_end = N, line_end = K;
+#endif
+        vec_b x;
+        __global const float* p = B + (size_t)gline * ldb + grun;
+        if (gline < line_end && grun + VEC_B <= run_end) {
+            x.v = LOAD_B(p);
+        } else {
+            #pragma unroll
+            for (int c = 0; c < VEC_B; ++c)
+                x.s[c] = (gline < line_end && grun + c < run_end) ? p[c] : 0.0f;
+        }
+        #pragma unroll
+        for (int c = 0; c < VEC_B; ++c) {
+#if TRANS_B
+            Bs[(k + c) * LDS_N + n] = x.s[c];
+#else
+            Bs[k * LDS_N + n + c] = x.s[c];
+#endif
+        }
+    }
+    #undef B_RUN
+}
+
+__kernel __attribute__((reqd_work_group_size(RTS_N, RTS_M, 1)))
+void gemm(const int M, const int N, const int K, const float alpha,
+          __global const float* A, const int a_offset, const int lda,
+          __global const float* B, const int b_offset, const int ldb,
+          const float beta, __global float* C, const int c_offset, const int ldc) {
+    __local float As[TS_K * LDS_M];
+    __local float Bs[TS_K * LDS_N];
+
+    const int tn = get_local_id(0), tm = get_local_id(1);
+    const int tid = tm * RTS_N + tn;
+    const int m0 = get_group_id(1) * TS_M, n0 = get_group_id(0) * TS_N;
+    A += a_offset;
+    B += b_offset;
+    C += c_offset;
+
+    float acc[WPT_M][WPT_N];
+    #pragma unroll
+    for (int i = 0; i < WPT_M; ++i)
+        #pragma unroll
+        for (int j = 0; j < WPT_N; ++j)
+            acc[i][j] = 0.0f;
+
+    for (int k0 = 0; k0 < K; k0 += TS_K) {
+        load_a_tile(A, lda, M, K, m0, k0, As, tid);
+        load_b_tile(B, ldb, N, K, n0, k0, Bs, tid);
+        barrier(CLK_LOCAL_MEM_FENCE);
+        #pragma unroll
+        for (int k = 0; k < TS_K; ++k) {
+            float a[WPT_M], b[WPT_N];
+            #pragma unroll
+            for (int i = 0; i < WPT_M; ++i)
+                a[i] = As[k * LDS_M + tm + i * RTS_M];
+            #pragma unroll
+            for (int j = 0; j < WPT_N; ++j)
+                b[j] = Bs[k * LDS_N + tn + j * RTS_N];
+            #pragma unroll
+            for (int i = 0; i < WPT_M; ++i)
+                #pragma unroll
+                for (int j = 0; j < WPT_N; ++j)
+                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
+        }
+        // the next step overwrites the tiles
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+
+    #pragma unroll
+    for (int i = 0; i < WPT_M; ++i) {
+        const int m = m0 + tm + i * RTS_M;
+        #pragma unroll
+        for (int j = 0; j < WPT_N; ++j) {
+            const int n = n0 + tn + j * RTS_N;
+            if (m < M && n < N) {
+                __global float* c = C + (size_t)m * ldc + n;
+                // beta == 0 must not read C: it may hold NaN or garbage (BLAS semantics)
+                *c = (beta == 0.0f) ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *c;
+            }
+        }
+    }
+}
