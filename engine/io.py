@@ -17,11 +17,11 @@ def _read_bytes(path, what):
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise KaffeError(f"{what} file not found: {path}") from None
+        raise KaffeError(f"{path}: file not found (expected a {what} file)") from None
     except IsADirectoryError:
-        raise KaffeError(f"{what} path is a directory, not a file: {path}") from None
+        raise KaffeError(f"{path}: is a directory, not a {what} file") from None
     except OSError as e:
-        raise KaffeError(f"cannot read {what} file {path}: {e.strerror}") from None
+        raise KaffeError(f"{path}: cannot read the {what} file: {e.strerror}") from None
 
 
 def parse_text_proto(text, message, source="<string>"):

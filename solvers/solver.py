@@ -51,11 +51,14 @@ def read_solver_param(path):
 
 
 def _resolve(net_path, solver_path):
-    """Net files are relative to the working directory, as in Caffe; failing that, to the solver's folder."""
+    """Net files are relative to the working directory, as in Caffe; failing that, found beside the solver."""
     if os.path.exists(net_path) or os.path.isabs(net_path):
         return net_path
-    beside = os.path.join(os.path.dirname(solver_path), net_path)
-    return beside if os.path.exists(beside) else net_path
+    folder = os.path.dirname(solver_path)
+    for candidate in (os.path.join(folder, net_path), os.path.join(folder, os.path.basename(net_path))):
+        if os.path.exists(candidate):
+            return candidate
+    return net_path
 
 
 def upgrade_solver_param(param, source="solver"):
