@@ -142,30 +142,36 @@ class Blob:
 
     def update(self):
         """data -= diff, on the side where the data is newest."""
-        if self._on_device(self._data) or (device.mode() == device.GPU and self._on_device(self._diff)):
-            data = self.mutable_gpu_data()
-            data -= self.gpu_diff()
+        if self._on_device(self._data) or self._on_device(self._diff):
+            from . import opencl
+            opencl.axpy(-1.0, self.gpu_diff(), self.mutable_gpu_data())
         else:
             self.mutable_cpu_data()[...] -= self.cpu_diff()
 
+    def _reduce(self, kind, memory, host_view):
+        """'asum' (sum of |x|) or 'sumsq' (sum of x^2), computed on the side holding the newest values."""
+        if self._on_device(memory):
+            from . import opencl  # imported on use: pyopencl is optional for CPU-only installs
+            return getattr(opencl, kind)(memory.gpu(), n=self._count)
+        flat = host_view().ravel()
+        return float(np.abs(flat).sum(dtype=np.float64)) if kind == "asum" else float(np.dot(flat, flat))
+
     def asum_data(self):
-        return float(np.abs(self.cpu_data()).sum(dtype=np.float64))
+        return self._reduce("asum", self._data, self.cpu_data)
 
     def asum_diff(self):
-        return float(np.abs(self.cpu_diff()).sum(dtype=np.float64))
+        return self._reduce("asum", self._diff, self.cpu_diff)
 
     def sumsq_data(self):
-        d = self.cpu_data().ravel()
-        return float(np.dot(d, d))
+        return self._reduce("sumsq", self._data, self.cpu_data)
 
     def sumsq_diff(self):
-        d = self.cpu_diff().ravel()
-        return float(np.dot(d, d))
+        return self._reduce("sumsq", self._diff, self.cpu_diff)
 
     def scale_diff(self, factor):
         if self._on_device(self._diff):
-            diff = self.mutable_gpu_diff()
-            diff *= np.float32(factor)
+            from . import opencl
+            opencl.scale(factor, self.mutable_gpu_diff())
         else:
             self.mutable_cpu_diff()[...] *= np.float32(factor)
 

@@ -20,6 +20,9 @@
 // one spare column: the transposing copies into local memory would otherwise hit one bank per K row
 #define LDS_M (TS_M + 1)
 #define LDS_N (TS_N + 1)
+// vector loads per work-item and tile; the last round may be partial
+#define LOADS_A ((TS_M * TS_K / VEC_A + GROUP_SIZE - 1) / GROUP_SIZE)
+#define LOADS_B ((TS_K * TS_N / VEC_B + GROUP_SIZE - 1) / GROUP_SIZE)
 
 #if VEC_A == 4
 typedef float4 float_a;
@@ -57,7 +60,10 @@ inline void load_a_tile(__global const float* A, int lda, int M, int K, int m0, 
     #define A_RUN TS_K
 #endif
     #pragma unroll
-    for (int l = tid; l < TS_M * TS_K / VEC_A; l += GROUP_SIZE) {
+    for (int r = 0; r < LOADS_A; ++r) {
+        const int l = tid + r * GROUP_SIZE;
+        if (l >= TS_M * TS_K / VEC_A)
+            break;
         const int run = (l % (A_RUN / VEC_A)) * VEC_A;  // position along the contiguous axis
         const int line = l / (A_RUN / VEC_A);           // position along the other axis
 #if TRANS_A
@@ -99,7 +105,10 @@ inline void load_b_tile(__global const float* B, int ldb, int N, int K, int n0, 
     #define B_RUN TS_N
 #endif
     #pragma unroll
-    for (int l = tid; l < TS_K * TS_N / VEC_B; l += GROUP_SIZE) {
+    for (int r = 0; r < LOADS_B; ++r) {
+        const int l = tid + r * GROUP_SIZE;
+        if (l >= TS_K * TS_N / VEC_B)
+            break;
         const int run = (l % (B_RUN / VEC_B)) * VEC_B;
         const int line = l / (B_RUN / VEC_B);
 #if TRANS_B

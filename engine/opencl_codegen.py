@@ -111,7 +111,9 @@ class _SymbolicParams:
         self._names = tuple(names)
 
     def __getattr__(self, name):
-        if name.startswith("_") or name not in self._names:
+        if name.startswith("_"):  # Python's own probes (copy, pickle) expect AttributeError
+            raise AttributeError(name)
+        if name not in self._names:
             raise KaffeError(f"formula {self._formula_name} reads parameter {name!r}, "
                              f"which is not among its declared parameters {self._names}")
         return Expr(f"p_{name}")

@@ -2,16 +2,24 @@
 // `sum_partials` (one work-group) adds those. Two launches instead of atomics: float atomics are not core
 // OpenCL, and the fixed order gives the same result on every run.
 //
-// Compile-time settings (-D): GROUP_SIZE (a power of two, the work-group size), TERM(i) the summed term,
-// written over the arguments x and y (y unused by one-input terms).
+// Compile-time settings (-D): GROUP_SIZE (a power of two, the work-group size), and the summed term:
+// ASUM |x[i]|, SUMSQ x[i]^2 or DOT x[i] * y[i] (y is unused by the one-input terms).
+
+#if defined(ASUM)
+#define TERM(i) fabs(x[i])
+#elif defined(SUMSQ)
+#define TERM(i) (x[i] * x[i])
+#elif defined(DOT)
+#define TERM(i) (x[i] * y[i])
+#endif
 
 inline float group_sum(float v, __local float* scratch) {
     const int lid = get_local_id(0);
     scratch[lid] = v;
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (int half = GROUP_SIZE / 2; half > 0; half >>= 1) {
-        if (lid < half)
-            scratch[lid] += scratch[lid + half];
+    for (int stride = GROUP_SIZE / 2; stride > 0; stride >>= 1) {
+        if (lid < stride)
+            scratch[lid] += scratch[lid + stride];
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     return scratch[0];

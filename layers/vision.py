@@ -274,6 +274,7 @@ class PoolingLayer(Layer):
         p = self.layer_param.pooling_param
         where = f"{self.type} layer '{self.name}'"
         self.method = p.pool
+        self.window_argmax = None  # set by the tiled MAX fast path
         self.global_pooling = p.global_pooling
         self.ceil_mode = p.round_mode == caffe_pb2.PoolingParameter.CEIL
         has_square = p.HasField("kernel_size")
@@ -327,10 +328,44 @@ class PoolingLayer(Layer):
             t.reshape(shape)
         self.taps = list(_tap_spans(self.in_spatial, self.out_spatial, self.kernel, self.stride, self.pad,
                                     (1, 1)))
+        # windows that tile the input exactly (LeNet's 2x2/2) take a reshape-based fast path
+        self.tiled = (self.stride == self.kernel and not any(self.pad) and
+                      all(o * k == n for o, k, n in zip(self.out_spatial, self.kernel, self.in_spatial)))
         if self.method == caffe_pb2.PoolingParameter.AVE:
             self.divisors = np.multiply.outer(
                 *(ave_pool_divisors(n, o, k, s, p) for n, o, k, s, p in
                   zip(self.in_spatial, self.out_spatial, self.kernel, self.stride, self.pad))).astype(np.float32)
+
+    def _tiles(self, array):
+        """The kh*kw strided views of a tiled input, one per window cell, in row-major cell order."""
+        kh, kw = self.kernel
+        return [array[..., i::kh, j::kw] for i in range(kh) for j in range(kw)]
+
+    def _forward_max_tiled(self, x, y, top):
+        """MAX over exactly tiling windows; returns False (use the general path) when a window is all NaN."""
+        tiles = self._tiles(x)
+        y[...] = tiles[0]
+        for tile in tiles[1:]:
+            np.fmax(y, tile, out=y)  # fmax: a NaN never wins, as in Caffe's strict > comparison
+        if np.isnan(y).any():
+            return False
+        # index of the FIRST cell equal to the max (Caffe's tie rule), built from the last cell backwards:
+        # local = (local + 1) * (cell_k != max) leaves k where cell k is the first maximum
+        local = np.zeros(y.shape, dtype=np.uint8 if len(tiles) < 256 else np.int32)
+        for tile in reversed(tiles[:-1]):
+            local += 1
+            local *= np.not_equal(tile, y)
+        self.window_argmax = local
+        if len(top) > 1:
+            (oh, ow), (kh, kw) = self.out_spatial, self.kernel
+            rows = np.arange(oh)[:, None] * kh + local // kw
+            cols = np.arange(ow)[None, :] * kw + local % kw
+            top[1].mutable_cpu_data()[...] = rows * self.in_spatial[1] + cols
+        return True
+
+    def _backward_max_tiled(self, dy, dx):
+        for k, tile in enumerate(self._tiles(dx)):
+            np.multiply(dy, self.window_argmax == k, out=tile)
 
     def _not_on_cpu(self):
         return KaffeError(f"{self.type} layer '{self.name}': STOCHASTIC pooling is not implemented on the CPU yet")
@@ -338,7 +373,10 @@ class PoolingLayer(Layer):
     def forward_cpu(self, bottom, top):
         x = bottom[0].cpu_data()
         y = top[0].mutable_cpu_data()
+        if self.method == caffe_pb2.PoolingParameter.MAX and self.tiled and self._forward_max_tiled(x, y, top):
+            return
         if self.method == caffe_pb2.PoolingParameter.MAX:
+            self.window_argmax = None
             # strict > in row-major tap order: ties go to the first maximum, padding never wins and NaN
             # never replaces a value (fmax); branch-free selects, as masked copies are slow on random masks
             if len(top) > 1:
@@ -368,7 +406,9 @@ class PoolingLayer(Layer):
         dy = top[0].cpu_diff()
         dx = bottom[0].mutable_cpu_diff()
         dx[...] = 0
-        if self.method == caffe_pb2.PoolingParameter.MAX:
+        if self.method == caffe_pb2.PoolingParameter.MAX and self.window_argmax is not None:
+            self._backward_max_tiled(dy, dx)
+        elif self.method == caffe_pb2.PoolingParameter.MAX:
             mask = top[1].cpu_data() if len(top) > 1 else self.argmax
             flat_index = np.arange(dx.shape[2] * dx.shape[3], dtype=mask.dtype).reshape(dx.shape[2:])
             for _, out_s, in_s in self.taps:

@@ -94,3 +94,55 @@ def check_gradient(layer, bottom, top, step=1e-2, threshold=1e-2, check_bottom=N
             if abs(numeric - flat_analytic[i]) > threshold * scale:
                 failures.append(f"{label}[{i}]: analytic {flat_analytic[i]:.6g} numeric {numeric:.6g}")
     assert not failures, f"{layer.type} '{layer.name}' gradient mismatch ({len(failures)}): " + "; ".join(failures[:8])
+
+
+def opencl_available():
+    try:
+        import pyopencl as cl
+        return bool(cl.get_platforms())
+    except Exception:  # no ICD loader, no platform: the OpenCL tests skip with this reason
+        return False
+
+
+def run_layer(text, arrays, mode, num_top=None, top_diffs=None, seed=1701, phase=caffe_pb2.TRAIN):
+    """Forward (and backward, given top diffs) of a fresh layer in `mode` ('CPU' or 'GPU').
+
+    Returns (top data arrays, bottom diff arrays, param diff arrays), all copied to the host.
+    """
+    if mode == device.GPU:
+        device.set_mode_gpu()
+    else:
+        device.set_mode_cpu()
+    try:
+        device.set_random_seed(seed)
+        layer = make_layer(text, phase)
+        bottom = blobs_from(*arrays)
+        top = setup_layer(layer, bottom, num_top)
+        device.set_random_seed(seed + 1)
+        layer.forward(bottom, top)
+        outputs = [t.data.copy() for t in top]
+        bottom_diffs, param_diffs = [], []
+        if top_diffs is not None:
+            for t, d in zip(top, top_diffs):
+                t.diff[...] = d
+            for p in layer.blobs:
+                p.diff[...] = 0
+            layer.backward(top, [True] * len(bottom), bottom)
+            bottom_diffs = [b.diff.copy() for b in bottom]
+            param_diffs = [p.diff.copy() for p in layer.blobs]
+        return outputs, bottom_diffs, param_diffs
+    finally:
+        device.set_mode_cpu()
+
+
+def check_parity(text, arrays, num_top=None, rtol=1e-4, atol=1e-5, backward=True, seed=1701,
+                 phase=caffe_pb2.TRAIN):
+    """The layer's OpenCL forward/backward equals its CPU forward/backward (same seed, same inputs)."""
+    rng = np.random.default_rng(seed)
+    cpu = run_layer(text, arrays, device.CPU, num_top, seed=seed, phase=phase)
+    diffs = [rng.standard_normal(o.shape).astype(np.float32) for o in cpu[0]] if backward else None
+    cpu = run_layer(text, arrays, device.CPU, num_top, diffs, seed=seed, phase=phase)
+    gpu = run_layer(text, arrays, device.GPU, num_top, diffs, seed=seed, phase=phase)
+    for kind, a_list, b_list in zip(("top", "bottom diff", "param diff"), cpu, gpu):
+        for i, (a, b) in enumerate(zip(a_list, b_list)):
+            np.testing.assert_allclose(b, a, rtol=rtol, atol=atol, err_msg=f"{kind} {i} differs on OpenCL")

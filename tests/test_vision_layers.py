@@ -525,3 +525,26 @@ def test_blob_shapes_are_caffes():
     assert [b.shape for b in layer.blobs] == [(6, 2, 3, 3), (6,)]
     assert isinstance(layer.blobs[0], Blob)
     assert caffe_pb2.PoolingParameter().round_mode == caffe_pb2.PoolingParameter.CEIL
+
+
+def test_tiled_max_pooling_fast_path_equals_the_general_path():
+    """2x2/2 and 3x3/3 windows that tile the input take a reshape path; it must agree with the tap loop,
+    ties (first maximum wins), mask top and backward included."""
+    rng = np.random.default_rng(11)
+    for k, shape in ((2, (3, 4, 8, 6)), (3, (2, 3, 9, 6))):
+        x = rng.integers(0, 4, size=shape).astype(np.float32)   # many ties
+        dy = rng.standard_normal((shape[0], shape[1], shape[2] // k, shape[3] // k)).astype(np.float32)
+        results = []
+        for tiled in (True, False):
+            layer = make_layer(f'type: "Pooling" pooling_param {{ pool: MAX kernel_size: {k} stride: {k} }}')
+            bottom = blobs_from(x)
+            top = setup_layer(layer, bottom, num_top=2)
+            if not tiled:
+                layer._forward_max_tiled = lambda *args: False   # decline the fast path
+            layer.forward(bottom, top)
+            assert (layer.window_argmax is not None) == tiled
+            top[0].diff[...] = dy
+            layer.backward(top, [True], bottom)
+            results.append((top[0].data.copy(), top[1].data.copy(), bottom[0].diff.copy()))
+        for fast, general in zip(*results):
+            np.testing.assert_array_equal(fast, general)

@@ -1,0 +1,445 @@
+"""OpenCL device layer: device choice, one context and in-order queue per device, device arrays, a program cache,
+GEMM, reductions and BLAS-1 helpers, and kernels generated from elementwise formulas.
+
+Device arrays are float32 `pyopencl.array.Array`s; views with an offset (e.g. `blob.gpu_data()[k:]`) are
+accepted wherever an array is, the offset is passed to the kernels. All work goes to the selected device's one
+in-order queue, so kernels run in the order they are enqueued and only reads back to the host wait.
+"""
+import functools
+import importlib.resources
+import os
+import re
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+import pyopencl.tools as cltools
+
+from . import device as kaffe_device
+from .errors import KaffeError
+from .log import logger
+from .opencl_codegen import SYMBOLIC_OPS, Expr, literal, symbolic_params
+
+FLOAT_BYTES = 4
+NO_PLATFORM_HINT = ("install an OpenCL driver (ICD): pocl-opencl-icd for CPUs (apt install pocl-opencl-icd), "
+                    "or the GPU vendor's OpenCL runtime")
+
+
+# -- devices -----------------------------------------------------------------------------------------------
+def devices():
+    """Every OpenCL device as (platform, device), GPUs first, then the others; the list index is the device id.
+
+    The order is stable: within each kind, platforms in the ICD loader's order and their devices in theirs.
+    """
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:  # the ICD loader reports "no platform" as an error
+        return []
+    found = [(platform, dev) for platform in platforms for dev in _platform_devices(platform)]
+    is_gpu = [bool(dev.type & cl.device_type.GPU) for _, dev in found]
+    return [pair for pair, gpu in zip(found, is_gpu) if gpu] + [pair for pair, gpu in zip(found, is_gpu) if not gpu]
+
+
+def _platform_devices(platform):
+    try:
+        return platform.get_devices()
+    except cl.Error:  # a platform without devices (e.g. a GPU driver with no card present)
+        return []
+
+
+def describe(index, platform, dev):
+    return f"{index}: {dev.name.strip()} ({cl.device_type.to_string(dev.type)}, {platform.name.strip()})"
+
+
+class Device:
+    """One selected device: its context, in-order queue, memory pool and compiled programs."""
+
+    def __init__(self, index, platform, dev):
+        self.index = index
+        self.platform = platform
+        self.device = dev
+        self.context = cl.Context([dev])
+        self.queue = cl.CommandQueue(self.context, dev)
+        # a pool: layers allocate temporaries (im2col columns, reduction partials) every iteration
+        self.allocator = cltools.MemoryPool(cltools.ImmediateAllocator(self.queue))
+        self.programs = {}
+        self.kernels = {}
+
+    @property
+    def is_gpu(self):
+        return bool(self.device.type & cl.device_type.GPU)
+
+    def __repr__(self):
+        return f"Device({describe(self.index, self.platform, self.device)})"
+
+
+_selected = {"device": None, "by_index": {}}
+
+
+def select_device(index):
+    """Make device `index` (an index into devices()) current and return its Device.
+
+    A device keeps its context once made, so arrays made on it stay valid when it is selected again.
+    """
+    index = int(index)
+    known = _selected["by_index"]
+    if index not in known:
+        found = devices()
+        if not found:
+            raise KaffeError(f"no OpenCL platform found: {NO_PLATFORM_HINT}")
+        if not 0 <= index < len(found):
+            listing = "\n".join("  " + describe(i, p, d) for i, (p, d) in enumerate(found))
+            raise KaffeError(f"OpenCL device {index} does not exist; the devices are:\n{listing}")
+        known[index] = Device(index, *found[index])
+        logger.info("Using OpenCL device %s", describe(index, *found[index]))
+    _selected["device"] = known[index]
+    return known[index]
+
+
+def current():
+    """The selected Device; the first use selects kaffe's device id (kaffe.engine.device.set_device)."""
+    if _selected["device"] is None:
+        select_device(kaffe_device.device_id())
+    return _selected["device"]
+
+
+def queue():
+    return current().queue
+
+
+def context():
+    return current().context
+
+
+def finish():
+    """Wait until every enqueued command of the current device has run."""
+    if _selected["device"] is not None:
+        _selected["device"].queue.finish()
+
+
+# -- arrays ----------------------------------------------------------------------------------------------
+def empty(n):
+    """An uninitialised float32 device array of n values."""
+    dev = current()
+    return cla.empty(dev.queue, int(n), np.float32, allocator=dev.allocator)
+
+
+def zeros(n):
+    dev = current()
+    return cla.zeros(dev.queue, int(n), np.float32, allocator=dev.allocator)
+
+
+def to_device(host):
+    """A device copy of a host array, as float32."""
+    dev = current()
+    return cla.to_device(dev.queue, np.ascontiguousarray(host, dtype=np.float32), allocator=dev.allocator)
+
+
+def _buffer(array, offset=0):
+    """(memory object, offset in floats, floats available from that offset) of a device array or view."""
+    if array.dtype != np.float32:
+        raise KaffeError(f"OpenCL kernels take float32 arrays, got {array.dtype}")
+    if array.size and not array.flags.forc:
+        raise KaffeError("OpenCL kernels take contiguous arrays")
+    return array.base_data, array.offset // FLOAT_BYTES + int(offset), array.size - int(offset)
+
+
+def copy(src, dst, n=None, src_offset=0, dst_offset=0):
+    """dst[dst_offset : dst_offset + n] = src[src_offset : src_offset + n] on the device (n: all of src)."""
+    n = src.size - src_offset if n is None else int(n)
+    src_buf, src_at, src_left = _buffer(src, src_offset)
+    dst_buf, dst_at, dst_left = _buffer(dst, dst_offset)
+    _check_room("copy source", n, src_left)
+    _check_room("copy destination", n, dst_left)
+    if n:
+        cl.enqueue_copy(queue(), dst_buf, src_buf, byte_count=n * FLOAT_BYTES,
+                        src_offset=src_at * FLOAT_BYTES, dst_offset=dst_at * FLOAT_BYTES)
+    return dst
+
+
+def _check_room(what, needed, available):
+    if needed > available:
+        raise KaffeError(f"OpenCL {what}: {needed} values needed, only {available} after the offset")
+
+
+# -- programs --------------------------------------------------------------------------------------------
+@functools.cache
+def _kernel_file(name):
+    # importlib.resources finds the .cl files inside an installed wheel as well as in the source tree
+    return importlib.resources.files(__package__).joinpath(name).read_text()
+
+
+def _build_options(defines):
+    options = []
+    for name, value in sorted((defines or {}).items()):
+        if isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, float):
+            value = literal(value)
+        options.append(f"-D{name}={value}")
+    return tuple(options)
+
+
+def program(source, defines=None):
+    """The built cl.Program of `source` (a .cl file name beside this module, or OpenCL C text) with `defines`
+    ({name: value} passed as -D options), built once per device and options.
+
+    pyopencl also keeps the binaries in its disk cache, so a later run skips the compiler. A failed build
+    raises KaffeError with the compiler's log.
+    """
+    dev = current()
+    is_file = source.endswith(".cl") and "\n" not in source
+    text = _kernel_file(source) if is_file else source
+    options = _build_options(defines)
+    key = (text, options)
+    if key not in dev.programs:
+        try:
+            dev.programs[key] = cl.Program(dev.context, text).build(options=list(options))
+        except cl.Error as error:  # pyopencl's message holds the build log
+            label = source if is_file else "generated OpenCL source"
+            raise KaffeError(f"OpenCL build of {label} failed on {dev.device.name.strip()} "
+                             f"with options {' '.join(options) or '(none)'}:\n{error}") from None
+    return dev.programs[key]
+
+
+def kernel(source, name, defines=None):
+    """The cl.Kernel `name` of program(source, defines), made once: arguments are set anew at every launch."""
+    dev = current()
+    key = (source, name, _build_options(defines))
+    if key not in dev.kernels:
+        dev.kernels[key] = cl.Kernel(program(source, defines), name)
+    return dev.kernels[key]
+
+
+def _round_up(n, multiple):
+    return (n + multiple - 1) // multiple * multiple
+
+
+# -- elementwise kernels from formulas ------------------------------------------------------------------------
+ELEMENTWISE_GROUP = 256
+
+
+class ElementwiseKernel:
+    """out[i] = formula(inputs[i]..., p, ops) over i < n; see elementwise_kernel."""
+
+    def __init__(self, name, formula, inputs, params):
+        self.name = name
+        # a prefix keeps names such as "tanh" clear of OpenCL's built-in functions
+        self.c_name = "ew_" + re.sub(r"\W", "_", name)
+        self.inputs = tuple(inputs)
+        self.params = tuple(params)
+        value = formula(*(Expr(f"v_{x}") for x in self.inputs), symbolic_params(name, self.params), SYMBOLIC_OPS)
+        if not isinstance(value, Expr):  # a formula that ignores its inputs, such as a constant fill
+            value = Expr(literal(value))
+        self.expression = value.code
+        self.source = self._source()
+
+    def _source(self):
+        args = ["const int n", "__global float* out", "const int out_offset"]
+        args += [f"__global const float* in_{x}, const int in_{x}_offset" for x in self.inputs]
+        args += [f"const float p_{name}" for name in self.params]
+        loads = "".join(f"        const float v_{x} = in_{x}[in_{x}_offset + i];\n" for x in self.inputs)
+        return (f"__kernel void {self.c_name}({', '.join(args)}) {{\n"
+                f"    const int i = get_global_id(0);\n"
+                f"    if (i < n) {{\n{loads}"
+                f"        out[out_offset + i] = {self.expression};\n"
+                f"    }}\n}}\n")
+
+    def __call__(self, out, *inputs, p=None, n=None):
+        """Run over the first n values (default: all of out); p gives the parameters (attributes or a dict)."""
+        if len(inputs) != len(self.inputs):
+            raise KaffeError(f"elementwise kernel {self.name} takes inputs {self.inputs}, got {len(inputs)} arrays")
+        n = out.size if n is None else int(n)
+        out_buf, out_at, out_left = _buffer(out)
+        _check_room(f"{self.name} output", n, out_left)
+        args = [np.int32(n), out_buf, np.int32(out_at)]
+        for name, array in zip(self.inputs, inputs):
+            buf, at, left = _buffer(array)
+            _check_room(f"{self.name} input {name}", n, left)
+            args += [buf, np.int32(at)]
+        values = p if isinstance(p, dict) else vars(p) if p is not None else {}
+        missing = [name for name in self.params if name not in values]
+        if missing:
+            raise KaffeError(f"elementwise kernel {self.name} needs parameters {missing}")
+        args += [np.float32(values[name]) for name in self.params]
+        if n:
+            knl = kernel(self.source, self.c_name)
+            knl(queue(), (_round_up(n, ELEMENTWISE_GROUP),), (ELEMENTWISE_GROUP,), *args)
+        return out
+
+
+@functools.cache
+def elementwise_kernel(name, formula, inputs, params=()):
+    """The kernel computing out = formula(*inputs, p, ops) element by element, made once per arguments.
+
+    `formula` is a Python function of symbolic operands written with arithmetic/comparison operators and the
+    functions of `ops` (as in layers/neuron.py); `inputs` and `params` are tuples of names. Parameters become
+    float kernel arguments, so one program serves every parameter value. Call the result as
+    `kernel(out, *input_arrays, p=params_namespace_or_dict, n=None)`; `out` may be one of the inputs.
+    """
+    return ElementwiseKernel(name, formula, tuple(inputs), tuple(params))
+
+
+# -- BLAS-1 helpers ---------------------------------------------------------------------------------------------
+_AXPBY = elementwise_kernel("axpby", lambda x, y, p, ops: p.a * x + p.b * y, ("x", "y"), ("a", "b"))
+_SCALE = elementwise_kernel("scale", lambda x, p, ops: p.a * x, ("x",), ("a",))
+_FILL = elementwise_kernel("fill", lambda p, ops: p.value, (), ("value",))
+# sign(w): 0 at 0, as Caffe's L1 regularization
+_ADD_SIGN = elementwise_kernel("add_scaled_sign",
+                               lambda w, g, p, ops: g + p.a * ((w > 0) - (w < 0)), ("w", "g"), ("a",))
+
+
+def axpy(alpha, x, y, n=None):
+    """y += alpha * x (e.g. L2 weight decay: axpy(decay, data, diff); SGD step: axpy(-1, history, data))."""
+    return _AXPBY(y, x, y, p={"a": alpha, "b": 1.0}, n=n)
+
+
+def axpby(alpha, x, beta, y, n=None):
+    """y = alpha * x + beta * y (SGD momentum: axpby(local_rate, diff, momentum, history))."""
+    return _AXPBY(y, x, y, p={"a": alpha, "b": beta}, n=n)
+
+
+def scale(alpha, x, out=None, n=None):
+    """out = alpha * x (out defaults to x itself)."""
+    return _SCALE(x if out is None else out, x, p={"a": alpha}, n=n)
+
+
+def fill(x, value, n=None):
+    """x[:n] = value."""
+    return _FILL(x, p={"value": value}, n=n)
+
+
+def add_scaled_sign(alpha, w, g, n=None):
+    """g += alpha * sign(w) (L1 weight decay)."""
+    return _ADD_SIGN(g, w, g, p={"a": alpha}, n=n)
+
+
+# -- reductions ---------------------------------------------------------------------------------------------------
+REDUCE_GROUP = 256
+REDUCE_MAX_GROUPS = 256
+
+
+def _reduce(term, x, y=None, n=None):
+    n = x.size if n is None else int(n)
+    x_buf, x_at, x_left = _buffer(x)
+    _check_room(f"{term} input", n, x_left)
+    y_buf, y_at = x_buf, x_at
+    if y is not None:
+        y_buf, y_at, y_left = _buffer(y)
+        _check_room(f"{term} input", n, y_left)
+    if n == 0:
+        return 0.0
+    defines = {"GROUP_SIZE": REDUCE_GROUP, term.upper(): 1}
+    groups = min(REDUCE_MAX_GROUPS, -(-n // REDUCE_GROUP))
+    dev = current()
+    partial = cla.empty(dev.queue, groups, np.float32, allocator=dev.allocator)
+    total = cla.empty(dev.queue, 1, np.float32, allocator=dev.allocator)
+    kernel("reduce.cl", "reduce_partial", defines)(
+        dev.queue, (groups * REDUCE_GROUP,), (REDUCE_GROUP,),
+        np.int32(n), x_buf, np.int32(x_at), y_buf, np.int32(y_at), partial.data)
+    kernel("reduce.cl", "sum_partials", defines)(
+        dev.queue, (REDUCE_GROUP,), (REDUCE_GROUP,), np.int32(groups), partial.data, total.data)
+    return float(total.get()[0])
+
+
+def asum(x, n=None):
+    """Sum of |x| (a host float, as Caffe's caffe_gpu_asum)."""
+    return _reduce("asum", x, n=n)
+
+
+def sumsq(x, n=None):
+    """Sum of x * x."""
+    return _reduce("sumsq", x, n=n)
+
+
+def dot(x, y, n=None):
+    return _reduce("dot", x, y, n=n)
+
+
+# -- GEMM ------------------------------------------------------------------------------------------------
+GEMM_BACKENDS = ("kaffe", "clblast")
+_gemm_state = {"backend": os.environ.get("KAFFE_GEMM", "kaffe")}
+
+
+def set_gemm_backend(name):
+    """'kaffe' (gemm.cl) or 'clblast' (pyclblast, when installed)."""
+    if name not in GEMM_BACKENDS:
+        raise KaffeError(f"unknown GEMM backend {name!r}; choose one of {GEMM_BACKENDS}")
+    if name == "clblast" and _pyclblast() is None:
+        raise KaffeError("the 'clblast' GEMM backend needs pyclblast (pip install pyclblast; it builds against "
+                         "the CLBlast library, e.g. apt install libclblast-dev)")
+    _gemm_state["backend"] = name
+
+
+def gemm_backend():
+    return _gemm_state["backend"]
+
+
+@functools.cache
+def _pyclblast():
+    try:
+        import pyclblast
+    except ImportError:
+        return None
+    return pyclblast
+
+
+def _gemm_tiles(M, N, dev):
+    """(TS_M, TS_N, TS_K, WPT_M, WPT_N) for a C of M x N on `dev`.
+
+    Bigger tiles and register blocks reuse each load more, but leave fewer work-groups to fill the compute
+    units: on a GPU the big tiles pay only when there are at least as many of them as compute units (H100:
+    128x128 blocks 8x8 reach ~31 TFLOP/s at 4096^3, 64x64 ~12 at 1024^3, where 128x128 reach 8).
+    CPU runtimes (PoCL) run a work-group as a loop over its work-items: few work-items with big blocks win.
+    """
+    if not dev.is_gpu:
+        return (16, 64, 16, 2, 4) if M <= 32 else (64, 64, 16, 8, 8)
+    if -(-M // 128) * -(-N // 128) >= dev.device.max_compute_units:
+        return 128, 128, 32, 8, 8
+    return 64, 64, 16, 4, 4
+
+
+def _vector_width(ld, offset, run_tile):
+    """The widest load (4, 2, 1) that starts aligned: ld and offset must be multiples of it."""
+    for width in (4, 2):
+        if ld % width == 0 and offset % width == 0 and run_tile % width == 0:
+            return width
+    return 1
+
+
+def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0, c_offset=0):
+    """C = alpha * op(A) @ op(B) + beta * C on device arrays holding row-major matrices (as numpy's).
+
+    op(A) is M x K: A holds it from a_offset as M x K, or as K x M when trans_a. op(B) is K x N: B holds it as
+    K x N, or as N x K when trans_b. C holds M x N from c_offset. With beta == 0, C is not read (NaNs there
+    do not leak into the result). Offsets count floats, added to any offset of the array views themselves.
+    """
+    M, N, K = int(M), int(N), int(K)
+    a_buf, a_at, a_left = _buffer(A, a_offset)
+    b_buf, b_at, b_left = _buffer(B, b_offset)
+    c_buf, c_at, c_left = _buffer(C, c_offset)
+    _check_room("gemm A", M * K, a_left)
+    _check_room("gemm B", K * N, b_left)
+    _check_room("gemm C", M * N, c_left)
+    if M == 0 or N == 0:
+        return C
+    lda, ldb, ldc = (M if trans_a else K), (K if trans_b else N), N
+    dev = current()
+    if _gemm_state["backend"] == "clblast":
+        # pyclblast wants 2-D arrays and passes their whole buffers: the offsets of views are in *_at
+        _pyclblast().gemm(dev.queue, M, N, K, A.reshape(1, A.size), B.reshape(1, B.size), C.reshape(1, C.size),
+                          lda, ldb, ldc, alpha=float(alpha), beta=float(beta), a_transp=bool(trans_a),
+                          b_transp=bool(trans_b), a_offset=a_at, b_offset=b_at, c_offset=c_at)
+        return C
+    ts_m, ts_n, ts_k, wpt_m, wpt_n = _gemm_tiles(M, N, dev)
+    defines = {"TRANS_A": bool(trans_a), "TRANS_B": bool(trans_b), "TS_M": ts_m, "TS_N": ts_n, "TS_K": ts_k,
+               "WPT_M": wpt_m, "WPT_N": wpt_n,
+               "VEC_A": _vector_width(lda, a_at, ts_m if trans_a else ts_k),
+               "VEC_B": _vector_width(ldb, b_at, ts_k if trans_b else ts_n)}
+    local = (ts_n // wpt_n, ts_m // wpt_m)
+    global_size = (-(-N // ts_n) * local[0], -(-M // ts_m) * local[1])
+    kernel("gemm.cl", "gemm", defines)(
+        dev.queue, global_size, local, np.int32(M), np.int32(N), np.int32(K), np.float32(alpha),
+        a_buf, np.int32(a_at), np.int32(lda), b_buf, np.int32(b_at), np.int32(ldb),
+        np.float32(beta), c_buf, np.int32(c_at), np.int32(ldc))
+    return C

@@ -1,0 +1,320 @@
+"""The OpenCL device layer: GEMM, BLAS-1 helpers, reductions, formula kernels, host/device memory sync."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyopencl", reason="pyopencl is not installed (pip install kaffe[opencl])")
+
+from kaffe.engine import device, opencl  # noqa: E402
+from kaffe.engine.blob import Blob  # noqa: E402
+from kaffe.engine.errors import KaffeError  # noqa: E402
+from kaffe.engine.syncedmem import HEAD_AT_CPU, HEAD_AT_GPU, SYNCED, UNINITIALIZED, SyncedMemory  # noqa: E402
+
+pytestmark = [pytest.mark.opencl,
+              pytest.mark.skipif(not opencl.devices(), reason="no OpenCL platform (install pocl-opencl-icd)")]
+
+NUMPY_OPS = SimpleNamespace(where=np.where, exp=np.exp, log=np.log, log1p=np.log1p, tanh=np.tanh, abs=np.abs,
+                            maximum=np.maximum, minimum=np.minimum, sqrt=np.sqrt, pow=np.power)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def assert_close(actual, expected, rtol=1e-4):
+    """Relative to the largest reference value, as GEMM sums of mixed signs cancel."""
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    assert np.abs(actual - expected).max(initial=0.0) <= rtol * scale
+
+
+# -- GEMM -------------------------------------------------------------------------------------------------
+def op(matrix, transposed):
+    return matrix.T if transposed else matrix
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 13, 5), (37, 70, 67), (65, 33, 130)])
+def test_gemm_matches_numpy(rng, trans_a, trans_b, M, N, K):
+    a = rand(rng, *((K, M) if trans_a else (M, K)))
+    b = rand(rng, *((N, K) if trans_b else (K, N)))
+    c = rand(rng, M, N)
+    C = opencl.to_device(c)
+    opencl.gemm(trans_a, trans_b, M, N, K, 0.75, opencl.to_device(a), opencl.to_device(b), -0.5, C)
+    expected = 0.75 * (op(a.astype(np.float64), trans_a) @ op(b.astype(np.float64), trans_b)) - 0.5 * c
+    assert_close(C.get().reshape(M, N), expected)
+
+
+@pytest.mark.parametrize("tiles", [(16, 64, 16, 2, 4), (64, 64, 16, 4, 4), (64, 64, 16, 8, 8),
+                                   (128, 128, 32, 8, 8)])
+@pytest.mark.parametrize("trans", [False, True])
+def test_gemm_every_tile_config(rng, monkeypatch, tiles, trans):
+    """Each tile configuration _gemm_tiles picks on some device, whichever device runs the test; K = 36 and
+    N = 260 are multiples of 4 (vector loads) but not of the tiles."""
+    monkeypatch.setattr(opencl, "_gemm_tiles", lambda M, N, dev: tiles)
+    M, N, K = 133, 260, 36
+    a = rand(rng, *((K, M) if trans else (M, K)))
+    b = rand(rng, *((N, K) if trans else (K, N)))
+    C = opencl.zeros(M * N)
+    opencl.gemm(trans, trans, M, N, K, 1.0, opencl.to_device(a), opencl.to_device(b), 0.0, C)
+    assert_close(C.get().reshape(M, N), op(a.astype(np.float64), trans) @ op(b, trans))
+
+
+def test_gemm_offsets_and_views(rng):
+    M, N, K = 9, 11, 6
+    a, b, c = rand(rng, 3 + M * K), rand(rng, 5 + K * N), rand(rng, 2 + M * N + 4)
+    A, B, C = opencl.to_device(a), opencl.to_device(b), opencl.to_device(c)
+    # an offset given as an argument and one carried by a view add up
+    opencl.gemm(False, True, M, N, K, 1.0, A, B[2:], 1.0, C, a_offset=3, b_offset=3, c_offset=2)
+    expected = c.copy()
+    expected[2:2 + M * N] += (a[3:].reshape(M, K) @ b[5:].reshape(N, K).T).ravel()
+    assert_close(C.get(), expected)
+
+
+def test_gemm_beta_zero_ignores_nan_in_c(rng):
+    a, b = rand(rng, 4, 3), rand(rng, 3, 5)
+    C = opencl.to_device(np.full(20, np.nan, np.float32))
+    opencl.gemm(False, False, 4, 5, 3, 2.0, opencl.to_device(a), opencl.to_device(b), 0.0, C)
+    assert_close(C.get().reshape(4, 5), 2.0 * a @ b)
+
+
+def test_gemm_k_zero_scales_c(rng):
+    c = rand(rng, 6)
+    C = opencl.to_device(c)
+    opencl.gemm(False, False, 2, 3, 0, 1.0, opencl.zeros(1), opencl.zeros(1), 0.5, C)
+    assert_close(C.get(), 0.5 * c)
+
+
+def test_gemm_rejects_too_small_buffers():
+    with pytest.raises(KaffeError, match="gemm B"):
+        opencl.gemm(False, False, 4, 4, 4, 1.0, opencl.zeros(16), opencl.zeros(15), 0.0, opencl.zeros(16))
+
+
+@pytest.mark.skipif(opencl._pyclblast() is None, reason="pyclblast is not installed")
+def test_gemm_clblast_backend(rng):
+    M, N, K = 17, 10, 9
+    a, b, c = rand(rng, 1 + K * M), rand(rng, K * N), rand(rng, M * N)
+    C = opencl.to_device(c)
+    opencl.set_gemm_backend("clblast")
+    try:
+        opencl.gemm(True, False, M, N, K, 1.0, opencl.to_device(a)[1:], opencl.to_device(b), 1.0, C)
+    finally:
+        opencl.set_gemm_backend("kaffe")
+    assert_close(C.get(), c + (a[1:].reshape(K, M).T @ b.reshape(K, N)).ravel())
+
+
+# -- BLAS-1 helpers and reductions -------------------------------------------------------------------------
+def test_axpby_axpy_scale_fill_on_views(rng):
+    x, y = rand(rng, 1000), rand(rng, 1003)
+    X, Y = opencl.to_device(x), opencl.to_device(y)
+    opencl.axpby(0.5, X, 2.0, Y[3:])
+    expected = y.copy()
+    expected[3:] = 0.5 * x + 2.0 * y[3:]
+    assert_close(Y.get(), expected)
+    opencl.axpy(-1.0, X, Y, n=10)
+    expected[:10] -= x[:10]
+    assert_close(Y.get(), expected)
+    opencl.scale(3.0, Y)
+    assert_close(Y.get(), 3.0 * expected)
+    opencl.fill(Y[1:], 7.0, n=2)
+    assert Y.get()[:4].tolist() == pytest.approx([3.0 * expected[0], 7.0, 7.0, 3.0 * expected[3]])
+
+
+def test_sgd_momentum_and_weight_decay_on_device(rng):
+    w, g, h = rand(rng, 300), rand(rng, 300), rand(rng, 300)
+    W, G, H = opencl.to_device(w), opencl.to_device(g), opencl.to_device(h)
+    opencl.axpy(0.01, W, G)                 # L2 decay
+    opencl.add_scaled_sign(0.002, W, G)     # L1 decay
+    opencl.axpby(0.1, G, 0.9, H)            # history = lr * g + momentum * history
+    opencl.axpy(-1.0, H, W)                 # w -= history
+    g_expected = g + 0.01 * w + 0.002 * np.sign(w)
+    h_expected = 0.1 * g_expected + 0.9 * h
+    assert_close(W.get(), w - h_expected)
+
+
+def test_copy_with_offsets(rng):
+    src = rand(rng, 50)
+    dst = opencl.zeros(40)
+    opencl.copy(opencl.to_device(src), dst, n=20, src_offset=5, dst_offset=10)
+    expected = np.zeros(40, np.float32)
+    expected[10:30] = src[5:25]
+    np.testing.assert_array_equal(dst.get(), expected)
+    with pytest.raises(KaffeError, match="copy destination"):
+        opencl.copy(opencl.to_device(src), dst, n=35, dst_offset=10)
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 1000, 70001])
+def test_reductions(rng, n):
+    x, y = rand(rng, n + 2), rand(rng, n + 2)
+    X, Y = opencl.to_device(x)[2:], opencl.to_device(y)[2:]
+    x64, y64 = x[2:].astype(np.float64), y[2:].astype(np.float64)
+    assert opencl.asum(X) == pytest.approx(np.abs(x64).sum(), rel=1e-5)
+    assert opencl.sumsq(X) == pytest.approx((x64 * x64).sum(), rel=1e-5)
+    assert opencl.dot(X, Y) == pytest.approx((x64 * y64).sum(), rel=1e-4, abs=1e-3)
+
+
+def test_reduction_of_nothing_is_zero():
+    assert opencl.asum(opencl.zeros(4), n=0) == 0.0
+
+
+# -- formula kernels ---------------------------------------------------------------------------------------
+FORMULAS = {
+    "relu": (lambda x, p, ops: ops.maximum(x, 0) + p.negative_slope * ops.minimum(x, 0),
+             ("x",), {"negative_slope": 0.1}),
+    "relu_backward": (lambda x, dy, p, ops: dy * ((x > 0) + p.negative_slope * (x <= 0)),
+                      ("x", "dy"), {"negative_slope": -0.25}),
+    "sigmoid": (lambda x, p, ops: 0.5 * ops.tanh(0.5 * x) + 0.5, ("x",), {}),
+    "sigmoid_backward": (lambda y, dy, p, ops: dy * y * (1 - y), ("y", "dy"), {}),
+    "tanh": (lambda x, p, ops: ops.tanh(x), ("x",), {}),
+    "elu": (lambda x, p, ops: ops.where(x > 0, x, p.alpha * (ops.exp(x) - 1)), ("x",), {"alpha": 1.5}),
+    "bnll": (lambda x, p, ops: ops.where(x > 0, x + ops.log1p(ops.exp(-x)), ops.log1p(ops.exp(x))), ("x",), {}),
+    "power": (lambda x, p, ops: ops.pow(p.shift + p.scale * ops.abs(x), p.power), ("x",),
+              {"power": 1.5, "scale": 2.0, "shift": 0.5}),
+    "logic": (lambda x, y, p, ops: (((x > y) & ~(x > 1)) | (abs(y) >= 2)) + ops.sqrt(x * x) / 4 - x ** 2,
+              ("x", "y"), {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMULAS))
+def test_elementwise_kernel_matches_numpy(rng, name):
+    formula, inputs, params = FORMULAS[name]
+    host = [rand(rng, 1001) * 3 for _ in inputs]
+    p = SimpleNamespace(**{k: np.float32(v) for k, v in params.items()})
+    expected = formula(*host, p, NUMPY_OPS)
+    out = opencl.empty(1001)
+    opencl.elementwise_kernel(name, formula, inputs, tuple(params))(out, *map(opencl.to_device, host), p=p)
+    np.testing.assert_allclose(out.get(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_elementwise_kernel_in_place_and_parameter_values(rng):
+    forward = FORMULAS["relu"][0]
+    relu = opencl.elementwise_kernel("relu", forward, ("x",), ("negative_slope",))
+    assert opencl.elementwise_kernel("relu", forward, ("x",), ("negative_slope",)) is relu
+    x = rand(rng, 77)
+    X = opencl.to_device(x)
+    relu(X, X, p={"negative_slope": 0.0})
+    relu(X, X, p={"negative_slope": 2.0})  # same program, another value
+    np.testing.assert_allclose(X.get(), np.maximum(x, 0))
+
+
+def test_neuron_layer_formulas_compile(rng):
+    """The formulas layers/neuron.py states once, with its numpy ops as the reference."""
+    neuron = pytest.importorskip("kaffe.layers.neuron")
+    layers = [cls for cls in vars(neuron).values()
+              if isinstance(cls, type) and getattr(cls, "formula", None) is not None]
+    x = rand(rng, 300)
+    y, dy = np.tanh(x), rand(rng, 300)
+    for cls in layers:
+        formula = cls.formula
+        params = formula.params(neuron.caffe_pb2.LayerParameter())
+        p = SimpleNamespace(**{k: np.float32(v) for k, v in params.items()})
+        name = cls.__name__.lower()
+        out = opencl.empty(300)
+        opencl.elementwise_kernel(name + "_forward", formula.forward, ("x",), tuple(params))(
+            out, opencl.to_device(x), p=p)
+        np.testing.assert_allclose(out.get(), formula.forward(x, p, neuron.NUMPY_OPS), rtol=1e-5, atol=1e-6)
+        opencl.elementwise_kernel(name + "_backward", formula.backward, ("x", "y", "dy"), tuple(params))(
+            out, *map(opencl.to_device, (x, y, dy)), p=p)
+        np.testing.assert_allclose(out.get(), formula.backward(x, y, dy, p, neuron.NUMPY_OPS),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_formula_errors():
+    with pytest.raises(KaffeError, match="ops.where"):
+        opencl.elementwise_kernel("branchy", lambda x, p, ops: x if x > 0 else -x, ("x",))
+    with pytest.raises(KaffeError, match="slope"):
+        opencl.elementwise_kernel("undeclared", lambda x, p, ops: p.slope * x, ("x",))
+    scaled = opencl.elementwise_kernel("scaled", lambda x, p, ops: p.a * x, ("x",), ("a",))
+    with pytest.raises(KaffeError, match="parameters"):
+        scaled(opencl.zeros(3), opencl.zeros(3), p={})
+
+
+# -- programs and devices -------------------------------------------------------------------------------------
+def test_program_is_cached_and_build_errors_show_the_log():
+    source = "__kernel void twice(__global float* x) { x[get_global_id(0)] *= SCALE; }"
+    assert opencl.program(source, {"SCALE": 2.0}) is opencl.program(source, {"SCALE": 2.0})
+    assert opencl.program(source, {"SCALE": 2.0}) is not opencl.program(source, {"SCALE": 3.0})
+    with pytest.raises(KaffeError, match="undeclared|undefined|unknown"):
+        opencl.program("__kernel void broken(__global float* x) { x[0] = undefined_name; }")
+
+
+def test_select_device_out_of_range_lists_devices():
+    count = len(opencl.devices())
+    with pytest.raises(KaffeError, match=r"device 99 does not exist(.|\n)*0: "):
+        opencl.select_device(99)
+    assert count == len(opencl.devices())
+
+
+def test_select_device_without_platform(monkeypatch):
+    monkeypatch.setattr(opencl, "devices", lambda: [])
+    monkeypatch.setitem(opencl._selected, "by_index", {})
+    with pytest.raises(KaffeError, match="pocl-opencl-icd"):
+        opencl.select_device(0)
+
+
+def test_devices_list_gpus_first():
+    kinds = [bool(d.type & opencl.cl.device_type.GPU) for _, d in opencl.devices()]
+    assert kinds == sorted(kinds, reverse=True)
+
+
+# -- host/device memory -------------------------------------------------------------------------------------
+def test_synced_memory_heads():
+    mem = SyncedMemory(5)
+    assert mem.head == UNINITIALIZED
+    mem.mutable_cpu()[:] = np.arange(5)
+    assert mem.head == HEAD_AT_CPU
+    device_copy = mem.gpu()                     # copies host -> device
+    assert mem.head == SYNCED
+    np.testing.assert_array_equal(device_copy.get(), np.arange(5))
+    assert mem.gpu() is device_copy and mem.head == SYNCED  # synced: nothing to copy
+    opencl.scale(2.0, mem.mutable_gpu())
+    assert mem.head == HEAD_AT_GPU
+    np.testing.assert_array_equal(mem.cpu(), 2 * np.arange(5))   # copies device -> host
+    assert mem.head == SYNCED
+    mem.mutable_cpu()[0] = 9
+    assert mem.head == HEAD_AT_CPU
+    assert mem.gpu().get()[0] == 9
+
+
+def test_synced_memory_starts_zeroed_on_device():
+    mem = SyncedMemory(4)
+    np.testing.assert_array_equal(mem.gpu().get(), np.zeros(4))
+    assert mem.head == HEAD_AT_GPU
+
+
+@pytest.fixture
+def gpu_mode():
+    device.set_mode_gpu()
+    yield
+    device.set_mode_cpu()
+
+
+def test_blob_update_and_norms_on_device(rng, gpu_mode):
+    blob = Blob(2, 3)
+    data, diff = rand(rng, 2, 3), rand(rng, 2, 3)
+    blob.data = data
+    blob.diff = diff
+    blob.mutable_gpu_data()
+    blob.mutable_gpu_diff()
+    assert blob.asum_diff() == pytest.approx(np.abs(diff).sum(), rel=1e-5)
+    assert blob.sumsq_data() == pytest.approx((data.astype(np.float64) ** 2).sum(), rel=1e-5)
+    blob.scale_diff(0.5)
+    blob.update()
+    assert blob._data.head == HEAD_AT_GPU
+    np.testing.assert_allclose(blob.cpu_data(), data - 0.5 * diff, rtol=1e-6)
+
+
+def test_blob_keeps_device_memory_when_reshaped_smaller(rng, gpu_mode):
+    blob = Blob(10)
+    blob.data = rand(rng, 10)
+    blob.reshape(4)
+    assert blob.gpu_data().size == 4
+    blob.mutable_gpu_diff()
+    blob.update()
+    np.testing.assert_allclose(blob.gpu_data().get(), blob.cpu_data())
