@@ -1,7 +1,7 @@
 """Blob: an N-d float32 array of data and a same-shaped array of gradients (diff), as in Caffe."""
 import numpy as np
 
-from . import device
+from . import device, opencl
 from .errors import KaffeError
 from .syncedmem import HEAD_AT_GPU, SyncedMemory
 
@@ -85,6 +85,10 @@ class Blob:
     def _host_view(self, flat):
         return flat[:self._count].reshape(self._shape)
 
+    def data_version(self):
+        """Changes whenever the data may have been written (a cache of something derived from it is stale)."""
+        return (id(self._data), self._data.version, self._shape)
+
     def cpu_data(self):
         return self._host_view(self._data.cpu())
 
@@ -143,7 +147,6 @@ class Blob:
     def update(self):
         """data -= diff, on the side where the data is newest."""
         if self._on_device(self._data) or self._on_device(self._diff):
-            from . import opencl
             opencl.axpy(-1.0, self.gpu_diff(), self.mutable_gpu_data())
         else:
             self.mutable_cpu_data()[...] -= self.cpu_diff()
@@ -151,7 +154,6 @@ class Blob:
     def _reduce(self, kind, memory, host_view):
         """'asum' (sum of |x|) or 'sumsq' (sum of x^2), computed on the side holding the newest values."""
         if self._on_device(memory):
-            from . import opencl  # imported on use: pyopencl is optional for CPU-only installs
             return getattr(opencl, kind)(memory.gpu(), n=self._count)
         flat = host_view().ravel()
         return float(np.abs(flat).sum(dtype=np.float64)) if kind == "asum" else float(np.dot(flat, flat))
@@ -168,9 +170,15 @@ class Blob:
     def sumsq_diff(self):
         return self._reduce("sumsq", self._diff, self.cpu_diff)
 
+    def zero_diff(self):
+        """diff = 0 on the side the current mode computes on (no transfer for solvers in GPU mode)."""
+        if device.mode() == device.GPU:
+            opencl.fill(self.mutable_gpu_diff(), 0.0)
+        else:
+            self.mutable_cpu_diff()[...] = 0
+
     def scale_diff(self, factor):
         if self._on_device(self._diff):
-            from . import opencl
             opencl.scale(factor, self.mutable_gpu_diff())
         else:
             self.mutable_cpu_diff()[...] *= np.float32(factor)

@@ -16,7 +16,7 @@ def set_mode_cpu():
 
 
 def set_mode_gpu():
-    from . import opencl
+    from . import opencl  # imported here: engine.opencl imports this module
     opencl.select_device(_state["device_id"])
     _state["mode"] = GPU
 

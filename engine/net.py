@@ -380,7 +380,7 @@ class Net:
 
     def clear_param_diffs(self):
         for blob in self.learnable_params:
-            blob.mutable_cpu_diff()[...] = 0
+            blob.zero_diff()
 
     def update(self):
         for blob in self.learnable_params:

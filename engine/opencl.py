@@ -144,6 +144,40 @@ def _buffer(array, offset=0):
     return array.base_data, array.offset // FLOAT_BYTES + int(offset), array.size - int(offset)
 
 
+def device_args(array, offset=0):
+    """(memory object, offset in elements as int32) of a contiguous device array or view: the argument pair
+    by which kaffe's kernels take an array (any dtype: float data, int argmax buffers)."""
+    if array.size and not array.flags.forc:
+        raise KaffeError("OpenCL kernels take contiguous arrays")
+    return array.base_data, np.int32(array.offset // array.dtype.itemsize + int(offset))
+
+
+LAUNCH_GROUP = 256
+
+
+def launch(source, name, n, *args, defines=None):
+    """Run kernel `name` of `source` with one work-item per i < n (rounded up to whole work-groups); n is
+    passed as the kernel's first argument. Python ints become int32 and Python floats float32 arguments."""
+    if n <= 0:
+        return
+    values = [np.int32(a) if isinstance(a, (bool, int)) else np.float32(a) if isinstance(a, float) else a
+              for a in args]
+    kernel(source, name, defines)(queue(), (_round_up(n, LAUNCH_GROUP),), (LAUNCH_GROUP,), np.int32(n), *values)
+
+
+def scratch(owner, name, n, dtype=np.float32):
+    """A device work array of at least n values kept on `owner` (a layer) and grown as needed.
+
+    Layers reuse it every iteration; its contents are undefined between calls.
+    """
+    buffers = owner.__dict__.setdefault("_device_scratch", {})
+    found = buffers.get(name)
+    if found is None or found.size < n:
+        dev = current()
+        found = buffers[name] = cla.empty(dev.queue, max(int(n), 1), dtype, allocator=dev.allocator)
+    return found
+
+
 def copy(src, dst, n=None, src_offset=0, dst_offset=0):
     """dst[dst_offset : dst_offset + n] = src[src_offset : src_offset + n] on the device (n: all of src)."""
     n = src.size - src_offset if n is None else int(n)
@@ -165,8 +199,12 @@ def _check_room(what, needed, available):
 # -- programs --------------------------------------------------------------------------------------------
 @functools.cache
 def _kernel_file(name):
-    # importlib.resources finds the .cl files inside an installed wheel as well as in the source tree
-    return importlib.resources.files(__package__).joinpath(name).read_text()
+    """A .cl file's text: a bare name is beside this module, "layers/x.cl" is relative to the kaffe package.
+
+    importlib.resources finds the files inside an installed wheel as well as in the source tree.
+    """
+    package = "kaffe" if "/" in name else __package__
+    return importlib.resources.files(package).joinpath(name).read_text()
 
 
 def _build_options(defines):
@@ -181,7 +219,7 @@ def _build_options(defines):
 
 
 def program(source, defines=None):
-    """The built cl.Program of `source` (a .cl file name beside this module, or OpenCL C text) with `defines`
+    """The built cl.Program of `source` (a .cl file name, see _kernel_file, or OpenCL C text) with `defines`
     ({name: value} passed as -D options), built once per device and options.
 
     pyopencl also keeps the binaries in its disk cache, so a later run skips the compiler. A failed build

@@ -5,6 +5,8 @@ written last; asking for a mutable side moves the head there, so the other copy 
 """
 import numpy as np
 
+from . import opencl
+
 UNINITIALIZED = "uninitialized"
 HEAD_AT_CPU = "head at cpu"
 HEAD_AT_GPU = "head at gpu"
@@ -17,6 +19,7 @@ class SyncedMemory:
         self._host = None
         self._device = None
         self.head = UNINITIALIZED
+        self.version = 0  # bumped by every mutable access: lets layers cache what they derived from it
 
     def _to_cpu(self):
         if self.head == UNINITIALIZED:
@@ -29,7 +32,6 @@ class SyncedMemory:
             self.head = SYNCED
 
     def _to_gpu(self):
-        from . import opencl
         if self.head == UNINITIALIZED:
             self._device = opencl.zeros(self.count)
             self.head = HEAD_AT_GPU
@@ -48,6 +50,7 @@ class SyncedMemory:
         """The flat float32 host array, for writing: the device copy becomes stale."""
         self._to_cpu()
         self.head = HEAD_AT_CPU
+        self.version += 1
         return self._host
 
     def gpu(self):
@@ -58,4 +61,5 @@ class SyncedMemory:
     def mutable_gpu(self):
         self._to_gpu()
         self.head = HEAD_AT_GPU
+        self.version += 1
         return self._device

@@ -1,6 +1,11 @@
-"""Plumbing and shape layers (Split, Flatten, Reshape, Concat, Eltwise, Silence) and Softmax."""
+"""Plumbing and shape layers (Split, Flatten, Reshape, Concat, Eltwise, Silence) and Softmax.
+
+Also the OpenCL launch helpers the layer modules share (device_args, launch). engine.opencl is imported inside
+the GPU methods: pyopencl is optional for CPU-only installs.
+"""
 import numpy as np
 
+from ..engine import opencl
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -16,6 +21,22 @@ def axis_index(layer, blob, axis, what="axis"):
         raise KaffeError(f"{layer.type} layer '{layer.name}': {what} {axis} is out of range for an input of "
                          f"shape {shape_text(blob.shape)}")
     return blob.canonical_axis_index(axis)
+
+
+def _elementwise(name, formula, inputs):
+    return opencl.elementwise_kernel(name, formula, inputs)
+
+
+def _add(a, b, p, ops):
+    return a + b
+
+
+def _multiply(a, b, p, ops):
+    return a * b
+
+
+def _quotient_gradient(y, x, dy, p, ops):
+    return y / x * dy
 
 
 def _refuse_in_place(layer, bottom, top):
@@ -46,6 +67,21 @@ class SplitLayer(Layer):
         for t in top[1:]:
             diff += t.cpu_diff()
 
+    def forward_gpu(self, bottom, top):
+        pass
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        if len(top) == 1:
+            opencl.copy(top[0].gpu_diff(), bottom[0].mutable_gpu_diff())
+            return
+        first, second = top[0].gpu_diff(), top[1].gpu_diff()
+        diff = bottom[0].mutable_gpu_diff()
+        _elementwise("add", _add, ("a", "b"))(diff, first, second)
+        for t in top[2:]:
+            opencl.axpy(1.0, t.gpu_diff(), diff)
+
 
 class _ViewLayer(Layer):
     """A top that is the bottom under another shape: data and diff are shared, nothing is computed."""
@@ -73,6 +109,10 @@ class _ViewLayer(Layer):
 
     def backward_cpu(self, top, propagate_down, bottom):
         pass
+
+    # the shared SyncedMemory serves the device side too: nothing to copy
+    forward_gpu = forward_cpu
+    backward_gpu = backward_cpu
 
 
 @register_layer("Flatten")
@@ -191,6 +231,28 @@ class ConcatLayer(Layer):
             if down:
                 b.mutable_cpu_diff()[...] = dy[index]
 
+    def _copy_gpu(self, bottom, top, forward, propagate_down=None):
+        """One strided copy per bottom: bottom -> its slab of the top (forward), or back (backward)."""
+        inner = top[0].count_axes(self.axis + 1)
+        whole_block = top[0].shape[self.axis] * inner
+        whole = top[0].mutable_gpu_data() if forward else top[0].gpu_diff()
+        offset = 0
+        for i, b in enumerate(bottom):
+            part_block = b.shape[self.axis] * inner
+            if forward or propagate_down[i]:
+                part = b.gpu_data() if forward else b.mutable_gpu_diff()
+                opencl.launch("layers/common.cl", "concat_copy", b.count, *opencl.device_args(part), *opencl.device_args(whole),
+                       part_block, whole_block, offset, forward)
+            offset += part_block
+
+    def forward_gpu(self, bottom, top):
+        if len(bottom) > 1:
+            self._copy_gpu(bottom, top, forward=True)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if len(bottom) > 1:
+            self._copy_gpu(bottom, top, forward=False, propagate_down=propagate_down)
+
 
 @register_layer("Eltwise")
 class EltwiseLayer(Layer):
@@ -209,6 +271,7 @@ class EltwiseLayer(Layer):
         self.coeffs = [np.float32(c) for c in param.coeff] or [np.float32(1)] * len(bottom)
         self.stable_prod_grad = param.stable_prod_grad
         self.max_idx = None
+        self.max_idx_gpu = None  # MAX's argmax on the device (int32)
 
     def reshape(self, bottom, top):
         for b in bottom[1:]:
@@ -258,6 +321,53 @@ class EltwiseLayer(Layer):
                 dx = np.where(self.max_idx == i, dy, np.float32(0))
             b.mutable_cpu_diff()[...] = dx
 
+    def forward_gpu(self, bottom, top):
+        data = [b.gpu_data() for b in bottom]
+        out = top[0].mutable_gpu_data()
+        if self.op == caffe_pb2.EltwiseParameter.PROD:
+            multiply = _elementwise("multiply", _multiply, ("a", "b"))
+            multiply(out, data[0], data[1])
+            for d in data[2:]:
+                multiply(out, out, d)
+        elif self.op == caffe_pb2.EltwiseParameter.SUM:
+            opencl.scale(self.coeffs[0], data[0], out=out)
+            for c, d in zip(self.coeffs[1:], data[1:]):
+                opencl.axpy(c, d, out)
+        else:
+            import pyopencl.array as cla  # an int32 array: opencl.empty makes float32 ones
+            dev = opencl.current()
+            self.max_idx_gpu = cla.empty(dev.queue, out.size, np.int32, allocator=dev.allocator)
+            for i in range(1, len(data)):
+                opencl.launch("layers/common.cl", "eltwise_max_forward", out.size, *opencl.device_args(data[0]),
+                       *opencl.device_args(data[i]), *opencl.device_args(out), self.max_idx_gpu.data, i)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        dy = top[0].gpu_diff()
+        for i, b in enumerate(bottom):
+            if not propagate_down[i]:
+                continue
+            if self.op == caffe_pb2.EltwiseParameter.PROD:
+                if self.stable_prod_grad:
+                    # the product of the other bottoms, times dy
+                    factors = [o.gpu_data() for j, o in enumerate(bottom) if j != i] + [dy]
+                    diff = b.mutable_gpu_diff()
+                    multiply = _elementwise("multiply", _multiply, ("a", "b"))
+                    multiply(diff, factors[0], factors[1])
+                    for f in factors[2:]:
+                        multiply(diff, diff, f)
+                else:
+                    y, x = top[0].gpu_data(), b.gpu_data()
+                    _elementwise("quotient_gradient", _quotient_gradient, ("y", "x", "dy"))(
+                        b.mutable_gpu_diff(), y, x, dy)
+            elif self.op == caffe_pb2.EltwiseParameter.SUM:
+                if self.coeffs[i] == 1:
+                    opencl.copy(dy, b.mutable_gpu_diff())
+                else:
+                    opencl.scale(self.coeffs[i], dy, out=b.mutable_gpu_diff())
+            else:
+                opencl.launch("layers/common.cl", "eltwise_max_backward", dy.size, *opencl.device_args(dy),
+                       self.max_idx_gpu.data, *opencl.device_args(b.mutable_gpu_diff()), i)
+
 
 @register_layer("Silence")
 class SilenceLayer(Layer):
@@ -276,12 +386,39 @@ class SilenceLayer(Layer):
             if down:
                 b.mutable_cpu_diff()[...] = 0
 
+    def forward_gpu(self, bottom, top):
+        pass
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        for b, down in zip(bottom, propagate_down):
+            if down:
+                opencl.fill(b.mutable_gpu_diff(), 0.0)
+
 
 def softmax(x, axis):
     """Softmax of a float32 array along `axis`, shifted by the maximum so that exp cannot overflow."""
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     e /= e.sum(axis=axis, keepdims=True)
     return e
+
+
+def channel_split(blob, axis):
+    """(outer, channels, inner) sizes of a blob around `axis` (a canonical index)."""
+    return blob.count_axes(0, axis), blob.shape[axis], blob.count_axes(axis + 1)
+
+
+def softmax_gpu(x, out, dims):
+    """out = softmax of the device array x seen as `dims` (outer, channels, inner), over channels; out may be x.
+
+    Caffe's passes: the maximum of each position, exp(x - max), the sum of each position, the division.
+    """
+    outer, channels, inner = dims
+    per_position = opencl.empty(outer * inner)
+    opencl.launch("layers/common.cl", "channel_max", outer * inner, *opencl.device_args(x), per_position.data, channels, inner)
+    opencl.launch("layers/common.cl", "channel_subtract_exp", x.size, *opencl.device_args(x), *opencl.device_args(out),
+           per_position.data, channels, inner)
+    opencl.launch("layers/common.cl", "channel_sum", outer * inner, *opencl.device_args(out), per_position.data, channels, inner)
+    opencl.launch("layers/common.cl", "channel_divide", x.size, *opencl.device_args(out), per_position.data, channels, inner)
 
 
 @register_layer("Softmax")
@@ -305,3 +442,18 @@ class SoftmaxLayer(Layer):
         dx = dy - (dy * y).sum(axis=self.axis, keepdims=True)
         dx *= y
         bottom[0].mutable_cpu_diff()[...] = dx
+
+    def forward_gpu(self, bottom, top):
+        x = bottom[0].gpu_data()
+        softmax_gpu(x, top[0].mutable_gpu_data(), channel_split(bottom[0], self.axis))
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        outer, channels, inner = channel_split(top[0], self.axis)
+        y, dy = top[0].gpu_data(), top[0].gpu_diff()
+        dot = opencl.empty(outer * inner)
+        opencl.launch("layers/common.cl", "channel_dot", outer * inner, *opencl.device_args(dy), *opencl.device_args(y), dot.data,
+               channels, inner)
+        opencl.launch("layers/common.cl", "channel_subtract_multiply", y.size, *opencl.device_args(dy), *opencl.device_args(y),
+               *opencl.device_args(bottom[0].mutable_gpu_diff()), dot.data, channels, inner)

@@ -1,8 +1,10 @@
 """InnerProduct (fully connected): y = x W^T + b over the axes from `axis` on, flattened."""
 import numpy as np
 
+from ..engine import opencl
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
+from .vision import run_kernel
 
 
 @register_layer("InnerProduct")
@@ -10,6 +12,8 @@ class InnerProductLayer(Layer):
     """Weight (num_output, K), or (K, num_output) with transpose; bias (num_output,).
 
     The axes before `axis` are independent samples (M of them), those from `axis` on are flattened to K.
+    OpenCL: forward is one GEMM and a bias kernel; backward one GEMM per gradient, the bias gradient a GEMM
+    with a ones vector (Caffe's gemv), all accumulating into the parameter diffs as Caffe does.
     """
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
@@ -61,3 +65,37 @@ class InnerProductLayer(Layer):
         if propagate_down[0]:
             np.matmul(dy, self._weight_nk(self.blobs[0].cpu_data()),
                       out=bottom[0].mutable_cpu_diff().reshape(self.samples, self.inputs))
+
+    def forward_gpu(self, bottom, top):
+        cl = opencl
+        out = top[0].mutable_gpu_data()
+        # the weight is op(B) = W^T (K x num_output): stored (num_output, K) it is read transposed
+        cl.gemm(False, not self.transpose, self.samples, self.num_output, self.inputs, 1.0, bottom[0].gpu_data(),
+                self.blobs[0].gpu_data(), 0.0, out)
+        if self.bias_term:
+            run_kernel("add_bias", top[0].count, *opencl.device_args(out), *opencl.device_args(self.blobs[1].gpu_data()),
+                   self.num_output, 1)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        cl = opencl
+        top_diff = top[0].gpu_diff()
+        M, N, K = self.samples, self.num_output, self.inputs
+        if self.param_propagate_down[0]:
+            data, weight_diff = bottom[0].gpu_data(), self.blobs[0].mutable_gpu_diff()
+            if self.transpose:  # (K, N) += x^T dy
+                cl.gemm(True, False, K, N, M, 1.0, data, top_diff, 1.0, weight_diff)
+            else:  # (N, K) += dy^T x
+                cl.gemm(True, False, N, K, M, 1.0, top_diff, data, 1.0, weight_diff)
+        if self.bias_term and self.param_propagate_down[1]:
+            cl.gemm(False, False, 1, N, M, 1.0, self._ones(M), top_diff, 1.0, self.blobs[1].mutable_gpu_diff())
+        if propagate_down[0]:
+            cl.gemm(False, self.transpose, M, K, N, 1.0, top_diff, self.blobs[0].gpu_data(), 0.0,
+                    bottom[0].mutable_gpu_diff())
+
+    def _ones(self, n):
+        """A device vector of at least n ones (filled when it is made or grown)."""
+        ones = opencl.scratch(self, "ones", n)
+        if getattr(self, "_ones_filled", 0) < ones.size:
+            opencl.fill(ones, 1.0)
+            self._ones_filled = ones.size
+        return ones

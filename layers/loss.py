@@ -1,11 +1,14 @@
 """Loss layers (SoftmaxWithLoss) and Accuracy, which takes the same (scores, labels) bottoms."""
+import math
+
 import numpy as np
 
 from ..engine.blob import Blob
+from ..engine import opencl
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, LossLayer, register_layer
 from ..proto import caffe_pb2
-from .common import axis_index, shape_text, softmax
+from .common import axis_index, shape_text, softmax, softmax_gpu
 
 FLT_MIN = np.finfo(np.float32).tiny
 LossParameter = caffe_pb2.LossParameter
@@ -58,6 +61,7 @@ class SoftmaxWithLossLayer(LossLayer):
         else:
             self.normalization = loss_param.normalization
         self.prob = Blob()
+        self.valid_count = None  # the GPU forward's count of labels not ignored, for its backward
 
     def reshape(self, bottom, top):
         self.check_num_matches(bottom)
@@ -83,10 +87,13 @@ class SoftmaxWithLossLayer(LossLayer):
         if len(top) == 2:
             top[1].share_data(self.prob)
 
-    def backward_cpu(self, top, propagate_down, bottom):
+    def _propagates(self, propagate_down):
         if propagate_down[1]:
             raise KaffeError(f"SoftmaxWithLoss layer '{self.name}' cannot backpropagate to label inputs")
-        if not propagate_down[0]:
+        return propagate_down[0]
+
+    def backward_cpu(self, top, propagate_down, bottom):
+        if not self._propagates(propagate_down):
             return
         outer, _, inner = self.dims
         labels, valid = _read_labels(self, bottom[1], self.dims[1], self.ignore_label)
@@ -96,6 +103,40 @@ class SoftmaxWithLossLayer(LossLayer):
         dx *= valid.reshape(outer, 1, inner)  # ignored positions get no gradient
         dx *= np.float32(top[0].cpu_diff().reshape(-1)[0] / self.normalizer(int(valid.sum())))
         bottom[0].mutable_cpu_diff()[...] = dx.reshape(bottom[0].shape)
+
+    def _label_args(self):
+        return self.ignore_label is not None, self.ignore_label or 0
+
+    def forward_gpu(self, bottom, top):
+        """Only the loss sum (and, for VALID with an ignore_label, the valid count) comes back to the host."""
+        outer, channels, inner = self.dims
+        x = bottom[0].gpu_data()
+        prob = self.prob.mutable_gpu_data()
+        softmax_gpu(x, prob, self.dims)
+        losses, counts = opencl.empty(outer * inner), opencl.empty(outer * inner)
+        opencl.launch("layers/loss.cl", "softmax_loss_forward", outer * inner, *opencl.device_args(prob),
+               *opencl.device_args(bottom[1].gpu_data()), losses.data, counts.data, channels, inner, *self._label_args())
+        total = opencl.asum(losses)  # the losses are >= 0: their asum is their sum
+        if math.isnan(total):
+            # a label out of range gives NaN; _read_labels raises the CPU path's error for it (a NaN from the
+            # scores themselves passes through, as on the CPU)
+            _read_labels(self, bottom[1], channels, self.ignore_label)
+        if self.normalization == LossParameter.VALID and self.ignore_label is not None:
+            self.valid_count = opencl.asum(counts)
+        else:
+            self.valid_count = outer * inner
+        top[0].mutable_cpu_data()[...] = total / self.normalizer(self.valid_count)
+        if len(top) == 2:
+            top[1].share_data(self.prob)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if not self._propagates(propagate_down):
+            return
+        _, channels, inner = self.dims
+        scale = np.float32(top[0].cpu_diff().reshape(-1)[0] / self.normalizer(self.valid_count))
+        prob, labels = self.prob.gpu_data(), bottom[1].gpu_data()
+        opencl.launch("layers/loss.cl", "softmax_loss_backward", bottom[0].count, *opencl.device_args(prob), *opencl.device_args(labels),
+               *opencl.device_args(bottom[0].mutable_gpu_diff()), channels, inner, *self._label_args(), scale)
 
 
 @register_layer("Accuracy")
@@ -137,6 +178,14 @@ class AccuracyLayer(Layer):
             totals = np.bincount(labels[valid], minlength=classes)
             hits = np.bincount(labels[correct], minlength=classes)
             top[1].mutable_cpu_data()[...] = np.where(totals > 0, hits / np.maximum(totals, 1), 0.0)
+
+    # Accuracy stays on the host in GPU mode: it reads back only its bottoms (scores and labels, small next to
+    # a net's activations), once per test iteration; called explicitly to skip the fallback warning.
+    def forward_gpu(self, bottom, top):
+        self.forward_cpu(bottom, top)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        self.backward_cpu(top, propagate_down, bottom)
 
     def allow_force_backward(self, bottom_index):
         return False  # force_backward must not ask a metric for gradients it cannot give

@@ -5,7 +5,8 @@ The elementwise activations are each stated once, as a `Formula`: a forward `y =
 `p` holds the layer's parameter values as float scalars. On the CPU, `ops` is `NUMPY_OPS` and the operands are
 numpy arrays; an OpenCL code generator passes symbolic operands and a symbolic `ops` to the same functions and
 reads C expressions out. So a formula stays a pure expression: no Python `if` on data, no in-place or
-numpy-only calls on the operands (choose with ops.where).
+numpy-only calls on the operands (choose with ops.where). In GPU mode the same functions give the OpenCL
+kernels (engine.opencl.elementwise_kernel).
 
 Adding an activation is one `elementwise_layer(...)` call.
 """
@@ -16,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..engine import device
+from ..engine import opencl
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
 from ..proto import caffe_pb2
@@ -71,6 +73,21 @@ class ElementwiseLayer(NeuronLayer):
         dx = self.formula.backward(bottom[0].cpu_data(), top[0].cpu_data(), top[0].cpu_diff(), self.p, NUMPY_OPS)
         bottom[0].mutable_cpu_diff()[...] = dx
 
+    def _kernel(self, direction, inputs):
+        # one kernel per (type, direction), cached by elementwise_kernel; parameter values are kernel arguments
+        return opencl.elementwise_kernel(f"{self.type}_{direction}", getattr(self.formula, direction), inputs,
+                                         tuple(vars(self.p)))
+
+    def forward_gpu(self, bottom, top):
+        x = bottom[0].gpu_data()
+        self._kernel("forward", ("x",))(top[0].mutable_gpu_data(), x, p=self.p)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        inputs = bottom[0].gpu_data(), top[0].gpu_data(), top[0].gpu_diff()
+        self._kernel("backward", ("x", "y", "dy"))(bottom[0].mutable_gpu_diff(), *inputs, p=self.p)
+
 
 def elementwise_layer(type_name, forward, backward, params=no_params):
     """Create and register the ElementwiseLayer subclass for `type: "<type_name>"`."""
@@ -99,25 +116,58 @@ TanHLayer = elementwise_layer(
     backward=lambda x, y, dy, p, ops: dy * (1 - y * y))
 
 
+# splitmix64's constants: the golden-ratio increment and its output mixer
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX = (np.uint64(30), np.uint64(0xBF58476D1CE4E5B9), np.uint64(27), np.uint64(0x94D049BB133111EB), np.uint64(31))
+
+
+def dropout_bits(seed, count):
+    """32 random bits for each of the values 0 .. count-1 of a Dropout forward with this 64-bit seed.
+
+    Counter-based (the top half of splitmix64's output for the state seed + (i + 1) * gamma), as in
+    layers/neuron.cl, so the CPU and OpenCL masks are the same bits and backward needs only the seed.
+    """
+    z = np.arange(1, count + 1, dtype=np.uint64)  # uint64 arithmetic wraps modulo 2^64, as C's ulong
+    z *= _GOLDEN_GAMMA
+    z += np.uint64(seed)
+    shift_a, mul_a, shift_b, mul_b, shift_c = _MIX
+    z ^= z >> shift_a
+    z *= mul_a
+    z ^= z >> shift_b
+    z *= mul_b
+    z ^= z >> shift_c
+    return (z >> np.uint64(32)).astype(np.uint32)
+
+
 @register_layer("Dropout")
 class DropoutLayer(NeuronLayer):
-    """TRAIN: keep each value with probability 1 - ratio and scale the kept ones by 1 / (1 - ratio); TEST: identity."""
+    """TRAIN: keep each value with probability 1 - ratio and scale the kept ones by 1 / (1 - ratio); TEST: identity.
+
+    Each TRAIN forward draws one 64-bit seed from device.rng() (so the solver's saved generator state makes a
+    resume exact) and keeps value i when dropout_bits(seed, ...)[i] >= ratio * 2^32, in either mode.
+    """
 
     def layer_setup(self, bottom, top):
         ratio = self.layer_param.dropout_param.dropout_ratio
         if not 0 <= ratio < 1:
             raise KaffeError(f"Dropout layer '{self.name}': dropout_ratio must be in [0, 1), got {ratio}")
-        self.keep_probability = 1.0 - ratio
+        # ratio is a float32, so ratio * 2^32 is exact and at most 2^32 - 256: it fits a uint32
+        self.threshold = np.uint32(int(ratio * 2.0 ** 32))
         self.scale = np.float32(1.0 / (1.0 - ratio))
-        self.scaled_mask = None
+        self.seed = None
+
+    def _scaled_mask(self, shape):
+        keep = dropout_bits(self.seed, int(np.prod(shape, dtype=np.int64))) >= self.threshold
+        return np.where(keep, self.scale, np.float32(0)).reshape(shape)
+
+    def _draw_seed(self):
+        self.seed = device.rng().integers(0, np.iinfo(np.uint64).max, dtype=np.uint64, endpoint=True)
 
     def forward_cpu(self, bottom, top):
         x = bottom[0].cpu_data()
         if self.phase == caffe_pb2.TRAIN:
-            # Caffe's bernoulli(1 - ratio) draws u < 1 - ratio
-            keep = device.rng().random(x.shape, dtype=np.float32) < self.keep_probability
-            self.scaled_mask = keep * self.scale
-            top[0].mutable_cpu_data()[...] = x * self.scaled_mask
+            self._draw_seed()
+            top[0].mutable_cpu_data()[...] = x * self._scaled_mask(x.shape)
         elif top[0] is not bottom[0]:
             top[0].mutable_cpu_data()[...] = x
 
@@ -126,6 +176,24 @@ class DropoutLayer(NeuronLayer):
             return
         dy = top[0].cpu_diff()
         if self.phase == caffe_pb2.TRAIN:
-            bottom[0].mutable_cpu_diff()[...] = dy * self.scaled_mask
+            bottom[0].mutable_cpu_diff()[...] = dy * self._scaled_mask(dy.shape)
         elif top[0] is not bottom[0]:
             bottom[0].mutable_cpu_diff()[...] = dy
+
+    def _apply_gpu(self, source, target):
+        """target = source * the scaled mask (TRAIN) or source (TEST); in place is fine (element by element)."""
+        if self.phase == caffe_pb2.TRAIN:
+            opencl.launch("layers/neuron.cl", "dropout_apply", source.size, *opencl.device_args(source), *opencl.device_args(target),
+                   np.uint64(self.seed), self.threshold, self.scale)
+        else:
+            opencl.copy(source, target)
+
+    def forward_gpu(self, bottom, top):
+        if self.phase == caffe_pb2.TRAIN:
+            self._draw_seed()
+        if self.phase == caffe_pb2.TRAIN or top[0] is not bottom[0]:
+            self._apply_gpu(bottom[0].gpu_data(), top[0].mutable_gpu_data())
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if propagate_down[0] and (self.phase == caffe_pb2.TRAIN or top[0] is not bottom[0]):
+            self._apply_gpu(top[0].gpu_diff(), bottom[0].mutable_gpu_diff())

@@ -8,15 +8,36 @@ import itertools
 
 import numpy as np
 
+from ..engine import opencl
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
 from ..proto import caffe_pb2
 
 FLT_MAX = np.float32(np.finfo(np.float32).max)
+KERNELS = "layers/vision.cl"
+LAUNCH_GROUP = 256  # work-group size of the one-work-item-per-element kernels
+SUM_GROUP = 256  # work-group size of channel_sum
+# the most floats one convolution's column buffer may hold: a batch whose columns need more is done in chunks
+# of samples (one GEMM per group and chunk) so that memory stays bounded for big images and batches
+COLUMN_BUFFER_LIMIT = 1 << 25
 
 
 def _shape(shape):
     return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+# -- OpenCL helpers -----------------------------------------------------------------------------------
+def run_kernel(name, total, *args):
+    """Run vision.cl kernel `name` with one work-item per i < total (see engine.opencl.launch)."""
+    opencl.launch(KERNELS, name, total, *args, defines={"SUM_GROUP": SUM_GROUP})
+
+
+def channel_sum(x, num, channels, inner, out):
+    """out[c] += the sum of x (num, channels, inner) over num and inner (a bias gradient), on the device."""
+    cl = opencl
+    cl.kernel(KERNELS, "channel_sum", {"SUM_GROUP": SUM_GROUP})(
+        cl.queue(), (channels * SUM_GROUP,), (SUM_GROUP,), np.int32(num), np.int32(channels), np.int32(inner),
+        *opencl.device_args(x), *opencl.device_args(out))
 
 
 # -- the column transform ---------------------------------------------------------------------------
@@ -149,6 +170,12 @@ class ConvolutionLayer(Layer):
 
     Several bottom/top pairs of one shape may share the weights; the spatial axes are all axes after
     the channel axis (`axis`), those before it are the batch.
+
+    OpenCL: 1-D and 2-D convolutions (1-D as 2-D with a unit row) run the im2col/col2im kernels of vision.cl
+    and one GEMM per group over the columns of all samples side by side, (C/group * kernel) x (num * out),
+    in chunks of samples only when those columns would exceed COLUMN_BUFFER_LIMIT floats; a kernel then adds
+    the bias and regroups the product per sample. 3-D and higher convolutions run the CPU code (the base
+    class's fallback, with its one-time warning).
     """
     min_bottom_blobs = 1
     min_top_blobs = 1
@@ -174,6 +201,7 @@ class ConvolutionLayer(Layer):
         if self.bias_term:
             specs.append(((self.num_output,), p.bias_filler))
         self.init_params(*specs)
+        self._cached_columns = {}
 
     def reshape(self, bottom, top):
         where = f"{self.type} layer '{self.name}'"
@@ -206,10 +234,21 @@ class ConvolutionLayer(Layer):
         return (self.num, self.channels) + self.spatial
 
     def _columns(self, blob):
-        """im2col of a bottom's data as (group, C/group * prod(kernel), num * prod(out))."""
+        """im2col of a bottom's data as (group, C/group * prod(kernel), num * prod(out)).
+
+        Columns of at most COLUMN_BUFFER_LIMIT floats are kept for the backward pass, which reuses them
+        while the bottom's data is unchanged (Caffe recomputes them; keeping them saves a third of the work).
+        """
+        key = (id(blob), blob.data_version())
+        cached = self._cached_columns.get(id(blob))
+        if cached is not None and cached[0] == key:
+            return cached[1]
         data = blob.cpu_data().reshape(self._image_shape())
         col = im2col(data, self.kernel, self.stride, self.pad, self.dilation)
-        return col.reshape(self.group, self.blobs[0].count // self.num_output, self.num * self.out_count)
+        col = col.reshape(self.group, self.blobs[0].count // self.num_output, self.num * self.out_count)
+        if col.size <= COLUMN_BUFFER_LIMIT:
+            self._cached_columns[id(blob)] = (key, col)
+        return col
 
     def forward_cpu(self, bottom, top):
         weight = self.blobs[0].cpu_data().reshape(self.group, self.num_output // self.group, -1)
@@ -218,6 +257,93 @@ class ConvolutionLayer(Layer):
             product = np.matmul(weight, self._columns(b))  # (group, O/group, num * L)
             by_sample = product.reshape(self.num_output, self.num, self.out_count).transpose(1, 0, 2)
             np.add(by_sample, bias, out=t.mutable_cpu_data().reshape(self.num, self.num_output, self.out_count))
+
+    # -- OpenCL ----------------------------------------------------------------------------------------
+    def _geometry_2d(self):
+        """Spatial size, output size, kernel, stride, pad and dilation as (h, w) pairs (1-D: h is a unit axis)."""
+        lead = 2 - self.num_spatial
+        return [(fill,) * lead + tuple(values) for fill, values in
+                ((1, self.spatial), (1, self.out_spatial), (1, self.kernel), (1, self.stride), (0, self.pad),
+                 (1, self.dilation))]
+
+    def _chunks(self):
+        """(first sample, samples) ranges whose columns fit COLUMN_BUFFER_LIMIT (at least one sample each)."""
+        per_sample = self.blobs[0].count // self.num_output * self.group * self.out_count
+        step = max(1, min(self.num, COLUMN_BUFFER_LIMIT // max(per_sample, 1)))
+        return [(n0, min(step, self.num - n0)) for n0 in range(0, self.num, step)]
+
+    def _transform_args(self, samples):
+        (h, w), (oh, ow), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self._geometry_2d()
+        return (samples, self.channels, h, w, kh, kw, ph, pw, sh, sw, dh, dw, oh, ow)
+
+    def _image_size(self):
+        return self.channels * int(np.prod(self.spatial, dtype=np.int64))
+
+    def _im2col_gpu(self, data, first, samples):
+        """The columns of samples [first, first + samples) of a device image array, in this layer's scratch."""
+        col = opencl.scratch(self, "columns", self.blobs[0].count // self.num_output * self.group * samples *
+                      self.out_count)
+        run_kernel("im2col", self.channels * samples * self.out_count,
+               *opencl.device_args(data, first * self._image_size()), *self._transform_args(samples), *opencl.device_args(col))
+        return col
+
+    def forward_gpu(self, bottom, top):
+        if self.num_spatial > 2:
+            return super().forward_gpu(bottom, top)
+        cl = opencl
+        out_per_group = self.num_output // self.group
+        rows_per_group = self.blobs[0].count // self.num_output
+        weight = self.blobs[0].gpu_data()
+        for b, t in zip(bottom, top):
+            data, out = b.gpu_data(), t.mutable_gpu_data()
+            for first, samples in self._chunks():
+                col = self._im2col_gpu(data, first, samples)
+                width = samples * self.out_count
+                product = opencl.scratch(self, "rows", self.num_output * width)
+                for g in range(self.group):
+                    cl.gemm(False, False, out_per_group, width, rows_per_group, 1.0, weight, col, 0.0, product,
+                            a_offset=g * out_per_group * rows_per_group, b_offset=g * rows_per_group * width,
+                            c_offset=g * out_per_group * width)
+                bias = self.blobs[1].gpu_data() if self.bias_term else product
+                run_kernel("rows_to_nchw", samples * self.num_output * self.out_count, *opencl.device_args(product),
+                       samples, self.num_output, self.out_count, *opencl.device_args(bias), self.bias_term,
+                       *opencl.device_args(out, first * self.num_output * self.out_count))
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if self.num_spatial > 2:
+            return super().backward_gpu(top, propagate_down, bottom)
+        cl = opencl
+        out_per_group = self.num_output // self.group
+        rows_per_group = self.blobs[0].count // self.num_output
+        want_weight = self.param_propagate_down[0]
+        for t, down, b in zip(top, propagate_down, bottom):
+            top_diff = t.gpu_diff()
+            if self.bias_term and self.param_propagate_down[1]:
+                channel_sum(top_diff, self.num, self.num_output, self.out_count, self.blobs[1].mutable_gpu_diff())
+            if not (want_weight or down):
+                continue
+            for first, samples in self._chunks():
+                width = samples * self.out_count
+                grouped = opencl.scratch(self, "rows", self.num_output * width)
+                run_kernel("nchw_to_rows", self.num_output * width,
+                       *opencl.device_args(top_diff, first * self.num_output * self.out_count),
+                       samples, self.num_output, self.out_count, *opencl.device_args(grouped))
+                if want_weight:
+                    col = self._im2col_gpu(b.gpu_data(), first, samples)
+                    weight_diff = self.blobs[0].mutable_gpu_diff()
+                    for g in range(self.group):  # accumulated (beta 1), as Caffe accumulates parameter diffs
+                        cl.gemm(False, True, out_per_group, rows_per_group, width, 1.0, grouped, col, 1.0,
+                                weight_diff, a_offset=g * out_per_group * width, b_offset=g * rows_per_group * width,
+                                c_offset=g * out_per_group * rows_per_group)
+                if down:
+                    col = opencl.scratch(self, "columns", rows_per_group * self.group * width)
+                    weight = self.blobs[0].gpu_data()
+                    for g in range(self.group):
+                        cl.gemm(True, False, rows_per_group, width, out_per_group, 1.0, weight, grouped, 0.0, col,
+                                a_offset=g * out_per_group * rows_per_group, b_offset=g * out_per_group * width,
+                                c_offset=g * rows_per_group * width)
+                    run_kernel("col2im", samples * self._image_size(), *opencl.device_args(col), *self._transform_args(samples),
+                           *opencl.device_args(b.mutable_gpu_diff(), first * self._image_size()))
 
     def backward_cpu(self, top, propagate_down, bottom):
         weight = self.blobs[0].cpu_data().reshape(self.group, self.num_output // self.group, -1)
@@ -367,8 +493,11 @@ class PoolingLayer(Layer):
         for k, tile in enumerate(self._tiles(dx)):
             np.multiply(dy, self.window_argmax == k, out=tile)
 
+    def _not_implemented(self, where):
+        return KaffeError(f"{self.type} layer '{self.name}': STOCHASTIC pooling is not implemented on {where} yet")
+
     def _not_on_cpu(self):
-        return KaffeError(f"{self.type} layer '{self.name}': STOCHASTIC pooling is not implemented on the CPU yet")
+        return self._not_implemented("the CPU")
 
     def forward_cpu(self, bottom, top):
         x = bottom[0].cpu_data()
@@ -399,6 +528,36 @@ class PoolingLayer(Layer):
             y /= self.divisors
         else:
             raise self._not_on_cpu()
+
+    # -- OpenCL: one work-item per output forward, per input element backward (gathering, no atomics) -------
+    def _pool_geometry(self):
+        return (*self.in_spatial, *self.out_spatial, *self.kernel, *self.stride, *self.pad)
+
+    def forward_gpu(self, bottom, top):
+        data, out = bottom[0].gpu_data(), top[0].mutable_gpu_data()
+        if self.method == caffe_pb2.PoolingParameter.MAX:
+            # the argmax stays on the device for backward; a second top gets it as floats too
+            mask = opencl.scratch(self, "argmax", top[0].count, np.int32)
+            top_mask = top[1].mutable_gpu_data() if len(top) > 1 else out
+            run_kernel("max_pool_forward", top[0].count, *opencl.device_args(data), *self._pool_geometry(), *opencl.device_args(out),
+                   mask.data, len(top) > 1, *opencl.device_args(top_mask))
+        elif self.method == caffe_pb2.PoolingParameter.AVE:
+            run_kernel("ave_pool_forward", top[0].count, *opencl.device_args(data), *self._pool_geometry(), *opencl.device_args(out))
+        else:
+            raise self._not_implemented("OpenCL")
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        top_diff, bottom_diff = top[0].gpu_diff(), bottom[0].mutable_gpu_diff()
+        if self.method == caffe_pb2.PoolingParameter.MAX:
+            run_kernel("max_pool_backward", bottom[0].count, *opencl.device_args(top_diff), opencl.scratch(self, "argmax", 0).data,
+                   *self._pool_geometry(), *opencl.device_args(bottom_diff))
+        elif self.method == caffe_pb2.PoolingParameter.AVE:
+            run_kernel("ave_pool_backward", bottom[0].count, *opencl.device_args(top_diff), *self._pool_geometry(),
+                   *opencl.device_args(bottom_diff))
+        else:
+            raise self._not_implemented("OpenCL")
 
     def backward_cpu(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -492,3 +651,35 @@ class LRNLayer(Layer):
         coefficient = np.float32(2.0 * self.beta * self._window_mean_factor())
         dx = bottom[0].mutable_cpu_diff()
         dx[...] = dy * np.power(self.scale, np.float32(-self.beta)) - coefficient * x * spread
+
+    # -- OpenCL: Caffe's scale / output / diff kernels; the scale stays on the device for backward -----------
+    def forward_gpu(self, bottom, top):
+        num, channels, height, width = bottom[0].shape
+        data = bottom[0].gpu_data()
+        scale = opencl.scratch(self, "scale", bottom[0].count)
+        if self.across:
+            run_kernel("lrn_across_scale", num * height * width, *opencl.device_args(data), channels, height * width,
+                   self.size, self._window_mean_factor(), self.k, scale.data)
+        else:
+            run_kernel("lrn_within_scale", bottom[0].count, *opencl.device_args(data), height, width, self.size,
+                   self._window_mean_factor(), scale.data)
+        run_kernel("lrn_output", bottom[0].count, *opencl.device_args(data), scale.data, -self.beta,
+               *opencl.device_args(top[0].mutable_gpu_data()))
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        num, channels, height, width = bottom[0].shape
+        data, out, top_diff = bottom[0].gpu_data(), top[0].gpu_data(), top[0].gpu_diff()
+        scale = opencl.scratch(self, "scale", bottom[0].count)
+        coefficient = 2.0 * self.beta * self._window_mean_factor()
+        bottom_diff = bottom[0].mutable_gpu_diff()
+        if self.across:
+            run_kernel("lrn_across_backward", num * height * width, *opencl.device_args(data), *opencl.device_args(out),
+                   *opencl.device_args(top_diff), scale.data, channels, height * width, self.size, -self.beta, coefficient,
+                   *opencl.device_args(bottom_diff))
+        else:
+            ratio = opencl.scratch(self, "ratio", bottom[0].count)
+            run_kernel("lrn_ratio", bottom[0].count, *opencl.device_args(out), *opencl.device_args(top_diff), scale.data, ratio.data)
+            run_kernel("lrn_within_backward", bottom[0].count, *opencl.device_args(data), *opencl.device_args(top_diff), scale.data,
+                   ratio.data, height, width, self.size, -self.beta, coefficient, *opencl.device_args(bottom_diff))

@@ -1,11 +1,17 @@
 """SGD with momentum (Caffe's SGDSolver): normalisation, regularisation, gradient clipping, history."""
 import numpy as np
 
+from ..engine import device, opencl
 from ..engine.blob import Blob
 from ..engine.errors import KaffeError
 from ..engine.log import logger
 from .lr_policy import learning_rate
 from .solver import Solver, register_solver
+
+
+def on_device():
+    """Whether updates run as OpenCL kernels (GPU mode): the weights never travel to the host for them."""
+    return device.mode() == device.GPU
 
 
 @register_solver("SGD")
@@ -56,19 +62,28 @@ class SGDSolver(Solver):
         if not decay:
             return
         kind = self.param.regularization_type
-        diff = blob.mutable_cpu_diff()
-        if kind == "L2":
-            diff += decay * blob.cpu_data()
-        elif kind == "L1":
-            diff += decay * np.sign(blob.cpu_data())
-        else:
+        if kind not in ("L1", "L2"):
             raise KaffeError(f"Unknown regularization type: '{kind}' (known: L1, L2)")
+        if on_device():
+            if kind == "L2":
+                opencl.axpy(decay, blob.gpu_data(), blob.mutable_gpu_diff())
+            else:
+                opencl.add_scaled_sign(decay, blob.gpu_data(), blob.mutable_gpu_diff())
+            return
+        diff = blob.mutable_cpu_diff()
+        diff += decay * (blob.cpu_data() if kind == "L2" else np.sign(blob.cpu_data()))
 
     def compute_update_value(self, i, blob, rate):
         """h = lr * lr_mult * g + momentum * h; the parameter then moves by -h."""
         local_rate = np.float32(rate * self.net.params_lr[i])
+        momentum = np.float32(self.param.momentum)
+        if on_device():
+            history = self.history[i].mutable_gpu_data()
+            opencl.axpby(local_rate, blob.gpu_diff(), momentum, history)
+            opencl.copy(history, blob.mutable_gpu_diff())
+            return
         history = self.history[i].mutable_cpu_data()
         diff = blob.mutable_cpu_diff()
-        history *= np.float32(self.param.momentum)
+        history *= momentum
         history += local_rate * diff
         diff[...] = history

@@ -64,12 +64,13 @@ def check_gradient(layer, bottom, top, step=1e-2, threshold=1e-2, check_bottom=N
 
     # analytic gradients
     forward()
-    for t, w in zip(top, weights):
-        t.diff[...] = w
+    # zero first: layers such as Flatten share their bottom's diff with their top
     for p in layer.blobs:
         p.diff[...] = 0
     for b in bottom:
         b.diff[...] = 0
+    for t, w in zip(top, weights):
+        t.diff[...] = w
     propagate = [i in check_bottom for i in range(len(bottom))]
     layer.backward(top, propagate, bottom)
     targets = [(f"bottom[{i}]", bottom[i], bottom[i].diff.astype(np.float64).copy()) for i in check_bottom]

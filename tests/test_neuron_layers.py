@@ -6,7 +6,7 @@ from kaffe.engine import device
 from kaffe.engine.blob import Blob
 from kaffe.engine.errors import KaffeError
 from kaffe.engine.layer import _REGISTRY
-from kaffe.layers.neuron import ElementwiseLayer
+from kaffe.layers.neuron import ElementwiseLayer, dropout_bits
 from kaffe.proto import caffe_pb2
 
 
@@ -196,6 +196,23 @@ def test_dropout_default_ratio_and_seeded_mask():
     assert set(np.unique(top_a[0].data)) == {0.0, 2.0}
     np.testing.assert_array_equal(top_a[0].data, top_b[0].data)
     assert not np.array_equal(top_a[0].data, top_c[0].data)
+
+
+def test_dropout_bits_are_splitmix64():
+    """The mask bits (the same in layers/neuron.cl) are the top halves of splitmix64's outputs."""
+    # splitmix64 seeded with 1234567 (the sequence published with Vigna's reference code)
+    published = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+                 16408922859458223821]
+    np.testing.assert_array_equal(dropout_bits(1234567, 5), [v >> 32 for v in published])
+
+    def splitmix64(state):  # a plain-integer reference, for a seed whose counters wrap around 2^64
+        z = state % 2**64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+        return z ^ (z >> 31)
+    seed = 2**64 - 5
+    expected = [splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15) >> 32 for i in range(1000)]
+    np.testing.assert_array_equal(dropout_bits(seed, 1000), expected)
 
 
 def test_dropout_test_phase_is_identity():

@@ -548,3 +548,27 @@ def test_tiled_max_pooling_fast_path_equals_the_general_path():
             results.append((top[0].data.copy(), top[1].data.copy(), bottom[0].diff.copy()))
         for fast, general in zip(*results):
             np.testing.assert_array_equal(fast, general)
+
+
+def test_convolution_backward_uses_the_current_bottom_after_a_change():
+    """The forward's columns are reused by backward only while the bottom's data is unchanged."""
+    rng = np.random.default_rng(5)
+    text = 'type: "Convolution" convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "gaussian" } }'
+    x1, x2 = rng.standard_normal((2, 2, 5, 5)), rng.standard_normal((2, 2, 5, 5))
+    dy = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    device.set_random_seed(1)
+    layer = make_layer(text)
+    bottom = blobs_from(x1)
+    top = setup_layer(layer, bottom)
+    layer.forward(bottom, top)
+    bottom[0].data[...] = x2          # changed after the forward: backward must see x2
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    device.set_random_seed(1)
+    fresh = make_layer(text)
+    fresh_bottom = blobs_from(x2)
+    fresh_top = setup_layer(fresh, fresh_bottom)
+    fresh.forward(fresh_bottom, fresh_top)
+    fresh_top[0].diff[...] = dy
+    fresh.backward(fresh_top, [True], fresh_bottom)
+    np.testing.assert_allclose(layer.blobs[0].diff, fresh.blobs[0].diff, rtol=1e-5)

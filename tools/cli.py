@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from ..engine import device
+from ..engine import device, opencl
 from ..engine.errors import KaffeError
 from ..engine.log import init_log, logger
 from ..proto import caffe_pb2
@@ -50,6 +50,9 @@ def _build_parser():
     _flag(timing, "phase", default="TRAIN", choices=("TRAIN", "TEST"), help="net phase")
     _add_common(timing)
 
+    query = commands.add_parser("device_query", help="show the OpenCL devices (all, or --gpu N)")
+    _flag(query, "gpu", default="", help="device id to query; empty or 'all' = every device")
+
     data = commands.add_parser("data", help="download and convert datasets (kaffe data mnist --help)",
                                add_help=False)
     data.add_argument("args", nargs=argparse.REMAINDER)
@@ -60,7 +63,6 @@ def _gpus(flag):
     if not flag:
         return []
     if flag == "all":
-        from ..engine import opencl
         return list(range(len(opencl.devices())))
     try:
         return [int(g) for g in flag.split(",")]
@@ -187,12 +189,17 @@ def time_model(args):
     logger.info("*** Benchmark ends ***")
 
 
+def device_query(args):
+    from . import device_query as query
+    query.run(args.gpu)
+
+
 def data(args):
     from . import data as data_tool
     data_tool.main(args.args)
 
 
-COMMANDS = {"train": train, "test": test, "time": time_model, "data": data}
+COMMANDS = {"train": train, "test": test, "time": time_model, "device_query": device_query, "data": data}
 
 
 def main(argv=None):

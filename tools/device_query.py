@@ -2,6 +2,7 @@
 self-test that builds and runs a kernel on each."""
 import numpy as np
 
+from ..engine import opencl
 from ..engine.errors import KaffeError
 from ..engine.log import logger
 
@@ -19,7 +20,6 @@ def _mib(n_bytes):
 
 def self_test(index):
     """'passed' or 'FAILED: why' after computing 2x + 1 on device `index` (which becomes the current one)."""
-    from ..engine import opencl
     try:
         opencl.select_device(index)
         x = np.arange(1024, dtype=np.float32)
@@ -51,7 +51,6 @@ def query(index, platform, dev):
 
 def run(gpu_flag):
     """Query device `gpu_flag` (an id, as `--gpu N`), or every device when it is empty or 'all'."""
-    from ..engine import opencl
     found = opencl.devices()
     if not found:
         raise KaffeError(f"no OpenCL platform found: {opencl.NO_PLATFORM_HINT}")

@@ -1,0 +1,348 @@
+// Kernels of the vision layers (Convolution, Pooling, LRN) and InnerProduct's bias.
+//
+// Every launch covers the whole batch: one work-item per output element unless a kernel says otherwise, with
+// the fastest-varying index on the innermost (contiguous) axis so that neighbouring work-items touch
+// neighbouring addresses. `total` is the number of work-items that do work (the launch is rounded up to the
+// work-group size). Array arguments come with an offset in floats (views of a bigger buffer).
+//
+// Compile-time setting (-D): SUM_GROUP, the work-group size of channel_sum (a power of two).
+
+// -- convolution ------------------------------------------------------------------------------------------
+// The column matrix of a batch of N images: row (c * KH + i) * KW + j holds tap (i, j) of channel c, column
+// n * OH * OW + oh * OW + ow the output position (oh, ow) of sample n; taps that fall in the padding are 0.
+// One work-item per (c, n, oh, ow) writes its KH * KW taps, walking down the rows.
+__kernel void im2col(const int total, __global const float* im, const int im_off,
+                     const int N, const int C, const int H, const int W,
+                     const int KH, const int KW, const int pad_h, const int pad_w,
+                     const int stride_h, const int stride_w, const int dil_h, const int dil_w,
+                     const int OH, const int OW, __global float* col, const int col_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int ow = idx % OW;
+    int rest = idx / OW;
+    const int oh = rest % OH;
+    rest /= OH;
+    const int n = rest % N;
+    const int c = rest / N;
+    const int columns = N * OH * OW;
+    __global float* out = col + col_off + (c * KH * KW) * columns + (n * OH + oh) * OW + ow;
+    __global const float* plane = im + im_off + (n * C + c) * H * W;
+    const int h0 = oh * stride_h - pad_h, w0 = ow * stride_w - pad_w;
+    for (int i = 0; i < KH; ++i) {
+        const int h = h0 + i * dil_h;
+        const bool row_inside = h >= 0 && h < H;
+        for (int j = 0; j < KW; ++j) {
+            const int w = w0 + j * dil_w;
+            *out = (row_inside && w >= 0 && w < W) ? plane[h * W + w] : 0.0f;
+            out += columns;
+        }
+    }
+}
+
+// The adjoint of im2col: one work-item per image element (n, c, h, w) gathers the column entries of every
+// tap that read it (no atomics), and overwrites the image.
+__kernel void col2im(const int total, __global const float* col, const int col_off,
+                     const int N, const int C, const int H, const int W,
+                     const int KH, const int KW, const int pad_h, const int pad_w,
+                     const int stride_h, const int stride_w, const int dil_h, const int dil_w,
+                     const int OH, const int OW, __global float* im, const int im_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int w = idx % W;
+    int rest = idx / W;
+    const int h = rest % H;
+    rest /= H;
+    const int c = rest % C;
+    const int n = rest / C;
+    const int columns = N * OH * OW;
+    __global const float* sample = col + col_off + n * OH * OW;
+    float sum = 0.0f;
+    for (int i = 0; i < KH; ++i) {
+        const int th = h + pad_h - i * dil_h;  // oh * stride_h when tap i of output row oh reads row h
+        if (th < 0 || th % stride_h)
+            continue;
+        const int oh = th / stride_h;
+        if (oh >= OH)
+            continue;
+        for (int j = 0; j < KW; ++j) {
+            const int tw = w + pad_w - j * dil_w;
+            if (tw < 0 || tw % stride_w)
+                continue;
+            const int ow = tw / stride_w;
+            if (ow < OW)
+                sum += sample[((c * KH + i) * KW + j) * columns + oh * OW + ow];
+        }
+    }
+    im[im_off + idx] = sum;
+}
+
+// top (N, O, L) = the GEMM product (O, N * L) regrouped per sample, plus bias[o] when has_bias.
+__kernel void rows_to_nchw(const int total, __global const float* rows, const int rows_off,
+                           const int N, const int O, const int L,
+                           __global const float* bias, const int bias_off, const int has_bias,
+                           __global float* top, const int top_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int l = idx % L;
+    const int rest = idx / L;
+    const int o = rest % O;
+    const int n = rest / O;
+    const float value = rows[rows_off + (o * N + n) * L + l];
+    top[top_off + idx] = has_bias ? value + bias[bias_off + o] : value;
+}
+
+// rows (O, N * L) = x (N, O, L) with the channel axis first: the inverse of rows_to_nchw, without bias.
+__kernel void nchw_to_rows(const int total, __global const float* x, const int x_off,
+                           const int N, const int O, const int L, __global float* rows, const int rows_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int l = idx % L;
+    const int rest = idx / L;
+    const int n = rest % N;
+    const int o = rest / N;
+    rows[rows_off + idx] = x[x_off + (n * O + o) * L + l];
+}
+
+// out[o] += the sum of x (N, O, L) over n and l: one work-group per channel o, a tree sum in local memory.
+__kernel __attribute__((reqd_work_group_size(SUM_GROUP, 1, 1)))
+void channel_sum(const int N, const int O, const int L, __global const float* x, const int x_off,
+                 __global float* out, const int out_off) {
+    __local float scratch[SUM_GROUP];
+    const int o = get_group_id(0), lid = get_local_id(0);
+    float v = 0.0f;
+    for (int i = lid; i < N * L; i += SUM_GROUP) {
+        const int n = i / L, l = i - n * L;
+        v += x[x_off + (n * O + o) * L + l];
+    }
+    scratch[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int stride = SUM_GROUP / 2; stride > 0; stride >>= 1) {
+        if (lid < stride)
+            scratch[lid] += scratch[lid + stride];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (lid == 0)
+        out[out_off + o] += scratch[0];
+}
+
+// y[i] += bias[(i / inner) % O] (InnerProduct: inner = 1).
+__kernel void add_bias(const int total, __global float* y, const int y_off,
+                       __global const float* bias, const int bias_off, const int O, const int inner) {
+    const int idx = get_global_id(0);
+    if (idx < total)
+        y[y_off + idx] += bias[bias_off + (idx / inner) % O];
+}
+
+// -- pooling ----------------------------------------------------------------------------------------------
+// Window (ph, pw) covers input rows [ph * SH - PAD_H, + KH) and columns likewise; the arguments after the
+// arrays are always H, W, PH, PW, KH, KW, SH, SW, PAD_H, PAD_W (input size, pooled size, kernel, stride, pad).
+#define POOL_GEOMETRY const int H, const int W, const int PH, const int PW, const int KH, const int KW, \
+                      const int SH, const int SW, const int PAD_H, const int PAD_W
+
+// One work-item per output: strict > in row-major order, so ties go to the first maximum and NaN never wins
+// (a window of NaNs only gives -FLT_MAX and index -1). The flat index h * W + w goes to `mask`, and to
+// `top_mask` as a float when write_top_mask.
+__kernel void max_pool_forward(const int total, __global const float* x, const int x_off, POOL_GEOMETRY,
+                               __global float* y, const int y_off, __global int* mask,
+                               const int write_top_mask, __global float* top_mask, const int top_mask_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int pw = idx % PW;
+    const int ph = (idx / PW) % PH;
+    const int plane = idx / (PW * PH);
+    const int hstart = max(ph * SH - PAD_H, 0), hend = min(ph * SH - PAD_H + KH, H);
+    const int wstart = max(pw * SW - PAD_W, 0), wend = min(pw * SW - PAD_W + KW, W);
+    __global const float* p = x + x_off + plane * H * W;
+    float best = -FLT_MAX;
+    int best_index = -1;
+    for (int h = hstart; h < hend; ++h)
+        for (int w = wstart; w < wend; ++w)
+            if (p[h * W + w] > best) {
+                best = p[h * W + w];
+                best_index = h * W + w;
+            }
+    y[y_off + idx] = best;
+    mask[idx] = best_index;
+    if (write_top_mask)
+        top_mask[top_mask_off + idx] = (float)best_index;
+}
+
+// The first and one-past-last windows along an axis that cover input position `at` (padding included).
+#define COVERING(at, K, S, P, first, last) \
+    const int first = ((at) < (K)) ? 0 : ((at) - (K)) / (S) + 1; \
+    const int last = min((at) / (S) + 1, P)
+
+// One work-item per input element: the top diffs of the windows whose argmax it is.
+__kernel void max_pool_backward(const int total, __global const float* dy, const int dy_off,
+                                __global const int* mask, POOL_GEOMETRY, __global float* dx, const int dx_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int w = idx % W;
+    const int h = (idx / W) % H;
+    const int plane = idx / (W * H);
+    COVERING(h + PAD_H, KH, SH, PH, phstart, phend);
+    COVERING(w + PAD_W, KW, SW, PW, pwstart, pwend);
+    const int offset = plane * PH * PW;
+    const int index = h * W + w;
+    float sum = 0.0f;
+    for (int ph = phstart; ph < phend; ++ph)
+        for (int pw = pwstart; pw < pwend; ++pw)
+            if (mask[offset + ph * PW + pw] == index)
+                sum += dy[dy_off + offset + ph * PW + pw];
+    dx[dx_off + idx] = sum;
+}
+
+// Caffe's divisor: the window clipped to the padded input (padding counts, the overhang beyond it does not).
+inline int ave_pool_size(int ph, int pw, POOL_GEOMETRY) {
+    const int hstart = ph * SH - PAD_H, wstart = pw * SW - PAD_W;
+    return (min(hstart + KH, H + PAD_H) - hstart) * (min(wstart + KW, W + PAD_W) - wstart);
+}
+
+__kernel void ave_pool_forward(const int total, __global const float* x, const int x_off, POOL_GEOMETRY,
+                               __global float* y, const int y_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int pw = idx % PW;
+    const int ph = (idx / PW) % PH;
+    const int plane = idx / (PW * PH);
+    const int hstart = max(ph * SH - PAD_H, 0), hend = min(ph * SH - PAD_H + KH, H);
+    const int wstart = max(pw * SW - PAD_W, 0), wend = min(pw * SW - PAD_W + KW, W);
+    __global const float* p = x + x_off + plane * H * W;
+    float sum = 0.0f;
+    for (int h = hstart; h < hend; ++h)
+        for (int w = wstart; w < wend; ++w)
+            sum += p[h * W + w];
+    y[y_off + idx] = sum / ave_pool_size(ph, pw, H, W, PH, PW, KH, KW, SH, SW, PAD_H, PAD_W);
+}
+
+__kernel void ave_pool_backward(const int total, __global const float* dy, const int dy_off, POOL_GEOMETRY,
+                                __global float* dx, const int dx_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int w = idx % W;
+    const int h = (idx / W) % H;
+    const int plane = idx / (W * H);
+    COVERING(h + PAD_H, KH, SH, PH, phstart, phend);
+    COVERING(w + PAD_W, KW, SW, PW, pwstart, pwend);
+    __global const float* d = dy + dy_off + plane * PH * PW;
+    float sum = 0.0f;
+    for (int ph = phstart; ph < phend; ++ph)
+        for (int pw = pwstart; pw < pwend; ++pw)
+            sum += d[ph * PW + pw] / ave_pool_size(ph, pw, H, W, PH, PW, KH, KW, SH, SW, PAD_H, PAD_W);
+    dx[dx_off + idx] = sum;
+}
+
+// -- LRN --------------------------------------------------------------------------------------------------
+// ACROSS_CHANNELS: one work-item per (n, s) of the (N, C, S) blob walks the channels with a running window
+// sum (add the channel entering, drop the one leaving): O(C) per work-item whatever the window size.
+// scale[c] = k + alpha_over_size * sum of x^2 over channels [c - (size-1)/2, c + (size-1)/2].
+__kernel void lrn_across_scale(const int total, __global const float* x, const int x_off,
+                               const int C, const int S, const int size, const float alpha_over_size,
+                               const float k, __global float* scale) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int base = (idx / S) * C * S + idx % S;
+    __global const float* p = x + x_off + base;
+    const int post = size - 1 - (size - 1) / 2;  // channels after the centre
+    float accum = 0.0f;
+    for (int c = 0; c < C + post; ++c) {
+        if (c < C)
+            accum += p[c * S] * p[c * S];
+        if (c >= size)
+            accum -= p[(c - size) * S] * p[(c - size) * S];
+        if (c >= post)
+            scale[base + (c - post) * S] = k + alpha_over_size * accum;
+    }
+}
+
+// y = x * scale^-beta (both regions).
+__kernel void lrn_output(const int total, __global const float* x, const int x_off, __global const float* scale,
+                         const float neg_beta, __global float* y, const int y_off) {
+    const int idx = get_global_id(0);
+    if (idx < total)
+        y[y_off + idx] = x[x_off + idx] * pow(scale[idx], neg_beta);
+}
+
+// dx = dy * scale^-beta - cache_ratio * x * (window sum over channels of dy * y / scale), with the same
+// running window as lrn_across_scale.
+__kernel void lrn_across_backward(const int total, __global const float* x, const int x_off,
+                                  __global const float* y, const int y_off, __global const float* dy,
+                                  const int dy_off, __global const float* scale, const int C, const int S,
+                                  const int size, const float neg_beta, const float cache_ratio,
+                                  __global float* dx, const int dx_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int base = (idx / S) * C * S + idx % S;
+    const int post = size - 1 - (size - 1) / 2;
+#define LRN_RATIO(c) (dy[dy_off + base + (c) * S] * y[y_off + base + (c) * S] / scale[base + (c) * S])
+    float accum = 0.0f;
+    for (int c = 0; c < C + post; ++c) {
+        if (c < C)
+            accum += LRN_RATIO(c);
+        if (c >= size)
+            accum -= LRN_RATIO(c - size);
+        if (c >= post) {
+            const int at = base + (c - post) * S;
+            dx[dx_off + at] = dy[dy_off + at] * pow(scale[at], neg_beta) - cache_ratio * x[x_off + at] * accum;
+        }
+    }
+#undef LRN_RATIO
+}
+
+// The sum of v (squared when `square`) over the size x size window centred on (h, w) of an H x W plane,
+// zero beyond its edges.
+inline float plane_window_sum(__global const float* plane, int h, int w, int H, int W, int size, bool square) {
+    const int reach = (size - 1) / 2;  // positions on each side of the centre
+    const int hstart = max(h - reach, 0), hend = min(h + reach + 1, H);
+    const int wstart = max(w - reach, 0), wend = min(w + reach + 1, W);
+    float sum = 0.0f;
+    for (int i = hstart; i < hend; ++i)
+        for (int j = wstart; j < wend; ++j) {
+            const float v = plane[i * W + j];
+            sum += square ? v * v : v;
+        }
+    return sum;
+}
+
+// WITHIN_CHANNEL: scale = 1 + alpha_over_area * sum of x^2 over the size x size window of the plane.
+__kernel void lrn_within_scale(const int total, __global const float* x, const int x_off, const int H,
+                               const int W, const int size, const float alpha_over_area, __global float* scale) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int w = idx % W, h = (idx / W) % H;
+    __global const float* plane = x + x_off + (idx / (W * H)) * H * W;
+    scale[idx] = 1.0f + alpha_over_area * plane_window_sum(plane, h, w, H, W, size, true);
+}
+
+// ratio = dy * y / scale, the term the backward window sum spreads.
+__kernel void lrn_ratio(const int total, __global const float* y, const int y_off, __global const float* dy,
+                        const int dy_off, __global const float* scale, __global float* ratio) {
+    const int idx = get_global_id(0);
+    if (idx < total)
+        ratio[idx] = dy[dy_off + idx] * y[y_off + idx] / scale[idx];
+}
+
+__kernel void lrn_within_backward(const int total, __global const float* x, const int x_off,
+                                  __global const float* dy, const int dy_off, __global const float* scale,
+                                  __global const float* ratio, const int H, const int W, const int size,
+                                  const float neg_beta, const float cache_ratio,
+                                  __global float* dx, const int dx_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int w = idx % W, h = (idx / W) % H;
+    __global const float* plane = ratio + (idx / (W * H)) * H * W;
+    dx[dx_off + idx] = dy[dy_off + idx] * pow(scale[idx], neg_beta) -
+                       cache_ratio * x[x_off + idx] * plane_window_sum(plane, h, w, H, W, size, false);
+}
