@@ -4,6 +4,11 @@
 //   TRANS_A, TRANS_B  0/1: A is stored K x M (lda = M) / B is stored N x K (ldb = K)
 //   TS_M, TS_N, TS_K  the tile of C one work-group computes (TS_M x TS_N) and the depth of one K step
 //   WPT_M, WPT_N      the register block of C one work-item computes: WPT_M x WPT_N values
+//   SPLIT_K           0/1: the NDRange's third axis splits K into chunks of k_chunk; each chunk writes its partial
+//                     product (times alpha) to C[chunk][m][n] (C is then a scratch of chunks x M x N floats) and
+//                     gemm_split_reduce adds the chunks into the real C. For C too small to fill the device with
+//                     tiles (a convolution's weight gradient: 20 x 25 outputs, K = 36864), chunks give the
+//                     parallelism that tiles cannot.
 //   VEC_A, VEC_B      1, 2 or 4: width of the global loads along the contiguous axis of A / B; the host picks
 //                     a width > 1 only when the leading dimension and the offset are multiples of it, so that
 //                     every vector starts aligned
@@ -143,7 +148,7 @@ __kernel __attribute__((reqd_work_group_size(RTS_N, RTS_M, 1)))
 void gemm(const int M, const int N, const int K, const float alpha,
           __global const float* A, const int a_offset, const int lda,
           __global const float* B, const int b_offset, const int ldb,
-          const float beta, __global float* C, const int c_offset, const int ldc) {
+          const float beta, __global float* C, const int c_offset, const int ldc, const int k_chunk) {
     __local float As[TS_K * LDS_M];
     __local float Bs[TS_K * LDS_N];
 
@@ -161,7 +166,10 @@ void gemm(const int M, const int N, const int K, const float alpha,
         for (int j = 0; j < WPT_N; ++j)
             acc[i][j] = 0.0f;
 
-    for (int k0 = 0; k0 < K; k0 += TS_K) {
+    // k_chunk is a multiple of TS_K, so a tile never straddles two chunks
+    const int k_begin = get_group_id(2) * k_chunk;
+    const int k_end = min(K, k_begin + k_chunk);
+    for (int k0 = k_begin; k0 < k_end; k0 += TS_K) {
         load_a_tile(A, lda, M, K, m0, k0, As, tid);
         load_b_tile(B, ldb, N, K, n0, k0, Bs, tid);
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -191,10 +199,27 @@ void gemm(const int M, const int N, const int K, const float alpha,
         for (int j = 0; j < WPT_N; ++j) {
             const int n = n0 + tn + j * RTS_N;
             if (m < M && n < N) {
+#if SPLIT_K
+                C[((size_t)get_group_id(2) * M + m) * N + n] = alpha * acc[i][j];
+#else
                 __global float* c = C + (size_t)m * ldc + n;
                 // beta == 0 must not read C: it may hold NaN or garbage (BLAS semantics)
                 *c = (beta == 0.0f) ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *c;
+#endif
             }
         }
     }
+}
+
+// C[m][n] = sum over the chunks of partial[chunk][m][n] + beta * C[m][n]: the second step of a split-K GEMM.
+__kernel void gemm_split_reduce(const int count, const int N, const int chunks, __global const float* partial,
+                                const float beta, __global float* C, const int c_offset, const int ldc) {
+    const int i = get_global_id(0);  // count = M * N
+    if (i >= count)
+        return;
+    float sum = 0.0f;
+    for (int s = 0; s < chunks; ++s)
+        sum += partial[(size_t)s * count + i];
+    __global float* c = C + c_offset + (size_t)(i / N) * ldc + i % N;
+    *c = (beta == 0.0f) ? sum : sum + beta * *c;
 }

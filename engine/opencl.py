@@ -445,12 +445,21 @@ def _vector_width(ld, offset, run_tile):
     return 1
 
 
-def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0, c_offset=0):
+def gemm_split_k(M, N, K, tiles, dev):
+    """How many K chunks a GEMM should use: several only on GPUs whose compute units the C tiles cannot fill,
+    and only while each chunk keeps a few hundred K steps of work."""
+    if not dev.is_gpu or tiles >= dev.device.max_compute_units:
+        return 1
+    return int(max(1, min(2 * dev.device.max_compute_units // tiles, K // 512, 64)))
+
+
+def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0, c_offset=0, split_k=None):
     """C = alpha * op(A) @ op(B) + beta * C on device arrays holding row-major matrices (as numpy's).
 
     op(A) is M x K: A holds it from a_offset as M x K, or as K x M when trans_a. op(B) is K x N: B holds it as
     K x N, or as N x K when trans_b. C holds M x N from c_offset. With beta == 0, C is not read (NaNs there
     do not leak into the result). Offsets count floats, added to any offset of the array views themselves.
+    split_k: the number of K chunks (default: gemm_split_k's choice; tests force it).
     """
     M, N, K = int(M), int(N), int(K)
     a_buf, a_at, a_left = _buffer(A, a_offset)
@@ -475,9 +484,28 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
                "VEC_A": _vector_width(lda, a_at, ts_m if trans_a else ts_k),
                "VEC_B": _vector_width(ldb, b_at, ts_k if trans_b else ts_n)}
     local = (ts_n // wpt_n, ts_m // wpt_m)
-    global_size = (-(-N // ts_n) * local[0], -(-M // ts_m) * local[1])
+    tiles = -(-N // ts_n) * -(-M // ts_m)
+    chunks = split_k or gemm_split_k(M, N, K, tiles, dev)
+    k_chunk = max(ts_k, _round_up(-(-K // chunks), ts_k))
+    chunks = max(1, -(-K // k_chunk))
+    global_size = (-(-N // ts_n) * local[0], -(-M // ts_m) * local[1], chunks)
+    target, target_at, target_ld = c_buf, c_at, ldc
+    if chunks > 1:
+        defines["SPLIT_K"] = True
+        partial = dev.split_k_scratch = _grown(getattr(dev, "split_k_scratch", None), chunks * M * N)
+        target, target_at, target_ld = partial.base_data, 0, N
     kernel("gemm.cl", "gemm", defines)(
-        dev.queue, global_size, local, np.int32(M), np.int32(N), np.int32(K), np.float32(alpha),
+        dev.queue, global_size, local + (1,), np.int32(M), np.int32(N), np.int32(K), np.float32(alpha),
         a_buf, np.int32(a_at), np.int32(lda), b_buf, np.int32(b_at), np.int32(ldb),
-        np.float32(beta), c_buf, np.int32(c_at), np.int32(ldc))
+        np.float32(beta), target, np.int32(target_at), np.int32(target_ld), np.int32(k_chunk))
+    if chunks > 1:
+        launch("gemm.cl", "gemm_split_reduce", M * N, N, chunks, partial.base_data, float(beta), c_buf,
+               int(c_at), int(ldc), defines=defines)
     return C
+
+
+def _grown(array, n):
+    """`array` if it holds at least n floats, else a new device array of n floats."""
+    if array is not None and array.size >= n:
+        return array
+    return empty(n)

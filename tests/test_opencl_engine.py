@@ -66,6 +66,32 @@ def test_gemm_every_tile_config(rng, monkeypatch, tiles, trans):
     assert_close(C.get().reshape(M, N), op(a.astype(np.float64), trans) @ op(b, trans))
 
 
+@pytest.mark.parametrize("trans_a,trans_b", [(False, True), (True, False)])
+@pytest.mark.parametrize("chunks", [2, 5, 64])
+def test_gemm_split_k_matches_numpy(rng, trans_a, trans_b, chunks):
+    """Split-K (chosen on GPUs for small C and long K, forced here): partial products per K chunk, then a
+    reduction with alpha, beta and C's offset; K is not a multiple of the chunks or the tiles."""
+    M, N, K = 20, 25, 1003
+    a = rand(rng, *((K, M) if trans_a else (M, K)))
+    b = rand(rng, *((N, K) if trans_b else (K, N)))
+    c = rand(rng, 3 + M * N)
+    C = opencl.to_device(c)
+    opencl.gemm(trans_a, trans_b, M, N, K, 0.5, opencl.to_device(a), opencl.to_device(b), 1.0, C, c_offset=3,
+                split_k=chunks)
+    expected = c.astype(np.float64)
+    expected[3:] += 0.5 * (op(a.astype(np.float64), trans_a) @ op(b.astype(np.float64), trans_b)).ravel()
+    assert_close(C.get(), expected)
+
+
+def test_gemm_split_k_is_chosen_only_for_small_outputs_on_gpus():
+    gpu = SimpleNamespace(is_gpu=True, device=SimpleNamespace(max_compute_units=132))
+    cpu = SimpleNamespace(is_gpu=False, device=SimpleNamespace(max_compute_units=2))
+    assert opencl.gemm_split_k(20, 25, 36864, 1, gpu) == 64        # conv1's weight gradient
+    assert opencl.gemm_split_k(4096, 4096, 4096, 1024, gpu) == 1   # enough tiles already
+    assert opencl.gemm_split_k(20, 25, 300, 1, gpu) == 1           # too little K to split
+    assert opencl.gemm_split_k(20, 25, 36864, 1, cpu) == 1
+
+
 def test_gemm_offsets_and_views(rng):
     M, N, K = 9, 11, 6
     a, b, c = rand(rng, 3 + M * K), rand(rng, 5 + K * N), rand(rng, 2 + M * N + 4)
