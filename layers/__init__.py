@@ -1,2 +1,3 @@
 """Built-in layers; importing this package registers every layer type (one module per family)."""
-from . import common, data, inner_product, loss, neuron, vision  # noqa: F401
+from . import (common, data, inner_product, loss, neuron, normalization, python_layer, recurrent,  # noqa: F401
+               vision)

@@ -19,3 +19,25 @@ __kernel void dropout_apply(const int n, __global const float* in, const int in_
     if (i < n)
         out[out_offset + i] = in[in_offset + i] * (dropout_bits(seed, (ulong)i) >= threshold ? scale : 0.0f);
 }
+
+// PReLU on data seen as (outer, channels, inner): value i has slope[(i / inner) % channels] (a shared slope is
+// channels = 1). In place is fine: each work-item reads its value before writing it.
+__kernel void prelu_forward(const int n, __global const float* x, const int x_offset,
+                            __global float* y, const int y_offset, __global const float* slope, const int slope_offset,
+                            const int channels, const int inner) {
+    const int i = get_global_id(0);
+    if (i >= n)
+        return;
+    const float v = x[x_offset + i];
+    y[y_offset + i] = fmax(v, 0.0f) + slope[slope_offset + (i / inner) % channels] * fmin(v, 0.0f);
+}
+
+__kernel void prelu_backward(const int n, __global const float* dy, const int dy_offset,
+                             __global const float* x, const int x_offset, __global float* dx, const int dx_offset,
+                             __global const float* slope, const int slope_offset, const int channels, const int inner) {
+    const int i = get_global_id(0);
+    if (i >= n)
+        return;
+    const float g = dy[dy_offset + i];
+    dx[dx_offset + i] = x[x_offset + i] > 0.0f ? g : g * slope[slope_offset + (i / inner) % channels];
+}

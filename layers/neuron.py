@@ -4,11 +4,13 @@ The elementwise activations are each stated once, as a `Formula`: a forward `y =
 `dx = g(x, y, dy, p, ops)` written with arithmetic/comparison operators and the functions of `ops` only.
 `p` holds the layer's parameter values as float scalars. On the CPU, `ops` is `NUMPY_OPS` and the operands are
 numpy arrays; an OpenCL code generator passes symbolic operands and a symbolic `ops` to the same functions and
-reads C expressions out. So a formula stays a pure expression: no Python `if` on data, no in-place or
-numpy-only calls on the operands (choose with ops.where). In GPU mode the same functions give the OpenCL
-kernels (engine.opencl.elementwise_kernel).
+reads C expressions out. So a formula stays a pure expression: no Python `if` on data or parameters, no
+in-place or numpy-only calls on the operands (choose with ops.where, also between Caffe's special cases of a
+parameter, as Power does). In GPU mode the same functions give the OpenCL kernels
+(engine.opencl.elementwise_kernel). Derived constants (Exp's inner/outer scale) come from the params reader.
 
-Adding an activation is one `elementwise_layer(...)` call.
+Adding an activation is one `elementwise_layer(...)` call. PReLU (a learned slope per channel) and Dropout have
+their own classes.
 """
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -21,6 +23,7 @@ from ..engine import opencl
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
 from ..proto import caffe_pb2
+from .common import TERM_XY_NONPOSITIVE_Y, channel_reduce_gpu
 
 NUMPY_OPS = SimpleNamespace(where=np.where, exp=np.exp, log=np.log, log1p=np.log1p, tanh=np.tanh, abs=np.abs,
                             maximum=np.maximum, minimum=np.minimum, sqrt=np.sqrt, pow=np.power)
@@ -41,8 +44,12 @@ def field_params(field, *names):
 @dataclass(frozen=True)
 class Formula:
     forward: Callable   # (x, p, ops) -> y
-    backward: Callable  # (x, y, dy, p, ops) -> dx; x is y's storage when the layer runs in place
+    backward: Callable = None  # (x, y, dy, p, ops) -> dx, or None: the layer has no backward (Threshold)
     params: Callable = no_params  # LayerParameter -> {name: value}
+    in_place: bool = True  # False: the layer refuses top == bottom (AbsVal, as Caffe)
+    # True: backward needs x itself, so in place the forward keeps a copy of it. False: backward may be handed y's
+    # storage as x in place (Caffe's ReLU/ELU rule, reading the sign that y shares with x)
+    backward_reads_input: bool = False
 
 
 class NeuronLayer(Layer):
@@ -54,24 +61,31 @@ class NeuronLayer(Layer):
             top[0].reshape_like(bottom[0])
 
 
-class ElementwiseLayer(NeuronLayer):
-    """Runs its class's `formula` with numpy; every array is read before the top (maybe the bottom) is written."""
+def _keeps_input(layer, bottom, top):
+    return layer.formula.backward_reads_input and top[0] is bottom[0]
+
+
+class FormulaLayer(NeuronLayer):
+    """Runs its class's `formula` forward with numpy (OpenCL: the kernel generated from it); every array is read
+    before the top (maybe the bottom) is written. numpy evaluates both sides of ops.where, so floating-point
+    warnings from the side not taken are silenced. Without a backward formula, backward raises as Caffe does."""
     formula = None
 
     def layer_setup(self, bottom, top):
+        if not self.formula.in_place and top[0] is bottom[0]:
+            raise KaffeError(f"{self.type} layer '{self.name}' does not allow in-place computation")
         values = self.formula.params(self.layer_param)
         # float32 scalars keep numpy's arithmetic in float32
         self.p = SimpleNamespace(**{name: np.float32(v) for name, v in values.items()})
+        self.saved_input = None
 
     def forward_cpu(self, bottom, top):
-        y = self.formula.forward(bottom[0].cpu_data(), self.p, NUMPY_OPS)
+        x = bottom[0].cpu_data()
+        if _keeps_input(self, bottom, top):
+            self.saved_input = x.copy()
+        with np.errstate(all="ignore"):
+            y = self.formula.forward(x, self.p, NUMPY_OPS)
         top[0].mutable_cpu_data()[...] = y
-
-    def backward_cpu(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
-        dx = self.formula.backward(bottom[0].cpu_data(), top[0].cpu_data(), top[0].cpu_diff(), self.p, NUMPY_OPS)
-        bottom[0].mutable_cpu_diff()[...] = dx
 
     def _kernel(self, direction, inputs):
         # one kernel per (type, direction), cached by elementwise_kernel; parameter values are kernel arguments
@@ -80,19 +94,47 @@ class ElementwiseLayer(NeuronLayer):
 
     def forward_gpu(self, bottom, top):
         x = bottom[0].gpu_data()
+        if _keeps_input(self, bottom, top):
+            self.saved_input = opencl.copy(x, opencl.scratch(self, "input", x.size)[:x.size])
         self._kernel("forward", ("x",))(top[0].mutable_gpu_data(), x, p=self.p)
+
+    def _no_backward(self, propagate_down):
+        if propagate_down[0]:
+            raise KaffeError(f"{self.type} layer '{self.name}' has no backward (not implemented in Caffe either); "
+                             f"nothing that needs a gradient may come before it")
+
+    def backward_cpu(self, top, propagate_down, bottom):
+        self._no_backward(propagate_down)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        self._no_backward(propagate_down)
+
+
+class ElementwiseLayer(FormulaLayer):
+    """A formula layer with a backward formula."""
+
+    def backward_cpu(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        x = self.saved_input if _keeps_input(self, bottom, top) else bottom[0].cpu_data()
+        with np.errstate(all="ignore"):
+            dx = self.formula.backward(x, top[0].cpu_data(), top[0].cpu_diff(), self.p, NUMPY_OPS)
+        bottom[0].mutable_cpu_diff()[...] = dx
 
     def backward_gpu(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        inputs = bottom[0].gpu_data(), top[0].gpu_data(), top[0].gpu_diff()
+        x = self.saved_input if _keeps_input(self, bottom, top) else bottom[0].gpu_data()
+        inputs = x, top[0].gpu_data(), top[0].gpu_diff()
         self._kernel("backward", ("x", "y", "dy"))(bottom[0].mutable_gpu_diff(), *inputs, p=self.p)
 
 
-def elementwise_layer(type_name, forward, backward, params=no_params):
-    """Create and register the ElementwiseLayer subclass for `type: "<type_name>"`."""
-    cls = type(f"{type_name}Layer", (ElementwiseLayer,),
-               {"formula": Formula(forward, backward, params), "__module__": __name__,
+def elementwise_layer(type_name, forward, backward=None, params=no_params, **options):
+    """Create and register the layer class for `type: "<type_name>"` from its formulas: an ElementwiseLayer,
+    or a forward-only FormulaLayer when there is no backward. `options`: Formula's in_place, backward_reads_input."""
+    base = ElementwiseLayer if backward is not None else FormulaLayer
+    cls = type(f"{type_name}Layer", (base,),
+               {"formula": Formula(forward, backward, params, **options), "__module__": __name__,
                 "__doc__": f"{type_name}: an elementwise activation given by its formula."})
     return register_layer(type_name)(cls)
 
@@ -114,6 +156,205 @@ TanHLayer = elementwise_layer(
     "TanH",
     forward=lambda x, p, ops: ops.tanh(x),
     backward=lambda x, y, dy, p, ops: dy * (1 - y * y))
+
+
+def _sigmoid(v, ops):
+    # the tanh form cannot overflow, unlike 1 / (1 + exp(-v))
+    return 0.5 * ops.tanh(0.5 * v) + 0.5
+
+
+def _ratio_to_successor(e):
+    """e / (e + 1): BNLL's slope from e = exp(x)."""
+    return e / (e + 1)
+
+
+AbsValLayer = elementwise_layer(
+    "AbsVal",
+    forward=lambda x, p, ops: ops.abs(x),
+    backward=lambda x, y, dy, p, ops: ops.where(x > 0, dy, ops.where(x < 0, -dy, 0)),  # sign(0) = 0
+    in_place=False)
+
+# Caffe's backward caps x at 50 before exp
+BNLL_THRESHOLD = 50.0
+
+BNLLLayer = elementwise_layer(
+    "BNLL",
+    # log(1 + e^x) without overflow for large |x|
+    forward=lambda x, p, ops: ops.maximum(x, 0) + ops.log1p(ops.exp(-ops.abs(x))),
+    backward=lambda x, y, dy, p, ops: dy * _ratio_to_successor(ops.exp(ops.minimum(x, BNLL_THRESHOLD))),
+    backward_reads_input=True)
+
+
+ELULayer = elementwise_layer(
+    "ELU",
+    forward=lambda x, p, ops: ops.maximum(x, 0) + p.alpha * (ops.exp(ops.minimum(x, 0)) - 1),
+    backward=lambda x, y, dy, p, ops: dy * ((x > 0) + (p.alpha + y) * (x <= 0)),
+    params=field_params("elu_param", "alpha"))
+
+
+def _power_params(layer_param):
+    param = layer_param.power_param
+    return {"power": param.power, "scale": param.scale, "shift": param.shift,
+            "diff_scale": np.float32(param.power) * np.float32(param.scale)}
+
+
+def _power_backward(x, y, dy, p, ops):
+    """Caffe's cases: a constant (diff_scale 0) has gradient 0; power 1 gives diff_scale; power 2 the linear
+    form; otherwise y / x * power when shift is 0, else diff_scale * y / (shift + scale x)."""
+    general = ops.where(p.shift == 0, p.power * y / x, p.diff_scale * y / (p.scale * x + p.shift))
+    slope = ops.where(p.power == 1, p.diff_scale,
+                      ops.where(p.power == 2, p.diff_scale * p.scale * x + p.diff_scale * p.shift, general))
+    return ops.where(p.diff_scale == 0, 0, dy * slope)
+
+
+PowerLayer = elementwise_layer(
+    "Power",
+    # with diff_scale 0 (power 0 or scale 0) the output is the constant 1 (power 0) or shift^power
+    forward=lambda x, p, ops: ops.where(p.diff_scale == 0, ops.where(p.power == 0, 1, ops.pow(p.shift, p.power)),
+                                        ops.pow(p.scale * x + p.shift, p.power)),
+    backward=_power_backward,
+    params=_power_params,
+    backward_reads_input=True)
+
+
+def _log_of_base(layer_param, field):
+    """ln(base) of exp_param/log_param (base -1 means e), with Caffe's checks on the base."""
+    base = getattr(layer_param, field).base
+    if base == -1:
+        return 1.0
+    if not base > 0:
+        raise KaffeError(f"{layer_param.type} layer '{layer_param.name}': base must be strictly positive "
+                         f"(or -1 for e), got {base}")
+    return float(np.log(np.float32(base)))
+
+
+def _exp_params(layer_param):
+    param = layer_param.exp_param
+    log_base = _log_of_base(layer_param, "exp_param")
+    # base^(shift + scale x) = base^shift * e^(ln(base) scale x)
+    outer = 1.0 if param.shift == 0 else float(np.exp(log_base * np.float32(param.shift)))
+    return {"inner_scale": log_base * param.scale, "outer_scale": outer}
+
+
+ExpLayer = elementwise_layer(
+    "Exp",
+    forward=lambda x, p, ops: p.outer_scale * ops.exp(p.inner_scale * x),
+    backward=lambda x, y, dy, p, ops: dy * y * p.inner_scale,
+    params=_exp_params)
+
+
+def _log_params(layer_param):
+    param = layer_param.log_param
+    log_base = _log_of_base(layer_param, "log_param")
+    if log_base == 0:
+        raise KaffeError(f"Log layer '{layer_param.name}': base 1 has no logarithm (log(base) = 0)")
+    return {"scale": param.scale, "shift": param.shift, "base_scale": 1.0 / log_base,
+            "backward_num_scale": param.scale / log_base}
+
+
+LogLayer = elementwise_layer(
+    "Log",
+    forward=lambda x, p, ops: ops.log(p.scale * x + p.shift) * p.base_scale,
+    backward=lambda x, y, dy, p, ops: dy * (p.backward_num_scale / (p.scale * x + p.shift)),
+    params=_log_params,
+    backward_reads_input=True)
+
+ThresholdLayer = elementwise_layer(
+    "Threshold",
+    forward=lambda x, p, ops: ops.where(x > p.threshold, 1, 0),
+    params=field_params("threshold_param", "threshold"))
+
+ClipLayer = elementwise_layer(
+    "Clip",
+    forward=lambda x, p, ops: ops.maximum(p.min, ops.minimum(x, p.max)),
+    backward=lambda x, y, dy, p, ops: dy * ((x >= p.min) * (x <= p.max)),
+    params=field_params("clip_param", "min", "max"),
+    backward_reads_input=True)
+
+SwishLayer = elementwise_layer(
+    "Swish",
+    forward=lambda x, p, ops: x * _sigmoid(p.beta * x, ops),
+    backward=lambda x, y, dy, p, ops: dy * (p.beta * y + _sigmoid(p.beta * x, ops) * (1 - p.beta * y)),
+    params=field_params("swish_param", "beta"),
+    backward_reads_input=True)
+
+
+@register_layer("PReLU")
+class PReLULayer(NeuronLayer):
+    """max(0, x) + a_c min(0, x) with a learned slope a per channel (axis 1), or one shared slope.
+
+    The slope blob is (C,), or a scalar blob (no axes) with channel_shared, as Caffe makes it; the filler defaults
+    to constant 0.25. In place, the input is kept for backward.
+    """
+
+    def layer_setup(self, bottom, top):
+        param = self.layer_param.prelu_param
+        self._check_axes(bottom)
+        self.channel_shared = param.channel_shared
+        channels = bottom[0].shape[1]
+        if not self.blobs:
+            filler = param.filler if param.HasField("filler") else caffe_pb2.FillerParameter(type="constant",
+                                                                                               value=0.25)
+            self.init_params(((() if self.channel_shared else (channels,)), filler))
+        expected = 1 if self.channel_shared else channels
+        if len(self.blobs) != 1 or self.blobs[0].count != expected:
+            raise KaffeError(f"PReLU layer '{self.name}': negative slope size is inconsistent with prototxt config: "
+                             f"stored {[b.shape_string() for b in self.blobs]}, expected {expected} value(s)")
+        self.saved_input = None
+
+    def _check_axes(self, bottom):
+        if bottom[0].num_axes < 2:
+            raise KaffeError(f"PReLU layer '{self.name}': number of axes of bottom blob must be >= 2, got "
+                             f"{bottom[0].shape_string()}")
+
+    def reshape(self, bottom, top):
+        self._check_axes(bottom)
+        super().reshape(bottom, top)
+        x = bottom[0]
+        self.dims = (1, 1, x.count) if self.channel_shared else (x.shape[0], x.shape[1], x.count_axes(2))
+
+    def _slope(self):
+        return self.blobs[0].cpu_data().reshape(1, -1, 1)
+
+    def forward_cpu(self, bottom, top):
+        x = bottom[0].cpu_data()
+        if top[0] is bottom[0]:
+            self.saved_input = x.copy()
+        v = x.reshape(self.dims)
+        top[0].mutable_cpu_data()[...] = (np.maximum(v, 0) + self._slope() * np.minimum(v, 0)).reshape(x.shape)
+
+    def backward_cpu(self, top, propagate_down, bottom):
+        x = (self.saved_input if top[0] is bottom[0] else bottom[0].cpu_data()).reshape(self.dims)
+        dy = top[0].cpu_diff().reshape(self.dims)
+        negative = x <= 0
+        # the slope gradient first: in place, the bottom diff written next is the top diff
+        if self.param_propagate_down[0]:
+            grad = (dy * x * negative).sum(axis=(0, 2))
+            self.blobs[0].mutable_cpu_diff()[...] += grad.reshape(self.blobs[0].shape)
+        if propagate_down[0]:
+            dx = dy * np.where(negative, self._slope(), np.float32(1))
+            bottom[0].mutable_cpu_diff()[...] = dx.reshape(bottom[0].shape)
+
+    def _launch(self, name, *args):
+        _, channels, inner = self.dims
+        opencl.launch("layers/neuron.cl", name, args[0].size, *[a for array in args
+                                                               for a in opencl.device_args(array)],
+                      channels, inner)
+
+    def forward_gpu(self, bottom, top):
+        x = bottom[0].gpu_data()
+        if top[0] is bottom[0]:
+            self.saved_input = opencl.copy(x, opencl.scratch(self, "input", x.size)[:x.size])
+        self._launch("prelu_forward", x, top[0].mutable_gpu_data(), self.blobs[0].gpu_data())
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        x = self.saved_input if top[0] is bottom[0] else bottom[0].gpu_data()
+        dy = top[0].gpu_diff()
+        if self.param_propagate_down[0]:
+            channel_reduce_gpu(dy, self.dims, self.blobs[0].mutable_gpu_diff(), beta=1.0,
+                               term=TERM_XY_NONPOSITIVE_Y, y=x)
+        if propagate_down[0]:
+            self._launch("prelu_backward", dy, x, bottom[0].mutable_gpu_diff(), self.blobs[0].gpu_data())
 
 
 # splitmix64's constants: the golden-ratio increment and its output mixer

@@ -1,4 +1,4 @@
-// Kernels of the vision layers (Convolution, Pooling, LRN) and InnerProduct's bias.
+// Kernels of the vision layers (Convolution, Deconvolution, Im2col, Pooling, SPP, Crop, LRN) and InnerProduct's bias.
 //
 // Every launch covers the whole batch: one work-item per output element unless a kernel says otherwise, with
 // the fastest-varying index on the innermost (contiguous) axis so that neighbouring work-items touch
@@ -8,14 +8,19 @@
 // Compile-time setting (-D): SUM_GROUP, the work-group size of channel_sum (a power of two).
 
 // -- convolution ------------------------------------------------------------------------------------------
-// The column matrix of a batch of N images: row (c * KH + i) * KW + j holds tap (i, j) of channel c, column
-// n * OH * OW + oh * OW + ow the output position (oh, ow) of sample n; taps that fall in the padding are 0.
-// One work-item per (c, n, oh, ow) writes its KH * KW taps, walking down the rows.
-__kernel void im2col(const int total, __global const float* im, const int im_off,
-                     const int N, const int C, const int H, const int W,
-                     const int KH, const int KW, const int pad_h, const int pad_w,
-                     const int stride_h, const int stride_w, const int dil_h, const int dil_w,
-                     const int OH, const int OW, __global float* col, const int col_off) {
+// The column matrix of a batch of N images: tap (i, j) of channel c is row (c * KH + i) * KW + j, and output
+// position (oh, ow) of sample n is column oh * OW + ow of that sample; element (row, n, position) lies at
+// row * row_stride + n * sample_stride + position. Convolutions keep the samples side by side in one
+// (C * KH * KW) x (N * OH * OW) matrix (row_stride N * OH * OW, sample_stride OH * OW); the Im2col layer gives
+// each sample its own (C * KH * KW) x (OH * OW) block (row_stride OH * OW, sample_stride C * KH * KW * OH * OW).
+// Taps that fall in the padding are 0. One work-item per (c, n, oh, ow) writes its KH * KW taps.
+#define TRANSFORM_GEOMETRY const int N, const int C, const int H, const int W, const int KH, const int KW, \
+                           const int pad_h, const int pad_w, const int stride_h, const int stride_w, \
+                           const int dil_h, const int dil_w, const int OH, const int OW, \
+                           const int row_stride, const int sample_stride
+
+__kernel void im2col(const int total, __global const float* im, const int im_off, TRANSFORM_GEOMETRY,
+                     __global float* col, const int col_off) {
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
@@ -25,8 +30,7 @@ __kernel void im2col(const int total, __global const float* im, const int im_off
     rest /= OH;
     const int n = rest % N;
     const int c = rest / N;
-    const int columns = N * OH * OW;
-    __global float* out = col + col_off + (c * KH * KW) * columns + (n * OH + oh) * OW + ow;
+    __global float* out = col + col_off + (c * KH * KW) * row_stride + n * sample_stride + oh * OW + ow;
     __global const float* plane = im + im_off + (n * C + c) * H * W;
     const int h0 = oh * stride_h - pad_h, w0 = ow * stride_w - pad_w;
     for (int i = 0; i < KH; ++i) {
@@ -35,18 +39,15 @@ __kernel void im2col(const int total, __global const float* im, const int im_off
         for (int j = 0; j < KW; ++j) {
             const int w = w0 + j * dil_w;
             *out = (row_inside && w >= 0 && w < W) ? plane[h * W + w] : 0.0f;
-            out += columns;
+            out += row_stride;
         }
     }
 }
 
 // The adjoint of im2col: one work-item per image element (n, c, h, w) gathers the column entries of every
 // tap that read it (no atomics), and overwrites the image.
-__kernel void col2im(const int total, __global const float* col, const int col_off,
-                     const int N, const int C, const int H, const int W,
-                     const int KH, const int KW, const int pad_h, const int pad_w,
-                     const int stride_h, const int stride_w, const int dil_h, const int dil_w,
-                     const int OH, const int OW, __global float* im, const int im_off) {
+__kernel void col2im(const int total, __global const float* col, const int col_off, TRANSFORM_GEOMETRY,
+                     __global float* im, const int im_off) {
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
@@ -56,8 +57,7 @@ __kernel void col2im(const int total, __global const float* col, const int col_o
     rest /= H;
     const int c = rest % C;
     const int n = rest / C;
-    const int columns = N * OH * OW;
-    __global const float* sample = col + col_off + n * OH * OW;
+    __global const float* sample = col + col_off + n * sample_stride;
     float sum = 0.0f;
     for (int i = 0; i < KH; ++i) {
         const int th = h + pad_h - i * dil_h;  // oh * stride_h when tap i of output row oh reads row h
@@ -72,7 +72,7 @@ __kernel void col2im(const int total, __global const float* col, const int col_o
                 continue;
             const int ow = tw / stride_w;
             if (ow < OW)
-                sum += sample[((c * KH + i) * KW + j) * columns + oh * OW + ow];
+                sum += sample[((c * KH + i) * KW + j) * row_stride + oh * OW + ow];
         }
     }
     im[im_off + idx] = sum;
@@ -238,6 +238,131 @@ __kernel void ave_pool_backward(const int total, __global const float* dy, const
         for (int pw = pwstart; pw < pwend; ++pw)
             sum += d[ph * PW + pw] / ave_pool_size(ph, pw, H, W, PH, PW, KH, KW, SH, SW, PAD_H, PAD_W);
     dx[dx_off + idx] = sum;
+}
+
+// -- stochastic pooling (no padding: window (ph, pw) covers rows [ph * SH, min(ph * SH + KH, H)), likewise columns)
+// The counter-based generator of Dropout (layers/neuron.cl dropout_bits, layers/neuron.py dropout_bits): the
+// top 32 bits of splitmix64's output for state seed + (i + 1) * golden gamma.
+inline uint counter_bits(const ulong seed, const ulong i) {
+    ulong z = seed + (i + 1UL) * 0x9E3779B97F4A7C15UL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
+    z ^= z >> 31;
+    return (uint)(z >> 32);
+}
+
+// TRAIN: u in (0, 1] from 24 random bits (exact in float); the output is the first element at which the
+// running window sum reaches u * the window sum, and its flat index h * W + w goes to `index` (backward then
+// runs max_pool_backward on it). Sums in row-major order, as the CPU code, so both pick the same element.
+__kernel void sto_pool_forward_train(const int total, __global const float* x, const int x_off, POOL_GEOMETRY,
+                                     const ulong seed, __global float* y, const int y_off, __global int* index) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int pw = idx % PW;
+    const int ph = (idx / PW) % PH;
+    const int plane = idx / (PW * PH);
+    const int hstart = ph * SH, hend = min(hstart + KH, H);
+    const int wstart = pw * SW, wend = min(wstart + KW, W);
+    __global const float* p = x + x_off + plane * H * W;
+    float window_sum = 0.0f;
+    for (int h = hstart; h < hend; ++h)
+        for (int w = wstart; w < wend; ++w)
+            window_sum += p[h * W + w];
+    const float u = (float)((counter_bits(seed, (ulong)idx) >> 8) + 1u) * (1.0f / 16777216.0f);
+    const float threshold = u * window_sum;
+    float running = 0.0f, value = 0.0f;
+    int chosen = -1;  // stays -1 only for a window with NaN
+    for (int h = hstart; h < hend && chosen < 0; ++h)
+        for (int w = wstart; w < wend && chosen < 0; ++w) {
+            running += p[h * W + w];
+            if (running >= threshold) {
+                chosen = h * W + w;
+                value = p[chosen];
+            }
+        }
+    y[y_off + idx] = value;
+    index[idx] = chosen;
+}
+
+// TEST: sum(x^2) / sum(x), the sum starting at FLT_MIN (never 0 / 0); the sum is kept for backward.
+__kernel void sto_pool_forward_test(const int total, __global const float* x, const int x_off, POOL_GEOMETRY,
+                                    __global float* y, const int y_off, __global float* sums) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int pw = idx % PW;
+    const int ph = (idx / PW) % PH;
+    const int plane = idx / (PW * PH);
+    const int hstart = ph * SH, hend = min(hstart + KH, H);
+    const int wstart = pw * SW, wend = min(wstart + KW, W);
+    __global const float* p = x + x_off + plane * H * W;
+    float window_sum = FLT_MIN, squares = 0.0f;
+    for (int h = hstart; h < hend; ++h)
+        for (int w = wstart; w < wend; ++w) {
+            const float v = p[h * W + w];
+            window_sum += v;
+            squares += v * v;
+        }
+    y[y_off + idx] = squares / window_sum;
+    sums[idx] = window_sum;
+}
+
+// TEST backward, one work-item per input element: the sum over its windows of dy * (2 x - y) / window sum.
+__kernel void sto_pool_backward_test(const int total, __global const float* x, const int x_off,
+                                     __global const float* y, const int y_off, __global const float* dy,
+                                     const int dy_off, __global const float* sums, POOL_GEOMETRY,
+                                     __global float* dx, const int dx_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int w = idx % W;
+    const int h = (idx / W) % H;
+    const int plane = idx / (W * H);
+    COVERING(h, KH, SH, PH, phstart, phend);
+    COVERING(w, KW, SW, PW, pwstart, pwend);
+    const int offset = plane * PH * PW;
+    const float twice = 2.0f * x[x_off + idx];
+    float sum = 0.0f;
+    for (int ph = phstart; ph < phend; ++ph)
+        for (int pw = pwstart; pw < pwend; ++pw) {
+            const int at = offset + ph * PW + pw;
+            sum += dy[dy_off + at] * (twice - y[y_off + at]) / sums[at];
+        }
+    dx[dx_off + idx] = sum;
+}
+
+// -- SPP and Crop ---------------------------------------------------------------------------------------------
+// dst[r, dst_col0 + c] = src[r, src_col0 + c] for r < rows, c < cols (rows of src_cols / dst_cols floats): one
+// pyramid level's block of each SPP output row, and back for its diff. total = rows * cols.
+__kernel void copy_columns(const int total, __global const float* src, const int src_off, const int src_cols,
+                           const int src_col0, __global float* dst, const int dst_off, const int dst_cols,
+                           const int dst_col0, const int cols) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int r = idx / cols, c = idx % cols;
+    dst[dst_off + r * dst_cols + dst_col0 + c] = src[src_off + r * src_cols + src_col0 + c];
+}
+
+// Crop, one work-item per top element: geometry holds the top's shape (D values), then bottom[0]'s strides;
+// top element idx is bottom element base + sum over axes of its coordinate * stride (base: the offsets). Forward
+// copies bottom -> top; backward top diff -> bottom diff (zeroed before; no two top elements share one).
+__kernel void crop_copy(const int total, __global const float* src, const int src_off, __global float* dst,
+                        const int dst_off, __global const int* geometry, const int D, const int base,
+                        const int forward) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    int rest = idx, at = base;
+    for (int d = D - 1; d >= 0; --d) {
+        at += (rest % geometry[d]) * geometry[D + d];
+        rest /= geometry[d];
+    }
+    if (forward)
+        dst[dst_off + idx] = src[src_off + at];
+    else
+        dst[dst_off + at] = src[src_off + idx];
 }
 
 // -- LRN --------------------------------------------------------------------------------------------------

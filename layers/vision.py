@@ -1,17 +1,21 @@
-"""Vision layers: Convolution, Pooling and LRN, with Caffe's shapes, defaults and error checks.
+"""Vision layers: Convolution, Deconvolution, Im2col, Pooling (MAX / AVE / STOCHASTIC), SPP, Crop and LRN, with
+Caffe's shapes, defaults, parameter blobs and error checks.
 
-im2col / col2im are shared with the layers built on the same column transform (Deconvolution, Im2col).
+Convolution and Deconvolution share BaseConvolutionLayer; im2col / col2im also serve the Im2col layer.
 Windows are handled one kernel tap at a time: a tap reads a strided slice of the whole batch, so no Python
 loop runs over samples or pixels.
 """
 import itertools
 
 import numpy as np
+import pyopencl.array as cla
 
-from ..engine import opencl
+from ..engine import device, opencl
+from ..engine.blob import Blob
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
 from ..proto import caffe_pb2
+from .neuron import dropout_bits
 
 FLT_MAX = np.float32(np.finfo(np.float32).max)
 KERNELS = "layers/vision.cl"
@@ -163,23 +167,40 @@ def conv_geometry(param, num_spatial, where):
     return kernel, stride, pad, dilation
 
 
-# -- Convolution ----------------------------------------------------------------------------------
-@register_layer("Convolution")
-class ConvolutionLayer(Layer):
-    """N-d convolution with groups and dilation as im2col + one GEMM per group over the whole batch.
+def transform_args_2d(num, channels, spatial, out_spatial, kernel, stride, pad, dilation, row_stride, sample_stride):
+    """The geometry arguments of vision.cl's im2col / col2im for a 1-D or 2-D transform (1-D: a unit row).
 
-    Several bottom/top pairs of one shape may share the weights; the spatial axes are all axes after
-    the channel axis (`axis`), those before it are the batch.
+    row_stride / sample_stride place the columns: tap row r of sample n starts at r * row_stride +
+    n * sample_stride (the convolutions' (C*K, num*L) matrix: num*L and L; Im2col's (num, C*K, L): L and C*K*L).
+    """
+    lead = 2 - len(spatial)
+    (h, w), (oh, ow), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = [
+        (fill,) * lead + tuple(values) for fill, values in
+        ((1, spatial), (1, out_spatial), (1, kernel), (1, stride), (0, pad), (1, dilation))]
+    return (num, channels, h, w, kh, kw, ph, pw, sh, sw, dh, dw, oh, ow, row_stride, sample_stride)
 
-    OpenCL: 1-D and 2-D convolutions (1-D as 2-D with a unit row) run the im2col/col2im kernels of vision.cl
-    and one GEMM per group over the columns of all samples side by side, (C/group * kernel) x (num * out),
-    in chunks of samples only when those columns would exceed COLUMN_BUFFER_LIMIT floats; a kernel then adds
-    the bias and regroups the product per sample. 3-D and higher convolutions run the CPU code (the base
-    class's fallback, with its one-time warning).
+
+# -- Convolution and Deconvolution ------------------------------------------------------------------
+class BaseConvolutionLayer(Layer):
+    """What Convolution and Deconvolution share (Caffe's BaseConvolutionLayer): parameters, weights, the column
+    transform and the per-group GEMMs.
+
+    Both are written in terms of one convolution: its input side (the "image", whose im2col columns the
+    weights multiply) and its output side (the "rows", conv_out_channels x the column positions). For
+    Convolution the image is the bottom and the rows the top; Deconvolution is the transpose, so its image
+    is the top and its rows the bottom. The weights are (conv_out_channels, conv_in_channels / group, *kernel).
+    Several bottom/top pairs of one shape may share the weights; the spatial axes are all axes after the
+    channel axis (`axis`), those before it are the batch.
+
+    OpenCL: 1-D and 2-D (1-D as 2-D with a unit row) run the im2col/col2im kernels of vision.cl and one GEMM per
+    group over the columns of all samples side by side, (C/group * kernel) x (num * positions), in chunks of
+    samples only when those columns would exceed COLUMN_BUFFER_LIMIT floats. 3-D and higher run the CPU code
+    (the base class's fallback, with its one-time warning).
     """
     min_bottom_blobs = 1
     min_top_blobs = 1
     equal_num_bottom_top_blobs = True
+    transposed = False  # True: the top is the convolution's input side (Deconvolution)
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.convolution_param
@@ -197,11 +218,19 @@ class ConvolutionLayer(Layer):
             raise KaffeError(f"{where}: group {self.group} must divide both the input channels "
                              f"({self.channels}, bottom {bottom[0].shape_string()}) and num_output "
                              f"({self.num_output})")
-        specs = [((self.num_output, self.channels // self.group, *self.kernel), p.weight_filler)]
+        if self.transposed:
+            self.conv_in_channels, self.conv_out_channels = self.num_output, self.channels
+        else:
+            self.conv_in_channels, self.conv_out_channels = self.channels, self.num_output
+        specs = [((self.conv_out_channels, self.conv_in_channels // self.group, *self.kernel), p.weight_filler)]
         if self.bias_term:
             specs.append(((self.num_output,), p.bias_filler))
         self.init_params(*specs)
-        self._cached_columns = {}
+        self.kernel_dim = self.blobs[0].count // self.conv_out_channels  # column rows per group
+
+    def top_spatial(self, spatial, where):
+        """The top's spatial shape for a bottom's (checked)."""
+        raise NotImplementedError
 
     def reshape(self, bottom, top):
         where = f"{self.type} layer '{self.name}'"
@@ -217,24 +246,142 @@ class ConvolutionLayer(Layer):
             if b.shape != first.shape:
                 raise KaffeError(f"{where}: all inputs must have the same shape: bottom[0] is "
                                  f"{first.shape_string()}, bottom[{i}] is {b.shape_string()}")
-        self.spatial = first.shape[self.channel_axis + 1:]
-        self.out_spatial = tuple(conv_out_size(n, k, s, p, d) for n, k, s, p, d in
-                                 zip(self.spatial, self.kernel, self.stride, self.pad, self.dilation))
-        if any(o <= 0 for o in self.out_spatial):
-            raise KaffeError(f"{where}: the dilated kernel {_shape(self.kernel)} (dilation "
-                             f"{_shape(self.dilation)}) is larger than the padded input {_shape(self.spatial)} "
-                             f"(pad {_shape(self.pad)})")
+        spatial = first.shape[self.channel_axis + 1:]
+        out_spatial = self.top_spatial(spatial, where)
+        self.image_spatial, self.column_spatial = (out_spatial, spatial) if self.transposed else (spatial, out_spatial)
         self.num = first.count_axes(0, self.channel_axis)
-        self.out_count = int(np.prod(self.out_spatial, dtype=np.int64))
-        top_shape = first.shape[:self.channel_axis] + (self.num_output,) + self.out_spatial
+        self.column_count = int(np.prod(self.column_spatial, dtype=np.int64))
+        self.top_count = int(np.prod(out_spatial, dtype=np.int64))
+        top_shape = first.shape[:self.channel_axis] + (self.num_output,) + out_spatial
         for t in top:
             t.reshape(top_shape)
 
+    # -- CPU: the whole batch at once ------------------------------------------------------------------
     def _image_shape(self):
-        return (self.num, self.channels) + self.spatial
+        return (self.num, self.conv_in_channels) + self.image_spatial
+
+    def _weights(self):
+        return self.blobs[0].cpu_data().reshape(self.group, self.conv_out_channels // self.group, self.kernel_dim)
+
+    def _bias(self):
+        """The bias broadcast over (num, num_output, positions), or 0."""
+        return self.blobs[1].cpu_data().reshape(1, -1, 1) if self.bias_term else np.float32(0)
+
+    def _im2col(self, image):
+        """(group, C/group * prod(kernel), num * positions): the columns of an image-side array."""
+        col = im2col(image.reshape(self._image_shape()), self.kernel, self.stride, self.pad, self.dilation)
+        return col.reshape(self.group, self.kernel_dim, self.num * self.column_count)
+
+    def _col2im(self, col, image):
+        col2im(col, self._image_shape(), self.kernel, self.stride, self.pad, self.dilation,
+               out=image.reshape(self._image_shape()))
+
+    def _to_rows(self, x):
+        """A rows-side array (num, conv_out_channels, positions) as (group, out/group, num * positions)."""
+        by_channel = x.reshape(self.num, self.conv_out_channels, self.column_count).transpose(1, 0, 2)
+        return np.ascontiguousarray(by_channel).reshape(self.group, -1, self.num * self.column_count)
+
+    def _from_rows(self, rows, out, bias):
+        """out (num, conv_out_channels, positions) = rows (group, out/group, num * positions) + bias."""
+        by_sample = rows.reshape(self.conv_out_channels, self.num, self.column_count).transpose(1, 0, 2)
+        np.add(by_sample, bias, out=out.reshape(self.num, self.conv_out_channels, self.column_count))
+
+    def _add_weight_gradient(self, rows, col):
+        self.blobs[0].mutable_cpu_diff()[...] += np.matmul(rows, col.transpose(0, 2, 1)).reshape(self.blobs[0].shape)
+
+    def _add_bias_gradient(self, top_diff):
+        if self.bias_term and self.param_propagate_down[1]:
+            self.blobs[1].mutable_cpu_diff()[...] += top_diff.reshape(
+                self.num, self.num_output, self.top_count).sum(axis=(0, 2))
+
+    # -- OpenCL ------------------------------------------------------------------------------------------
+    def _chunks(self):
+        """(first sample, samples) ranges whose columns fit COLUMN_BUFFER_LIMIT (at least one sample each)."""
+        per_sample = self.kernel_dim * self.group * self.column_count
+        step = max(1, min(self.num, COLUMN_BUFFER_LIMIT // max(per_sample, 1)))
+        return [(n0, min(step, self.num - n0)) for n0 in range(0, self.num, step)]
+
+    def _transform_args(self, samples):
+        width = samples * self.column_count
+        return transform_args_2d(samples, self.conv_in_channels, self.image_spatial, self.column_spatial,
+                                 self.kernel, self.stride, self.pad, self.dilation, width, self.column_count)
+
+    def _image_size(self):
+        return self.conv_in_channels * int(np.prod(self.image_spatial, dtype=np.int64))
+
+    def _rows_size(self):
+        return self.conv_out_channels * self.column_count
+
+    def _im2col_gpu(self, image, first, samples):
+        """The columns of samples [first, first + samples) of a device image-side array, in this layer's scratch."""
+        col = opencl.scratch(self, "columns", self.kernel_dim * self.group * samples * self.column_count)
+        run_kernel("im2col", self.conv_in_channels * samples * self.column_count,
+                   *opencl.device_args(image, first * self._image_size()), *self._transform_args(samples),
+                   *opencl.device_args(col))
+        return col
+
+    def _col2im_gpu(self, col, image, first, samples):
+        run_kernel("col2im", samples * self._image_size(), *opencl.device_args(col), *self._transform_args(samples),
+                   *opencl.device_args(image, first * self._image_size()))
+
+    def _to_rows_gpu(self, x, first, samples):
+        """Samples [first, first + samples) of a device rows-side array as (conv_out_channels, samples * positions)."""
+        rows = opencl.scratch(self, "rows", self._rows_size() * samples)
+        run_kernel("nchw_to_rows", self._rows_size() * samples, *opencl.device_args(x, first * self._rows_size()),
+                   samples, self.conv_out_channels, self.column_count, *opencl.device_args(rows))
+        return rows
+
+    def _from_rows_gpu(self, rows, out, first, samples, add_bias):
+        bias = self.blobs[1].gpu_data() if add_bias else rows
+        run_kernel("rows_to_nchw", samples * self._rows_size(), *opencl.device_args(rows), samples,
+                   self.conv_out_channels, self.column_count, *opencl.device_args(bias), add_bias,
+                   *opencl.device_args(out, first * self._rows_size()))
+
+    def _group_gemm_gpu(self, product, samples, a, b, c, accumulate=False):
+        """One GEMM per group; product picks which: "rows" = W @ col, "columns" = W^T @ rows,
+        "weight" = rows @ col^T added to the weight diff."""
+        out_per_group = self.conv_out_channels // self.group
+        width = samples * self.column_count
+        weight_step, rows_step, col_step = out_per_group * self.kernel_dim, out_per_group * width, \
+            self.kernel_dim * width
+        for g in range(self.group):
+            if product == "rows":
+                opencl.gemm(False, False, out_per_group, width, self.kernel_dim, 1.0, a, b, 0.0, c,
+                            a_offset=g * weight_step, b_offset=g * col_step, c_offset=g * rows_step)
+            elif product == "columns":
+                opencl.gemm(True, False, self.kernel_dim, width, out_per_group, 1.0, a, b, 0.0, c,
+                            a_offset=g * weight_step, b_offset=g * rows_step, c_offset=g * col_step)
+            else:  # accumulated (beta 1), as Caffe accumulates parameter diffs
+                opencl.gemm(False, True, out_per_group, self.kernel_dim, width, 1.0, a, b, 1.0, c,
+                            a_offset=g * rows_step, b_offset=g * col_step, c_offset=g * weight_step)
+
+    def _add_bias_gradient_gpu(self, top_diff):
+        if self.bias_term and self.param_propagate_down[1]:
+            channel_sum(top_diff, self.num, self.num_output, self.top_count, self.blobs[1].mutable_gpu_diff())
+
+
+@register_layer("Convolution")
+class ConvolutionLayer(BaseConvolutionLayer):
+    """N-d convolution with groups and dilation: im2col + one GEMM per group over the whole batch.
+
+    Output size per axis: (in + 2 pad - (dilation (kernel - 1) + 1)) / stride + 1.
+    """
+
+    def layer_setup(self, bottom, top):
+        super().layer_setup(bottom, top)
+        self._cached_columns = {}
+
+    def top_spatial(self, spatial, where):
+        out = tuple(conv_out_size(n, k, s, p, d) for n, k, s, p, d in
+                    zip(spatial, self.kernel, self.stride, self.pad, self.dilation))
+        if any(o <= 0 for o in out):
+            raise KaffeError(f"{where}: the dilated kernel {_shape(self.kernel)} (dilation "
+                             f"{_shape(self.dilation)}) is larger than the padded input {_shape(spatial)} "
+                             f"(pad {_shape(self.pad)})")
+        return out
 
     def _columns(self, blob):
-        """im2col of a bottom's data as (group, C/group * prod(kernel), num * prod(out)).
+        """The columns of a bottom's data.
 
         Columns of at most COLUMN_BUFFER_LIMIT floats are kept for the backward pass, which reuses them
         while the bottom's data is unchanged (Caffe recomputes them; keeping them saves a third of the work).
@@ -243,128 +390,208 @@ class ConvolutionLayer(Layer):
         cached = self._cached_columns.get(id(blob))
         if cached is not None and cached[0] == key:
             return cached[1]
-        data = blob.cpu_data().reshape(self._image_shape())
-        col = im2col(data, self.kernel, self.stride, self.pad, self.dilation)
-        col = col.reshape(self.group, self.blobs[0].count // self.num_output, self.num * self.out_count)
+        col = self._im2col(blob.cpu_data())
         if col.size <= COLUMN_BUFFER_LIMIT:
             self._cached_columns[id(blob)] = (key, col)
         return col
 
     def forward_cpu(self, bottom, top):
-        weight = self.blobs[0].cpu_data().reshape(self.group, self.num_output // self.group, -1)
-        bias = self.blobs[1].cpu_data().reshape(1, -1, 1) if self.bias_term else np.float32(0)
+        weight = self._weights()
         for b, t in zip(bottom, top):
-            product = np.matmul(weight, self._columns(b))  # (group, O/group, num * L)
-            by_sample = product.reshape(self.num_output, self.num, self.out_count).transpose(1, 0, 2)
-            np.add(by_sample, bias, out=t.mutable_cpu_data().reshape(self.num, self.num_output, self.out_count))
+            self._from_rows(np.matmul(weight, self._columns(b)), t.mutable_cpu_data(), self._bias())
 
-    # -- OpenCL ----------------------------------------------------------------------------------------
-    def _geometry_2d(self):
-        """Spatial size, output size, kernel, stride, pad and dilation as (h, w) pairs (1-D: h is a unit axis)."""
-        lead = 2 - self.num_spatial
-        return [(fill,) * lead + tuple(values) for fill, values in
-                ((1, self.spatial), (1, self.out_spatial), (1, self.kernel), (1, self.stride), (0, self.pad),
-                 (1, self.dilation))]
-
-    def _chunks(self):
-        """(first sample, samples) ranges whose columns fit COLUMN_BUFFER_LIMIT (at least one sample each)."""
-        per_sample = self.blobs[0].count // self.num_output * self.group * self.out_count
-        step = max(1, min(self.num, COLUMN_BUFFER_LIMIT // max(per_sample, 1)))
-        return [(n0, min(step, self.num - n0)) for n0 in range(0, self.num, step)]
-
-    def _transform_args(self, samples):
-        (h, w), (oh, ow), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self._geometry_2d()
-        return (samples, self.channels, h, w, kh, kw, ph, pw, sh, sw, dh, dw, oh, ow)
-
-    def _image_size(self):
-        return self.channels * int(np.prod(self.spatial, dtype=np.int64))
-
-    def _im2col_gpu(self, data, first, samples):
-        """The columns of samples [first, first + samples) of a device image array, in this layer's scratch."""
-        col = opencl.scratch(self, "columns", self.blobs[0].count // self.num_output * self.group * samples *
-                      self.out_count)
-        run_kernel("im2col", self.channels * samples * self.out_count,
-               *opencl.device_args(data, first * self._image_size()), *self._transform_args(samples), *opencl.device_args(col))
-        return col
+    def backward_cpu(self, top, propagate_down, bottom):
+        for t, down, b in zip(top, propagate_down, bottom):
+            top_diff = t.cpu_diff()
+            self._add_bias_gradient(top_diff)
+            if not (self.param_propagate_down[0] or down):
+                continue
+            rows = self._to_rows(top_diff)
+            if self.param_propagate_down[0]:
+                self._add_weight_gradient(rows, self._columns(b))
+            if down:
+                self._col2im(np.matmul(self._weights().transpose(0, 2, 1), rows), b.mutable_cpu_diff())
 
     def forward_gpu(self, bottom, top):
         if self.num_spatial > 2:
             return super().forward_gpu(bottom, top)
-        cl = opencl
-        out_per_group = self.num_output // self.group
-        rows_per_group = self.blobs[0].count // self.num_output
         weight = self.blobs[0].gpu_data()
         for b, t in zip(bottom, top):
             data, out = b.gpu_data(), t.mutable_gpu_data()
             for first, samples in self._chunks():
                 col = self._im2col_gpu(data, first, samples)
-                width = samples * self.out_count
-                product = opencl.scratch(self, "rows", self.num_output * width)
-                for g in range(self.group):
-                    cl.gemm(False, False, out_per_group, width, rows_per_group, 1.0, weight, col, 0.0, product,
-                            a_offset=g * out_per_group * rows_per_group, b_offset=g * rows_per_group * width,
-                            c_offset=g * out_per_group * width)
-                bias = self.blobs[1].gpu_data() if self.bias_term else product
-                run_kernel("rows_to_nchw", samples * self.num_output * self.out_count, *opencl.device_args(product),
-                       samples, self.num_output, self.out_count, *opencl.device_args(bias), self.bias_term,
-                       *opencl.device_args(out, first * self.num_output * self.out_count))
+                product = opencl.scratch(self, "rows", self._rows_size() * samples)
+                self._group_gemm_gpu("rows", samples, weight, col, product)
+                self._from_rows_gpu(product, out, first, samples, self.bias_term)
 
     def backward_gpu(self, top, propagate_down, bottom):
         if self.num_spatial > 2:
             return super().backward_gpu(top, propagate_down, bottom)
-        cl = opencl
-        out_per_group = self.num_output // self.group
-        rows_per_group = self.blobs[0].count // self.num_output
         want_weight = self.param_propagate_down[0]
         for t, down, b in zip(top, propagate_down, bottom):
             top_diff = t.gpu_diff()
-            if self.bias_term and self.param_propagate_down[1]:
-                channel_sum(top_diff, self.num, self.num_output, self.out_count, self.blobs[1].mutable_gpu_diff())
+            self._add_bias_gradient_gpu(top_diff)
             if not (want_weight or down):
                 continue
             for first, samples in self._chunks():
-                width = samples * self.out_count
-                grouped = opencl.scratch(self, "rows", self.num_output * width)
-                run_kernel("nchw_to_rows", self.num_output * width,
-                       *opencl.device_args(top_diff, first * self.num_output * self.out_count),
-                       samples, self.num_output, self.out_count, *opencl.device_args(grouped))
+                rows = self._to_rows_gpu(top_diff, first, samples)
                 if want_weight:
                     col = self._im2col_gpu(b.gpu_data(), first, samples)
-                    weight_diff = self.blobs[0].mutable_gpu_diff()
-                    for g in range(self.group):  # accumulated (beta 1), as Caffe accumulates parameter diffs
-                        cl.gemm(False, True, out_per_group, rows_per_group, width, 1.0, grouped, col, 1.0,
-                                weight_diff, a_offset=g * out_per_group * width, b_offset=g * rows_per_group * width,
-                                c_offset=g * out_per_group * rows_per_group)
+                    self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff())
                 if down:
-                    col = opencl.scratch(self, "columns", rows_per_group * self.group * width)
-                    weight = self.blobs[0].gpu_data()
-                    for g in range(self.group):
-                        cl.gemm(True, False, rows_per_group, width, out_per_group, 1.0, weight, grouped, 0.0, col,
-                                a_offset=g * out_per_group * rows_per_group, b_offset=g * out_per_group * width,
-                                c_offset=g * rows_per_group * width)
-                    run_kernel("col2im", samples * self._image_size(), *opencl.device_args(col), *self._transform_args(samples),
-                           *opencl.device_args(b.mutable_gpu_diff(), first * self._image_size()))
+                    col = opencl.scratch(self, "columns", self.kernel_dim * self.group * samples * self.column_count)
+                    self._group_gemm_gpu("columns", samples, self.blobs[0].gpu_data(), rows, col)
+                    self._col2im_gpu(col, b.mutable_gpu_diff(), first, samples)
+
+
+@register_layer("Deconvolution")
+class DeconvolutionLayer(BaseConvolutionLayer):
+    """Transposed convolution: forward is Convolution's backward-data pass (GEMM with the transposed weights,
+    then col2im into the top), backward is its forward (im2col of the top diff) plus the weight gradient.
+
+    Weights (C_in, num_output / group, *kernel); output size per axis:
+    stride (in - 1) + dilation (kernel - 1) + 1 - 2 pad. With the bilinear filler and kernel 2f - f % 2,
+    stride f, pad ceil((f - 1) / 2) it is FCN's fixed upsampling by f.
+    """
+    transposed = True
+
+    def top_spatial(self, spatial, where):
+        out = tuple(s * (n - 1) + d * (k - 1) + 1 - 2 * p for n, k, s, p, d in
+                    zip(spatial, self.kernel, self.stride, self.pad, self.dilation))
+        if any(o <= 0 for o in out):
+            raise KaffeError(f"{where}: the padding {_shape(self.pad)} leaves no output for the input "
+                             f"{_shape(spatial)} (kernel {_shape(self.kernel)}, stride {_shape(self.stride)}, "
+                             f"dilation {_shape(self.dilation)}); the output would be {_shape(out)}")
+        return out
+
+    def _add_bias(self, top_data):
+        top_data.reshape(self.num, self.num_output, self.top_count)[...] += self._bias()
+
+    def forward_cpu(self, bottom, top):
+        weight_t = self._weights().transpose(0, 2, 1)
+        for b, t in zip(bottom, top):
+            out = t.mutable_cpu_data()
+            self._col2im(np.matmul(weight_t, self._to_rows(b.cpu_data())), out)
+            if self.bias_term:
+                self._add_bias(out)
 
     def backward_cpu(self, top, propagate_down, bottom):
-        weight = self.blobs[0].cpu_data().reshape(self.group, self.num_output // self.group, -1)
-        want_weight = self.param_propagate_down[0]
-        want_bias = self.bias_term and self.param_propagate_down[1]
         for t, down, b in zip(top, propagate_down, bottom):
-            top_diff = t.cpu_diff().reshape(self.num, self.num_output, self.out_count)
-            if want_bias:
-                self.blobs[1].mutable_cpu_diff()[...] += top_diff.sum(axis=(0, 2))
+            top_diff = t.cpu_diff()
+            self._add_bias_gradient(top_diff)
+            if not (self.param_propagate_down[0] or down):
+                continue
+            col = self._im2col(top_diff)
+            if self.param_propagate_down[0]:
+                self._add_weight_gradient(self._to_rows(b.cpu_data()), col)
+            if down:
+                self._from_rows(np.matmul(self._weights(), col), b.mutable_cpu_diff(), np.float32(0))
+
+    def forward_gpu(self, bottom, top):
+        if self.num_spatial > 2:
+            return super().forward_gpu(bottom, top)
+        weight = self.blobs[0].gpu_data()
+        for b, t in zip(bottom, top):
+            data, out = b.gpu_data(), t.mutable_gpu_data()
+            for first, samples in self._chunks():
+                rows = self._to_rows_gpu(data, first, samples)
+                col = opencl.scratch(self, "columns", self.kernel_dim * self.group * samples * self.column_count)
+                self._group_gemm_gpu("columns", samples, weight, rows, col)
+                self._col2im_gpu(col, out, first, samples)
+            if self.bias_term:
+                run_kernel("add_bias", t.count, *opencl.device_args(out),
+                           *opencl.device_args(self.blobs[1].gpu_data()), self.num_output, self.top_count)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if self.num_spatial > 2:
+            return super().backward_gpu(top, propagate_down, bottom)
+        want_weight = self.param_propagate_down[0]
+        for t, down, b in zip(top, propagate_down, bottom):
+            top_diff = t.gpu_diff()
+            self._add_bias_gradient_gpu(top_diff)
             if not (want_weight or down):
                 continue
-            # (group, O/group, num * L): output channels first, as the columns are laid out
-            grouped = np.ascontiguousarray(top_diff.transpose(1, 0, 2)).reshape(
-                self.group, self.num_output // self.group, self.num * self.out_count)
-            if want_weight:
-                weight_diff = np.matmul(grouped, self._columns(b).transpose(0, 2, 1))
-                self.blobs[0].mutable_cpu_diff()[...] += weight_diff.reshape(self.blobs[0].shape)
-            if down:
-                col_diff = np.matmul(weight.transpose(0, 2, 1), grouped)
-                col2im(col_diff, self._image_shape(), self.kernel, self.stride, self.pad, self.dilation,
-                       out=b.mutable_cpu_diff().reshape(self._image_shape()))
+            for first, samples in self._chunks():
+                col = self._im2col_gpu(top_diff, first, samples)
+                if want_weight:
+                    rows = self._to_rows_gpu(b.gpu_data(), first, samples)
+                    self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff())
+                if down:
+                    # the in-order queue has run the weight GEMM before this overwrites the rows scratch
+                    product = opencl.scratch(self, "rows", self._rows_size() * samples)
+                    self._group_gemm_gpu("rows", samples, self.blobs[0].gpu_data(), col, product)
+                    self._from_rows_gpu(product, b.mutable_gpu_diff(), first, samples, False)
+
+
+@register_layer("Im2col")
+class Im2colLayer(Layer):
+    """The convolution's column transform as a layer (convolution_param: kernel, stride, pad, dilation, axis).
+
+    Each sample's columns, in Caffe's layout: the channel axis becomes C * prod(kernel) (row c * K + k is tap k
+    of channel c) and the spatial axes the convolution's output positions. Backward is col2im. OpenCL: 1-D and
+    2-D (higher dimensions run the CPU code).
+    """
+    exact_num_bottom_blobs = 1
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.convolution_param
+        where = f"{self.type} layer '{self.name}'"
+        self.channel_axis = bottom[0].canonical_axis_index(p.axis)
+        self.num_spatial = bottom[0].num_axes - self.channel_axis - 1
+        if self.num_spatial < 1:
+            raise KaffeError(f"{where}: the input needs a spatial axis after the channel axis {self.channel_axis}, "
+                             f"got {bottom[0].shape_string()}")
+        self.kernel, self.stride, self.pad, self.dilation = conv_geometry(p, self.num_spatial, where)
+
+    def reshape(self, bottom, top):
+        where = f"{self.type} layer '{self.name}'"
+        if bottom[0].num_axes != self.channel_axis + 1 + self.num_spatial:
+            raise KaffeError(f"{where}: bottom num_axes may not change (set up for "
+                             f"{self.channel_axis + 1 + self.num_spatial} axes, got {bottom[0].shape_string()})")
+        self.num = bottom[0].count_axes(0, self.channel_axis)
+        self.channels = bottom[0].shape[self.channel_axis]
+        self.spatial = bottom[0].shape[self.channel_axis + 1:]
+        self.out_spatial = tuple(conv_out_size(n, k, s, p, d) for n, k, s, p, d in
+                                 zip(self.spatial, self.kernel, self.stride, self.pad, self.dilation))
+        if any(o <= 0 for o in self.out_spatial):
+            raise KaffeError(f"{where}: the dilated kernel {_shape(self.kernel)} (dilation {_shape(self.dilation)}) "
+                             f"is larger than the padded input {_shape(self.spatial)} (pad {_shape(self.pad)})")
+        self.rows = self.channels * int(np.prod(self.kernel))
+        self.positions = int(np.prod(self.out_spatial, dtype=np.int64))
+        top[0].reshape(bottom[0].shape[:self.channel_axis] + (self.rows,) + self.out_spatial)
+
+    def _image_shape(self):
+        return (self.num, self.channels) + self.spatial
+
+    def forward_cpu(self, bottom, top):
+        col = im2col(bottom[0].cpu_data().reshape(self._image_shape()), self.kernel, self.stride, self.pad,
+                     self.dilation)
+        top[0].mutable_cpu_data().reshape(self.num, self.rows, self.positions)[...] = \
+            col.reshape(self.rows, self.num, self.positions).transpose(1, 0, 2)
+
+    def backward_cpu(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            col = top[0].cpu_diff().reshape(self.num, self.rows, self.positions).transpose(1, 0, 2)
+            col2im(np.ascontiguousarray(col), self._image_shape(), self.kernel, self.stride, self.pad, self.dilation,
+                   out=bottom[0].mutable_cpu_diff().reshape(self._image_shape()))
+
+    def _transform_args(self):
+        return transform_args_2d(self.num, self.channels, self.spatial, self.out_spatial, self.kernel, self.stride,
+                                 self.pad, self.dilation, self.positions, self.rows * self.positions)
+
+    def forward_gpu(self, bottom, top):
+        if self.num_spatial > 2:
+            return super().forward_gpu(bottom, top)
+        run_kernel("im2col", self.channels * self.num * self.positions, *opencl.device_args(bottom[0].gpu_data()),
+                   *self._transform_args(), *opencl.device_args(top[0].mutable_gpu_data()))
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if self.num_spatial > 2:
+            return super().backward_gpu(top, propagate_down, bottom)
+        if propagate_down[0]:
+            run_kernel("col2im", bottom[0].count, *opencl.device_args(top[0].gpu_diff()), *self._transform_args(),
+                       *opencl.device_args(bottom[0].mutable_gpu_diff()))
 
 
 # -- Pooling --------------------------------------------------------------------------------------
@@ -385,9 +612,16 @@ def ave_pool_divisors(size, out, kernel, stride, pad):
 
 @register_layer("Pooling")
 class PoolingLayer(Layer):
-    """2-D MAX / AVE pooling (STOCHASTIC has no CPU implementation, as in Caffe).
+    """2-D MAX / AVE / STOCHASTIC pooling.
 
     MAX may give a second top: the argmax of each window as a flat h*W+w index into the input plane.
+    STOCHASTIC (no padding; the inputs are taken to be non-negative, e.g. after a ReLU): TRAIN outputs one
+    element of each window, drawn with probability proportional to its value, and backward routes the gradient
+    to it; TEST outputs the activation-weighted average sum(x^2) / sum(x). Caffe has it on the GPU only; here
+    both run, with Caffe's draw: u in (0, 1] per output, the first element at which the running window sum
+    reaches u * the window sum. The u come from the counter-based generator of Dropout (one 64-bit seed from
+    device.rng() per TRAIN forward), so the CPU and OpenCL draws are the same. TEST backward, which Caffe
+    leaves undefined, is the gradient of the weighted average.
     """
     exact_num_bottom_blobs = 1
     min_top_blobs = 1
@@ -493,11 +727,47 @@ class PoolingLayer(Layer):
         for k, tile in enumerate(self._tiles(dx)):
             np.multiply(dy, self.window_argmax == k, out=tile)
 
-    def _not_implemented(self, where):
-        return KaffeError(f"{self.type} layer '{self.name}': STOCHASTIC pooling is not implemented on {where} yet")
+    # -- STOCHASTIC: the windows have no padding, so self.taps covers each window's elements in row-major order --
+    def _draw_seed(self):
+        self.seed = device.rng().integers(0, np.iinfo(np.uint64).max, dtype=np.uint64, endpoint=True)
 
-    def _not_on_cpu(self):
-        return self._not_implemented("the CPU")
+    def _uniforms(self, shape):
+        """u in (0, 1] per output: 24 random bits, so that u is exact in float32 on the host and the device."""
+        bits = dropout_bits(self.seed, int(np.prod(shape, dtype=np.int64)))
+        return (((bits >> np.uint32(8)) + np.uint32(1)).astype(np.float32) * np.float32(2.0 ** -24)).reshape(shape)
+
+    def _forward_stochastic_train(self, x, y):
+        """Sums in the OpenCL kernel's order (float32, row-major), so both pick the same element."""
+        window_sum = np.zeros(y.shape, dtype=np.float32)
+        for _, out_s, in_s in self.taps:
+            window_sum[(Ellipsis,) + out_s] += x[(Ellipsis,) + in_s]
+        threshold = self._uniforms(y.shape) * window_sum
+        running = np.zeros_like(window_sum)
+        index = np.full(y.shape, -1, dtype=np.int32)  # stays -1 only for a window with NaN
+        flat_index = np.arange(x.shape[2] * x.shape[3], dtype=np.int32).reshape(x.shape[2:])
+        y[...] = 0
+        for _, out_s, in_s in self.taps:
+            window = (Ellipsis,) + out_s
+            candidate = x[(Ellipsis,) + in_s]
+            running[window] += candidate
+            chosen = (index[window] < 0) & (running[window] >= threshold[window])
+            index[window] = np.where(chosen, flat_index[in_s], index[window])
+            y[window] = np.where(chosen, candidate, y[window])
+        self.argmax = index
+
+    def _forward_stochastic_test(self, x, y):
+        window_sum = np.full(y.shape, np.finfo(np.float32).tiny, dtype=np.float32)  # FLT_MIN: never 0 / 0
+        squares = np.zeros(y.shape, dtype=np.float32)
+        for _, out_s, in_s in self.taps:
+            window = (Ellipsis,) + out_s
+            candidate = x[(Ellipsis,) + in_s]
+            window_sum[window] += candidate
+            squares[window] += candidate * candidate
+        np.divide(squares, window_sum, out=y)
+        self.window_sum = window_sum
+
+    def _stochastic_train(self):
+        return self.method == caffe_pb2.PoolingParameter.STOCHASTIC and self.phase == caffe_pb2.TRAIN
 
     def forward_cpu(self, bottom, top):
         x = bottom[0].cpu_data()
@@ -526,8 +796,11 @@ class PoolingLayer(Layer):
             for _, out_s, in_s in self.taps:
                 y[(Ellipsis,) + out_s] += x[(Ellipsis,) + in_s]
             y /= self.divisors
+        elif self._stochastic_train():
+            self._draw_seed()
+            self._forward_stochastic_train(x, y)
         else:
-            raise self._not_on_cpu()
+            self._forward_stochastic_test(x, y)
 
     # -- OpenCL: one work-item per output forward, per input element backward (gathering, no atomics) -------
     def _pool_geometry(self):
@@ -543,21 +816,30 @@ class PoolingLayer(Layer):
                    mask.data, len(top) > 1, *opencl.device_args(top_mask))
         elif self.method == caffe_pb2.PoolingParameter.AVE:
             run_kernel("ave_pool_forward", top[0].count, *opencl.device_args(data), *self._pool_geometry(), *opencl.device_args(out))
+        elif self._stochastic_train():
+            self._draw_seed()
+            index = opencl.scratch(self, "argmax", top[0].count, np.int32)
+            run_kernel("sto_pool_forward_train", top[0].count, *opencl.device_args(data), *self._pool_geometry(),
+                       np.uint64(self.seed), *opencl.device_args(out), index.data)
         else:
-            raise self._not_implemented("OpenCL")
+            run_kernel("sto_pool_forward_test", top[0].count, *opencl.device_args(data), *self._pool_geometry(),
+                       *opencl.device_args(out), opencl.scratch(self, "window_sum", top[0].count).data)
 
     def backward_gpu(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         top_diff, bottom_diff = top[0].gpu_diff(), bottom[0].mutable_gpu_diff()
-        if self.method == caffe_pb2.PoolingParameter.MAX:
+        if self.method == caffe_pb2.PoolingParameter.MAX or self._stochastic_train():
             run_kernel("max_pool_backward", bottom[0].count, *opencl.device_args(top_diff), opencl.scratch(self, "argmax", 0).data,
                    *self._pool_geometry(), *opencl.device_args(bottom_diff))
         elif self.method == caffe_pb2.PoolingParameter.AVE:
             run_kernel("ave_pool_backward", bottom[0].count, *opencl.device_args(top_diff), *self._pool_geometry(),
                    *opencl.device_args(bottom_diff))
         else:
-            raise self._not_implemented("OpenCL")
+            run_kernel("sto_pool_backward_test", bottom[0].count, *opencl.device_args(bottom[0].gpu_data()),
+                       *opencl.device_args(top[0].gpu_data()), *opencl.device_args(top_diff),
+                       opencl.scratch(self, "window_sum", top[0].count).data, *self._pool_geometry(),
+                       *opencl.device_args(bottom_diff))
 
     def backward_cpu(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -567,7 +849,7 @@ class PoolingLayer(Layer):
         dx[...] = 0
         if self.method == caffe_pb2.PoolingParameter.MAX and self.window_argmax is not None:
             self._backward_max_tiled(dy, dx)
-        elif self.method == caffe_pb2.PoolingParameter.MAX:
+        elif self.method == caffe_pb2.PoolingParameter.MAX or self._stochastic_train():
             mask = top[1].cpu_data() if len(top) > 1 else self.argmax
             flat_index = np.arange(dx.shape[2] * dx.shape[3], dtype=mask.dtype).reshape(dx.shape[2:])
             for _, out_s, in_s in self.taps:
@@ -577,8 +859,206 @@ class PoolingLayer(Layer):
             share = dy / self.divisors
             for _, out_s, in_s in self.taps:
                 dx[(Ellipsis,) + in_s] += share[(Ellipsis,) + out_s]
+        else:  # d(sum x^2 / sum x)/dx_j = (2 x_j - y) / sum x
+            x, y = bottom[0].cpu_data(), top[0].cpu_data()
+            share = dy / self.window_sum
+            for _, out_s, in_s in self.taps:
+                window = (Ellipsis,) + out_s
+                dx[(Ellipsis,) + in_s] += share[window] * (2 * x[(Ellipsis,) + in_s] - y[window])
+
+
+# -- SPP and Crop -------------------------------------------------------------------------------------
+def copy_columns_gpu(src, src_cols, src_col0, dst, dst_cols, dst_col0, rows, cols):
+    """dst[r, dst_col0 : dst_col0 + cols] = src[r, src_col0 : src_col0 + cols] for r < rows, on the device."""
+    run_kernel("copy_columns", rows * cols, *opencl.device_args(src), src_cols, src_col0, *opencl.device_args(dst),
+               dst_cols, dst_col0, cols)
+
+
+@register_layer("SPP")
+class SPPLayer(Layer):
+    """Spatial pyramid pooling: level i pools the image into about 2^i x 2^i bins, and the levels, each
+    flattened to (num, C * bins), are joined along axis 1. With pyramid_height 1 the output is the one level's
+    (num, C, 1, 1), unflattened.
+
+    Caffe builds it from Split / Pooling / Flatten / Concat; here one internal Pooling layer per level (so the
+    bins, divisors and checks are Pooling's) writes into its part of the top. Level i uses, per axis, kernel
+    k = ceil(size / 2^i), stride k and pad ceil((k 2^i - size) / 2). The levels get this layer's phase (Caffe's
+    get TRAIN whatever the net's phase, which only matters for STOCHASTIC).
+    """
+    exact_num_bottom_blobs = 1
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.spp_param
+        self.pyramid_height = p.pyramid_height
+        if self.pyramid_height < 1:
+            raise KaffeError(f"{self.type} layer '{self.name}': pyramid_height must be at least 1, "
+                             f"got {self.pyramid_height}")
+        self.input_shape = None
+        self.levels = []  # (Pooling layer, its top)
+        self.level_bottom = Blob()  # backward of levels after the first: bottom data, a diff of its own
+
+    def _pooling_param(self, level, height, width):
+        p = self.layer_param.spp_param
+        bins = 2 ** level
+        param = caffe_pb2.LayerParameter(name=f"{self.name} pyramid level {level}", type="Pooling", phase=self.phase)
+        q = param.pooling_param
+        q.pool = p.pool  # SPPParameter.PoolMethod has PoolingParameter's values
+        q.kernel_h, q.kernel_w = -(-height // bins), -(-width // bins)
+        q.stride_h, q.stride_w = q.kernel_h, q.kernel_w
+        q.pad_h, q.pad_w = (q.kernel_h * bins - height + 1) // 2, (q.kernel_w * bins - width + 1) // 2
+        return param
+
+    def reshape(self, bottom, top):
+        x = bottom[0]
+        if x.num_axes != 4:
+            raise KaffeError(f"{self.type} layer '{self.name}': input must have 4 axes (num, channels, height, "
+                             f"width), got {x.shape_string()}")
+        if min(x.shape[2:]) <= 0:
+            raise KaffeError(f"{self.type} layer '{self.name}': input dimensions cannot be zero, got {x.shape_string()}")
+        if x.shape != self.input_shape:  # the bins depend on the input size
+            self.input_shape = x.shape
+            self.levels = []
+            for level in range(self.pyramid_height):
+                pool = PoolingLayer(self._pooling_param(level, *x.shape[2:]))
+                pooled = Blob()
+                pool.setup([x], [pooled])
+                self.levels.append((pool, pooled))
+        for pool, pooled in self.levels:
+            pool.reshape([x], [pooled])
+        if self.pyramid_height == 1:
+            top[0].reshape(self.levels[0][1].shape)
         else:
-            raise self._not_on_cpu()
+            top[0].reshape(x.shape[0], sum(pooled.count // x.shape[0] for _, pooled in self.levels))
+
+    def _parts(self):
+        """(level layer, its top, first column in the top) per level."""
+        start = 0
+        for pool, pooled in self.levels:
+            yield pool, pooled, start
+            start += pooled.count // self.input_shape[0]
+
+    def forward_cpu(self, bottom, top):
+        out = top[0].mutable_cpu_data().reshape(self.input_shape[0], -1)
+        for pool, pooled, start in self._parts():
+            pool.forward(bottom, [pooled])
+            part = pooled.cpu_data().reshape(out.shape[0], -1)
+            out[:, start:start + part.shape[1]] = part
+
+    def forward_gpu(self, bottom, top):
+        num, width = self.input_shape[0], top[0].count // self.input_shape[0]
+        out = top[0].mutable_gpu_data()
+        for pool, pooled, start in self._parts():
+            pool.forward(bottom, [pooled])
+            cols = pooled.count // num
+            copy_columns_gpu(pooled.gpu_data(), cols, 0, out, width, start, num, cols)
+
+    def _backward(self, bottom, take_part, add_diff):
+        """Each level's backward from its part of the top diff; the bottom diff is their sum."""
+        self.level_bottom.reshape(bottom[0].shape)
+        self.level_bottom.share_data(bottom[0])
+        for i, (pool, pooled, start) in enumerate(self._parts()):
+            take_part(pooled, start)
+            pool.backward([pooled], [True], [bottom[0] if i == 0 else self.level_bottom])
+            if i:
+                add_diff()
+
+    def backward_cpu(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        if self.pyramid_height == 1:
+            return self.levels[0][0].backward(top, propagate_down, bottom)
+        dy = top[0].cpu_diff().reshape(self.input_shape[0], -1)
+
+        def take_part(pooled, start):
+            pooled.mutable_cpu_diff().reshape(dy.shape[0], -1)[...] = dy[:, start:start + pooled.count // dy.shape[0]]
+
+        def add_diff():
+            bottom[0].mutable_cpu_diff()[...] += self.level_bottom.cpu_diff()
+
+        self._backward(bottom, take_part, add_diff)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        if self.pyramid_height == 1:
+            return self.levels[0][0].backward(top, propagate_down, bottom)
+        num, width = self.input_shape[0], top[0].count // self.input_shape[0]
+        dy = top[0].gpu_diff()
+
+        def take_part(pooled, start):
+            cols = pooled.count // num
+            copy_columns_gpu(dy, width, start, pooled.mutable_gpu_diff(), cols, 0, num, cols)
+
+        def add_diff():
+            opencl.axpy(1.0, self.level_bottom.gpu_diff(), bottom[0].mutable_gpu_diff())
+
+        self._backward(bottom, take_part, add_diff)
+
+
+@register_layer("Crop")
+class CropLayer(Layer):
+    """Crops bottom[0] to bottom[1]'s shape on the axes from `axis` on, starting at `offset` (one value for all
+    those axes, one per axis, or none: 0). Axes before `axis` are kept. Backward reaches bottom[0] only."""
+    exact_num_bottom_blobs = 2
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.crop_param
+        self.start_axis = bottom[0].canonical_axis_index(p.axis)
+        self.offset = list(p.offset)
+        if len(self.offset) > 1 and self.start_axis + len(self.offset) != bottom[0].num_axes:
+            raise KaffeError(f"{self.type} layer '{self.name}': the number of offset values ({len(self.offset)}) "
+                             f"must be equal to the number of dimensions following axis {self.start_axis} of "
+                             f"bottom[0] {bottom[0].shape_string()}")
+
+    def reshape(self, bottom, top):
+        source, reference = bottom
+        if source.num_axes != reference.num_axes:
+            raise KaffeError(f"{self.type} layer '{self.name}': the bottoms need the same number of axes, got "
+                             f"{source.shape_string()} and {reference.shape_string()}")
+        if len(self.offset) > 1 and self.start_axis + len(self.offset) != source.num_axes:
+            raise KaffeError(f"{self.type} layer '{self.name}': bottom num_axes may not change "
+                             f"(got {source.shape_string()})")
+        offsets, shape = [0] * source.num_axes, list(source.shape)
+        for i in range(self.start_axis, source.num_axes):
+            offset = self.offset[0 if len(self.offset) == 1 else i - self.start_axis] if self.offset else 0
+            if source.shape[i] - offset < reference.shape[i]:
+                raise KaffeError(f"{self.type} layer '{self.name}': the crop for dimension {i} is out-of-bounds "
+                                 f"with size {reference.shape[i]} and offset {offset} (bottom[0] "
+                                 f"{source.shape_string()}, bottom[1] {reference.shape_string()})")
+            offsets[i], shape[i] = offset, reference.shape[i]
+        self.window = tuple(slice(o, o + n) for o, n in zip(offsets, shape))
+        strides = np.cumprod((source.shape[1:] + (1,))[::-1])[::-1]
+        self.base = int(np.dot(offsets, strides))
+        self.geometry = np.array(list(shape) + list(strides), dtype=np.int32)
+        top[0].reshape(shape)
+
+    def forward_cpu(self, bottom, top):
+        top[0].mutable_cpu_data()[...] = bottom[0].cpu_data()[self.window]
+
+    def backward_cpu(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            dx = bottom[0].mutable_cpu_diff()
+            dx[...] = 0
+            dx[self.window] = top[0].cpu_diff()
+
+    def _copy_gpu(self, src, dst, forward):
+        """The crop on the device: the shape and strides go to the device once per geometry."""
+        key = (opencl.current().index, self.geometry.tobytes())
+        if getattr(self, "_device_geometry", (None,))[0] != key:
+            self._device_geometry = (key, cla.to_device(opencl.queue(), self.geometry))
+        run_kernel("crop_copy", int(np.prod(self.geometry[:len(self.window)])), *opencl.device_args(src),
+                   *opencl.device_args(dst), self._device_geometry[1].data, len(self.window), self.base, forward)
+
+    def forward_gpu(self, bottom, top):
+        self._copy_gpu(bottom[0].gpu_data(), top[0].mutable_gpu_data(), True)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            dx = bottom[0].mutable_gpu_diff()
+            opencl.fill(dx, 0.0)
+            self._copy_gpu(top[0].gpu_diff(), dx, False)
 
 
 # -- LRN ------------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def test_elementwise_parity(text, shape):
     check_parity(text, [rand(*shape, scale=3)])
 
 
-@pytest.mark.parametrize("text", neuron_texts() + ['type: "Dropout" dropout_param { dropout_ratio: 0.4 }'])
+@pytest.mark.parametrize("text", [t for t in neuron_texts() if '"AbsVal"' not in t]  # AbsVal refuses in place
+                         + ['type: "Dropout" dropout_param { dropout_ratio: 0.4 }'])
 @pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, caffe_pb2.TEST])
 def test_neuron_in_place_parity(text, phase):
     # against the CPU in place, which may differ from a separate top (ReLU with a negative slope reads y's sign)

@@ -409,11 +409,9 @@ def test_pooling_bad_parameters(text, num_top, message):
         setup_layer(layer, blobs_from(rand(1, 2, 5, 5)), num_top=num_top)
 
 
-def test_pooling_needs_four_axes_and_stochastic_is_gpu_only():
+def test_pooling_needs_four_axes():  # STOCHASTIC: tests/test_layers_issue4b.py
     with pytest.raises(KaffeError, match="4 axes"):
         setup_layer(make_layer(pool_text("MAX", "kernel_size: 2")), blobs_from(rand(2, 5, 5)))
-    with pytest.raises(KaffeError, match="STOCHASTIC.*not implemented on the CPU"):
-        run(pool_text("STOCHASTIC", "kernel_size: 2"), rand(1, 1, 4, 4))
 
 
 # -- LRN -------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from gradient_check import blobs_from, check_gradient, check_parity, make_layer,
 
 from kaffe.engine import device
 from kaffe.engine.blob import Blob
-from kaffe.engine.errors import KaffeError
 from kaffe.engine.syncedmem import HEAD_AT_GPU
 from kaffe.layers import vision
 
@@ -125,14 +124,6 @@ def test_max_pooling_nan_never_wins():
     x[0, 0, :3, :3] = np.nan  # a window of NaNs: -FLT_MAX and index -1, as Caffe
     x[0, 1, ::2, ::2] = np.nan
     check_parity('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 3 }', [x], num_top=2)
-
-
-def test_stochastic_pooling_is_refused_on_opencl(gpu_mode):
-    layer = make_layer('type: "Pooling" pooling_param { pool: STOCHASTIC kernel_size: 2 }')
-    bottom = blobs_from(rand(1, 1, 4, 4))
-    top = setup_layer(layer, bottom)
-    with pytest.raises(KaffeError, match="STOCHASTIC pooling is not implemented on OpenCL"):
-        layer.forward(bottom, top)
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
