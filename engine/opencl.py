@@ -219,22 +219,24 @@ def _build_options(defines):
 
 
 def program(source, defines=None):
-    """The built cl.Program of `source` (a .cl file name, see _kernel_file, or OpenCL C text) with `defines`
+    """The built cl.Program of `source` (a .cl file name, see _kernel_file, OpenCL C text, or a tuple of those,
+    concatenated: shared helpers such as layers/random.cl come first) with `defines`
     ({name: value} passed as -D options), built once per device and options.
 
     pyopencl also keeps the binaries in its disk cache, so a later run skips the compiler. A failed build
     raises KaffeError with the compiler's log.
     """
     dev = current()
-    is_file = source.endswith(".cl") and "\n" not in source
-    text = _kernel_file(source) if is_file else source
+    parts = source if isinstance(source, tuple) else (source,)
+    is_file = [part.endswith(".cl") and "\n" not in part for part in parts]
+    text = "\n".join(_kernel_file(part) if file else part for part, file in zip(parts, is_file))
     options = _build_options(defines)
     key = (text, options)
     if key not in dev.programs:
         try:
             dev.programs[key] = cl.Program(dev.context, text).build(options=list(options))
         except cl.Error as error:  # pyopencl's message holds the build log
-            label = source if is_file else "generated OpenCL source"
+            label = " + ".join(part if file else "generated OpenCL source" for part, file in zip(parts, is_file))
             raise KaffeError(f"OpenCL build of {label} failed on {dev.device.name.strip()} "
                              f"with options {' '.join(options) or '(none)'}:\n{error}") from None
     return dev.programs[key]

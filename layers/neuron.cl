@@ -1,15 +1,6 @@
 // Dropout's mask from a counter-based generator: value i of a forward with seed s is kept when
-// dropout_bits(s, i) >= threshold. layers/neuron.py computes the same bits with numpy (dropout_bits), so the
+// counter_bits(s, i) >= threshold (layers/random.cl). layers/neuron.py computes the same bits with numpy (dropout_bits), so the
 // CPU and OpenCL masks are the same bits and nothing but the 64-bit seed is kept for backward.
-
-// splitmix64's output for counter i + 1 (state s + (i + 1) * golden gamma); its top 32 bits
-inline uint dropout_bits(const ulong seed, const ulong i) {
-    ulong z = seed + (i + 1UL) * 0x9E3779B97F4A7C15UL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
-    z ^= z >> 31;
-    return (uint)(z >> 32);
-}
 
 // out = in * (kept ? scale : 0): forward on the data, backward on the diffs; in place is fine (same index)
 __kernel void dropout_apply(const int n, __global const float* in, const int in_offset,
@@ -17,7 +8,7 @@ __kernel void dropout_apply(const int n, __global const float* in, const int in_
                             const ulong seed, const uint threshold, const float scale) {
     const int i = get_global_id(0);
     if (i < n)
-        out[out_offset + i] = in[in_offset + i] * (dropout_bits(seed, (ulong)i) >= threshold ? scale : 0.0f);
+        out[out_offset + i] = in[in_offset + i] * (counter_bits(seed, (ulong)i) >= threshold ? scale : 0.0f);
 }
 
 // PReLU on data seen as (outer, channels, inner): value i has slope[(i / inner) % channels] (a shared slope is

@@ -28,6 +28,8 @@ from .common import TERM_XY_NONPOSITIVE_Y, channel_reduce_gpu
 NUMPY_OPS = SimpleNamespace(where=np.where, exp=np.exp, log=np.log, log1p=np.log1p, tanh=np.tanh, abs=np.abs,
                             maximum=np.maximum, minimum=np.minimum, sqrt=np.sqrt, pow=np.power)
 
+KERNELS = ("layers/random.cl", "layers/neuron.cl")  # Dropout draws counter_bits (random.cl)
+
 
 def no_params(layer_param):
     return {}
@@ -337,7 +339,7 @@ class PReLULayer(NeuronLayer):
 
     def _launch(self, name, *args):
         _, channels, inner = self.dims
-        opencl.launch("layers/neuron.cl", name, args[0].size, *[a for array in args
+        opencl.launch(KERNELS, name, args[0].size, *[a for array in args
                                                                for a in opencl.device_args(array)],
                       channels, inner)
 
@@ -424,7 +426,7 @@ class DropoutLayer(NeuronLayer):
     def _apply_gpu(self, source, target):
         """target = source * the scaled mask (TRAIN) or source (TEST); in place is fine (element by element)."""
         if self.phase == caffe_pb2.TRAIN:
-            opencl.launch("layers/neuron.cl", "dropout_apply", source.size, *opencl.device_args(source), *opencl.device_args(target),
+            opencl.launch(KERNELS, "dropout_apply", source.size, *opencl.device_args(source), *opencl.device_args(target),
                    np.uint64(self.seed), self.threshold, self.scale)
         else:
             opencl.copy(source, target)

@@ -241,16 +241,6 @@ __kernel void ave_pool_backward(const int total, __global const float* dy, const
 }
 
 // -- stochastic pooling (no padding: window (ph, pw) covers rows [ph * SH, min(ph * SH + KH, H)), likewise columns)
-// The counter-based generator of Dropout (layers/neuron.cl dropout_bits, layers/neuron.py dropout_bits): the
-// top 32 bits of splitmix64's output for state seed + (i + 1) * golden gamma.
-inline uint counter_bits(const ulong seed, const ulong i) {
-    ulong z = seed + (i + 1UL) * 0x9E3779B97F4A7C15UL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
-    z ^= z >> 31;
-    return (uint)(z >> 32);
-}
-
 // TRAIN: u in (0, 1] from 24 random bits (exact in float); the output is the first element at which the
 // running window sum reaches u * the window sum, and its flat index h * W + w goes to `index` (backward then
 // runs max_pool_backward on it). Sums in row-major order, as the CPU code, so both pick the same element.

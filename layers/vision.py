@@ -18,7 +18,7 @@ from ..proto import caffe_pb2
 from .neuron import dropout_bits
 
 FLT_MAX = np.float32(np.finfo(np.float32).max)
-KERNELS = "layers/vision.cl"
+KERNELS = ("layers/random.cl", "layers/vision.cl")  # stochastic pooling draws counter_bits
 LAUNCH_GROUP = 256  # work-group size of the one-work-item-per-element kernels
 SUM_GROUP = 256  # work-group size of channel_sum
 # the most floats one convolution's column buffer may hold: a batch whose columns need more is done in chunks
