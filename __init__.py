@@ -9,7 +9,7 @@ from .engine.layer import Layer, layer_type_list
 from .engine.log import init_log
 from .engine.net import Net
 from .proto import caffe_pb2
-from .solvers import SGDSolver, get_solver
+from .solvers import AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver, SGDSolver, get_solver
 
 __version__ = "1.0.0"
 

@@ -12,13 +12,17 @@ from .graph import filter_net, insert_splits
 from .io import read_binary_proto, read_text_proto
 from .layer import create_layer
 from .log import logger
+from .upgrade import check_layer_types, upgrade_net_param
 
 AUTOMATIC_TOP = "(automatic)"
 
 
 def read_net_param(path):
-    """A NetParameter from a prototxt file."""
-    return read_text_proto(path, caffe_pb2.NetParameter())
+    """A NetParameter from a prototxt file of any format generation, upgraded (Caffe's ReadNetParamsFromTextFile)."""
+    param = read_text_proto(path, caffe_pb2.NetParameter())
+    upgrade_net_param(param, source=path)
+    check_layer_types(param, path)
+    return param
 
 
 def read_weights_param(path):
@@ -29,6 +33,7 @@ def read_weights_param(path):
     if not len(param.layer) and not len(param.layers):
         raise KaffeError(f"{path}: not a Caffe model: the file holds no layers "
                          f"(expected a binary NetParameter with weights, a .caffemodel)")
+    upgrade_net_param(param, source=path)
     return param
 
 
@@ -446,8 +451,20 @@ class Net:
         for path in str(weights).split(","):
             param = read_weights_param(path)
             if param is None:
-                raise KaffeError(f"{path}: HDF5 weights (.caffemodel.h5) are not supported yet")
-            self.copy_trained_layers_from(param)
+                self.load_hdf5(path)
+            else:
+                self.copy_trained_layers_from(param)
+            del param  # this file's weights are in the blobs now; free them before reading the next file
+
+    def load_hdf5(self, path):
+        """pycaffe's load_hdf5: copy weights from a .caffemodel.h5 (Caffe's data/<layer>/<i> layout)."""
+        from . import hdf5_io
+        hdf5_io.load_net(self, os.fspath(path))
+
+    def save_hdf5(self, path, write_diff=False):
+        """pycaffe's save_hdf5: write the weights as a .caffemodel.h5."""
+        from . import hdf5_io
+        hdf5_io.save_net(self, os.fspath(path), write_diff)
 
     def share_trained_layers_with(self, other):
         """Make this net's parameters views of `other`'s, by layer name (the solver's test nets)."""

@@ -9,18 +9,35 @@ from .lr_policy import learning_rate
 from .solver import Solver, register_solver
 
 
+UPDATE_KERNELS = "solvers/updates.cl"
+
+
 def on_device():
     """Whether updates run as OpenCL kernels (GPU mode): the weights never travel to the host for them."""
     return device.mode() == device.GPU
+
+
+def launch_update(name, blob, history, *scalars):
+    """Run update kernel `name` of updates.cl over one parameter: its diff (the gradient in, the update value
+    out), its history blobs, then float scalars; one work-item per value, everything stays on the device."""
+    arrays = [opencl.device_args(blob.mutable_gpu_diff())]
+    arrays += [opencl.device_args(h.mutable_gpu_data()) for h in history]
+    opencl.launch(UPDATE_KERNELS, name, blob.count, *(a for pair in arrays for a in pair),
+                  *(np.float32(s) for s in scalars))
 
 
 @register_solver("SGD")
 class SGDSolver(Solver):
     def __init__(self, param):
         super().__init__(param)
-        # one history blob per learnable parameter (momentum); update rules with more state add more
-        self.history = [Blob(p.shape) for p in self.net.learnable_params]
+        # one history blob per learnable parameter (momentum); rules with a second set (AdaDelta, Adam) append
+        # it after the first, Caffe's order in the .solverstate
+        self.history = []
+        self.add_history_set()
         self.lr = 0.0
+
+    def add_history_set(self):
+        self.history += [Blob(p.shape) for p in self.net.learnable_params]
 
     def history_blobs(self):
         return self.history

@@ -7,16 +7,16 @@ import time
 
 import numpy as np
 
-from ..engine import device
+from ..engine import device, hdf5_io
 from ..engine.errors import KaffeError
 from ..engine.io import read_binary_proto, read_text_proto, write_binary_proto
 from ..engine.log import logger
 from ..engine.net import Net, read_net_param
+from ..engine.upgrade import upgrade_solver_param
 from ..proto import caffe_pb2
+from .lr_policy import check_policy
 
 SOLVER_TYPES = {}
-_LEGACY_SOLVER_TYPE = {"SGD": "SGD", "NESTEROV": "Nesterov", "ADAGRAD": "AdaGrad", "RMSPROP": "RMSProp",
-                       "ADADELTA": "AdaDelta", "ADAM": "Adam"}
 
 NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
 
@@ -61,24 +61,10 @@ def _resolve(net_path, solver_path):
     return net_path
 
 
-def upgrade_solver_param(param, source="solver"):
-    """Turn the legacy `solver_type` enum into the `type` string, as Caffe's UpgradeSolverAsNeeded."""
-    if not param.HasField("solver_type"):
-        return False
-    legacy = _LEGACY_SOLVER_TYPE[caffe_pb2.SolverParameter.SolverType.Name(param.solver_type)]
-    if param.HasField("type") and param.type != legacy:
-        raise KaffeError(f"{source}: Failed to upgrade solver: old solver_type field (enum) and new type field "
-                         f"(string) cannot be both specified ({legacy} vs {param.type})")
-    param.type = legacy
-    param.ClearField("solver_type")
-    logger.info(f"{source}: upgraded the solver_type enum to type: \"{legacy}\"")
-    return True
-
-
 def get_solver(solver):
     """pycaffe's get_solver: a solver of the class that the file's `type` names."""
     param = solver if isinstance(solver, caffe_pb2.SolverParameter) else read_solver_param(os.fspath(solver))
-    from . import sgd  # noqa: F401  (registers the built-in solver types)
+    from . import adadelta, adagrad, adam, nesterov, rmsprop, sgd  # noqa: F401  (register the built-in types)
     cls = SOLVER_TYPES.get(param.type)
     if cls is None:
         raise KaffeError(f"Unknown solver type: '{param.type}' (known: {', '.join(sorted(SOLVER_TYPES))})")
@@ -121,6 +107,7 @@ class Solver:
             raise KaffeError(f"solver: iter_size must be at least 1, got {p.iter_size}")
         if p.snapshot and not p.snapshot_prefix:
             raise KaffeError("solver: snapshot is set but snapshot_prefix is empty")
+        check_policy(p)
 
     # -- nets --------------------------------------------------------------------------------
     def _init_train_net(self):
@@ -340,14 +327,27 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self):
-        """Write <prefix>_iter_N.caffemodel and <prefix>_iter_N.solverstate (atomically)."""
+        """Write the weights and the solver state in snapshot_format (atomically); returns both paths.
+
+        BINARYPROTO: <prefix>_iter_N.caffemodel + .solverstate; HDF5: .caffemodel.h5 + .solverstate.h5.
+        """
+        resume_state = json.dumps(self._resume_state())
+        if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            model_file = self.snapshot_filename(".caffemodel.h5")
+            logger.info(f"Snapshotting to HDF5 file {model_file}")
+            self.net.save_hdf5(model_file, self.param.snapshot_diff)
+            state_file = self.snapshot_filename(".solverstate.h5")
+            logger.info(f"Snapshotting solver state to HDF5 file {state_file}")
+            hdf5_io.write_solver_state(state_file, self.iter, model_file, self.current_step, self.history_blobs(),
+                                       resume_state)
+            return model_file, state_file
         model_file = self.snapshot_filename(".caffemodel")
         logger.info(f"Snapshotting to binary proto file {model_file}")
         write_binary_proto(self.net.to_proto(self.param.snapshot_diff), model_file)
         state = caffe_pb2.SolverState(iter=self.iter, learned_net=model_file, current_step=self.current_step)
         for blob in self.history_blobs():
             blob.to_proto(state.history.add())
-        state.kaffe_resume_state = json.dumps(self._resume_state())
+        state.kaffe_resume_state = resume_state
         state_file = self.snapshot_filename(".solverstate")
         logger.info(f"Snapshotting solver state to binary proto file {state_file}")
         write_binary_proto(state, state_file)
@@ -358,24 +358,29 @@ class Solver:
                 "test_nets": [net.resume_state() for net in self.test_nets]}
 
     def restore(self, state_file):
-        state = read_binary_proto(state_file, caffe_pb2.SolverState())
+        """Load a .solverstate (binary) or, when the name ends in .h5 as Caffe decides, a .solverstate.h5."""
+        state_file = os.fspath(state_file)
         history = self.history_blobs()
-        if len(state.history) != len(history):
-            raise KaffeError(f"{state_file}: Incorrect length of history blobs: the file has "
-                             f"{len(state.history)}, this solver and net need {len(history)} "
-                             f"(is it a .solverstate of this net and solver type?)")
-        if state.HasField("learned_net"):
-            weights = state.learned_net
+        if state_file.endswith(".h5"):
+            self.iter, weights, self.current_step, extra = hdf5_io.read_solver_state(state_file, history)
+        else:
+            state = read_binary_proto(state_file, caffe_pb2.SolverState())
+            if len(state.history) != len(history):
+                raise KaffeError(f"{state_file}: Incorrect length of history blobs: the file has "
+                                 f"{len(state.history)}, this solver and net need {len(history)} "
+                                 f"(is it a .solverstate of this net and solver type?)")
+            for blob, stored in zip(history, state.history):
+                blob.from_proto(stored, reshape=False)
+            self.iter, self.current_step = state.iter, state.current_step
+            weights = state.learned_net if state.HasField("learned_net") else None
+            extra = state.kaffe_resume_state or None
+        if weights:
             if not os.path.exists(weights):
                 beside = os.path.join(os.path.dirname(state_file), os.path.basename(weights))
                 weights = beside if os.path.exists(beside) else weights
             self.net.copy_from(weights)
-        self.iter = state.iter
-        self.current_step = state.current_step
-        for blob, stored in zip(history, state.history):
-            blob.from_proto(stored)
-        if state.kaffe_resume_state:
-            extra = json.loads(state.kaffe_resume_state)
+        if extra:
+            extra = json.loads(extra)
             device.set_rng_state(extra["rng"])
             self.net.set_resume_state(extra["train_net"])
             for net, net_state in zip(self.test_nets, extra.get("test_nets", [])):
