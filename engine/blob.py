@@ -213,13 +213,35 @@ class Blob:
         proto = caffe_pb2.BlobProto() if proto is None else proto
         proto.Clear()
         proto.shape.dim.extend(self._shape)
-        proto.data.extend(self.cpu_data().ravel().tolist())
+        proto.MergeFromString(_packed_floats(BLOBPROTO_DATA, self.cpu_data()))
         if write_diff:
-            proto.diff.extend(self.cpu_diff().ravel().tolist())
+            proto.MergeFromString(_packed_floats(BLOBPROTO_DIFF, self.cpu_diff()))
         return proto
 
     def __repr__(self):
         return f"Blob({self.shape_string()})"
+
+
+BLOBPROTO_DATA, BLOBPROTO_DIFF = 5, 6  # field numbers of BlobProto's packed float data / diff
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _packed_floats(field_number, values):
+    """The wire bytes of a packed repeated float field holding `values`.
+
+    Merged with MergeFromString, protobuf's own parser fills the field from one memory block: building a
+    Python list of floats instead takes ten times longer (seconds for AlexNet's 61M weights).
+    """
+    payload = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def is_legacy_proto(proto):

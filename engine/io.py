@@ -4,12 +4,16 @@ Every failure becomes a KaffeError naming the file (and line and column for text
 are written atomically so that an interrupted write never destroys an earlier file.
 """
 import os
+import re
 import tempfile
 
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from .errors import KaffeError
+from .upgrade import rewrite_fork_spellings, unknown_field_hint
+
+_UNKNOWN_FIELD = re.compile(r'has no field named "(\w+)"')
 
 
 def _read_bytes(path, what):
@@ -25,7 +29,12 @@ def _read_bytes(path, what):
 
 
 def parse_text_proto(text, message, source="<string>"):
-    """Parse protobuf text into `message`; errors name source:line:column and the offending field."""
+    """Parse protobuf text into `message`; errors name source:line:column and the offending field.
+
+    A fork's `pooling_param { ceil_mode: ... }` is read as `round_mode` (logged); for another unknown field
+    the error says when it comes from a Caffe fork.
+    """
+    text = rewrite_fork_spellings(text, source)
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as e:
@@ -35,7 +44,9 @@ def parse_text_proto(text, message, source="<string>"):
         prefix = f"{line}:{column} : "
         if detail.startswith(prefix):
             detail = detail[len(prefix):]
-        raise KaffeError(f"{where}: error parsing {message.DESCRIPTOR.name} text: {detail}") from None
+        unknown = _UNKNOWN_FIELD.search(detail)
+        hint = unknown_field_hint(unknown.group(1)) if unknown else ""
+        raise KaffeError(f"{where}: error parsing {message.DESCRIPTOR.name} text: {detail}{hint}") from None
     return message
 
 

@@ -40,3 +40,83 @@ __kernel void softmax_loss_backward(const int n, __global const float* prob, con
     diff[diff_offset + i] = (has_ignore && target == ignore_label)
         ? 0.0f : (prob[prob_offset + i] - (c == target ? 1.0f : 0.0f)) * scale;
 }
+
+// SigmoidCrossEntropyLoss: per value, the overflow-free loss log(1 + exp(-|x|)) - x (t - [x >= 0]) and a count of 1,
+// or 0 and 0 where (int)t is the ignore label; also the sigmoid, which backward needs.
+__kernel void sigmoid_ce_forward(const int n, __global const float* x, const int x_offset,
+                                 __global const float* target, const int target_offset,
+                                 __global float* loss, __global float* count,
+                                 __global float* sigmoid, const int sigmoid_offset,
+                                 const int has_ignore, const int ignore_label) {
+    const int i = get_global_id(0);
+    if (i >= n)
+        return;
+    const float v = x[x_offset + i];
+    const float t = target[target_offset + i];
+    sigmoid[sigmoid_offset + i] = 1.0f / (1.0f + exp(-v));
+    if (has_ignore && (int)t == ignore_label) {
+        loss[i] = 0.0f;
+        count[i] = 0.0f;
+    } else {
+        loss[i] = log1p(exp(-fabs(v))) - v * (t - (v >= 0.0f ? 1.0f : 0.0f));
+        count[i] = 1.0f;
+    }
+}
+
+// diff = (sigmoid - t) * scale, 0 where (int)t is the ignore label
+__kernel void sigmoid_ce_backward(const int n, __global const float* sigmoid, const int sigmoid_offset,
+                                  __global const float* target, const int target_offset,
+                                  __global float* diff, const int diff_offset,
+                                  const int has_ignore, const int ignore_label, const float scale) {
+    const int i = get_global_id(0);
+    if (i >= n)
+        return;
+    const float t = target[target_offset + i];
+    diff[diff_offset + i] = (has_ignore && (int)t == ignore_label) ? 0.0f : (sigmoid[sigmoid_offset + i] - t) * scale;
+}
+
+// ContrastiveLoss, per pair p: d^2 if similar ((int)y != 0), else max(margin - d, 0)^2 (legacy: max(margin - d^2, 0))
+__kernel void contrastive_forward(const int n, __global const float* dist_sq, const int dist_offset,
+                                  __global const float* similar, const int similar_offset,
+                                  __global float* term, const float margin, const int legacy) {
+    const int p = get_global_id(0);
+    if (p >= n)
+        return;
+    const float d2 = dist_sq[dist_offset + p];
+    if ((int)similar[similar_offset + p] != 0) {
+        term[p] = d2;
+    } else if (legacy) {
+        term[p] = fmax(margin - d2, 0.0f);
+    } else {
+        const float m = fmax(margin - sqrt(d2), 0.0f);
+        term[p] = m * m;
+    }
+}
+
+// gradient of one feature input, one work-item per value: alpha (a - b) scaled per pair as the loss term requires
+__kernel void contrastive_backward(const int n, const int channels,
+                                   __global const float* difference, const int difference_offset,
+                                   __global const float* dist_sq, const int dist_offset,
+                                   __global const float* similar, const int similar_offset,
+                                   __global float* diff, const int diff_offset,
+                                   const float margin, const int legacy, const float alpha) {
+    const int i = get_global_id(0);
+    if (i >= n)
+        return;
+    const int p = i / channels;
+    const float d = difference[difference_offset + i];
+    float coeff;
+    if ((int)similar[similar_offset + p] != 0) {
+        coeff = 1.0f;
+    } else {
+        const float d2 = dist_sq[dist_offset + p];
+        if (legacy) {
+            coeff = margin - d2 > 0.0f ? -1.0f : 0.0f;
+        } else {
+            const float dist = sqrt(d2);
+            const float mdist = margin - dist;
+            coeff = mdist > 0.0f ? -mdist / (dist + 1e-4f) : 0.0f;
+        }
+    }
+    diff[diff_offset + i] = alpha * coeff * d;
+}

@@ -1,5 +1,6 @@
 """`kaffe`: the command-line tool, with Caffe's commands and flags (`-solver x`, `--solver=x`, `--solver x`)."""
 import argparse
+import importlib
 import sys
 import time
 
@@ -53,9 +54,8 @@ def _build_parser():
     query = commands.add_parser("device_query", help="show the OpenCL devices (all, or --gpu N)")
     _flag(query, "gpu", default="", help="device id to query; empty or 'all' = every device")
 
-    data = commands.add_parser("data", help="download and convert datasets (kaffe data mnist --help)",
-                               add_help=False)
-    data.add_argument("args", nargs=argparse.REMAINDER)
+    for name, (_, _, text) in TOOL_COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -194,22 +194,40 @@ def device_query(args):
     query.run(args.gpu)
 
 
-def data(args):
-    from . import data as data_tool
-    data_tool.main(args.args)
+COMMANDS = {"train": train, "test": test, "time": time_model, "device_query": device_query}
+
+# commands that are programs of their own under tools/ (each parses its own flags: `kaffe zoo --help`):
+# name -> (module, arguments put before the user's, help)
+TOOL_COMMANDS = {
+    "data": ("data", [], "download and convert datasets: kaffe data mnist|cifar10 --help"),
+    "convert_imageset": ("convert_imageset", [], "images listed in a file -> LMDB/LevelDB of Datums"),
+    "compute_image_mean": ("compute_image_mean", [], "the mean image of a database, as a .binaryproto"),
+    "upgrade_net_proto_text": ("upgrade", ["upgrade_net_proto_text"], "upgrade an old net prototxt"),
+    "upgrade_net_proto_binary": ("upgrade", ["upgrade_net_proto_binary"], "upgrade an old binary net (weights)"),
+    "upgrade_solver_proto_text": ("upgrade", ["upgrade_solver_proto_text"], "upgrade an old solver prototxt"),
+    "zoo": ("zoo", [], "our model zoo: kaffe zoo list|show NAME|fetch NAME"),
+}
 
 
-COMMANDS = {"train": train, "test": test, "time": time_model, "device_query": device_query, "data": data}
+def run_tool(name, argv):
+    module, prefix, _ = TOOL_COMMANDS[name]
+    return importlib.import_module(f"{__package__}.{module}").main(prefix + argv) or 0
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    init_log()
+    if argv and argv[0] in TOOL_COMMANDS:
+        try:
+            return run_tool(argv[0], argv[1:])
+        except KaffeError as e:
+            print(f"kaffe {argv[0]}: error: {e}", file=sys.stderr)
+            return 1
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
-    init_log()
     try:
         COMMANDS[args.command](args)
     except KaffeError as e:
