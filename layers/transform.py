@@ -1,4 +1,5 @@
-"""DataTransformer: Caffe's per-item preprocessing (crop, mirror, mean, scale), vectorised over a batch.
+"""DataTransformer: Caffe's per-item preprocessing (crop, mirror, mean, scale), vectorised over a batch, and
+the image helpers that stand in for Caffe's OpenCV calls (load, resize, encode, decode; BGR, channels first).
 
 Order, as in Caffe: crop and mirror pick the source pixels, then out = (x - mean) * scale. Crops are random
 in TRAIN and centred in TEST; mirroring is a random flip (p = 0.5) in both phases. A mean file is the size
@@ -12,6 +13,123 @@ from ..engine.blob import Blob
 from ..engine.errors import KaffeError
 from ..engine.io import read_binary_proto
 from ..proto import caffe_pb2
+
+_GRAY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "F")
+_RESIZE_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: bilinear weights are fixed point with 11 bits
+
+
+# -- images as OpenCV gives them to Caffe ------------------------------------------------------------------
+def _to_8bit(image):
+    """16-bit images are scaled to 8 bits as OpenCV's IMREAD_COLOR/GRAYSCALE do (Pillow would clip)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        from PIL import Image
+        return Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
+    return image
+
+
+def _luma(image, source_format):
+    """Gray pixels of a colour image as OpenCV's IMREAD_GRAYSCALE gives them: libpng's own conversion for PNG
+    (weights 9797, 19234, 3737 / 2^15, truncated), cvtColor's (4899, 9617, 1868 / 2^14, rounded) otherwise.
+    (JPEGs are decoded straight to their luma channel by open_image(gray=True), as libjpeg does for OpenCV.)"""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int32)
+    if source_format == "PNG":
+        weights, shift, rounding = (9797, 19234, 3737), 15, 0
+    else:
+        weights, shift, rounding = (4899, 9617, 1868), 14, 1 << 13
+    gray = rgb[..., 0] * weights[0] + rgb[..., 1] * weights[1] + rgb[..., 2] * weights[2] + rounding
+    return (gray >> shift).astype(np.uint8)
+
+
+def image_to_chw(image, mode):
+    """A Pillow image converted to `mode` ("L", "RGB" or "RGBA") as C x H x W uint8, colour in BGR(A) order,
+    with OpenCV's gray and colour conversions."""
+    source_format = image.format
+    image = _to_8bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # through RGBA, as Pillow asks for palettes with transparency
+    if mode == "L":
+        if image.mode in _GRAY_MODES or image.mode == "LA":
+            return np.asarray(image.convert("L"), dtype=np.uint8)[np.newaxis]
+        return _luma(image, source_format)[np.newaxis]
+    pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+    order = [2, 1, 0, 3] if mode == "RGBA" else [2, 1, 0]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[order])
+
+
+def open_image(source, gray=False):
+    """A decoded Pillow image from a path or file object; OSError (missing, unreadable or not an image) is left
+    to the caller to name. gray: a JPEG is decoded to its luma channel, as libjpeg does for OpenCV."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        image = Image.open(source)
+        if gray and image.format == "JPEG":
+            image.draft("L", image.size)
+        image.load()
+    except UnidentifiedImageError as e:
+        raise OSError(f"not an image file Pillow can decode ({e})") from None
+    except OSError as e:
+        raise OSError(e.strerror or str(e)) from None
+    return image
+
+
+def read_image(path, height=0, width=0, is_color=True):
+    """Caffe's ReadImageToCVMat: 3-channel BGR (is_color) or 1-channel gray, resized when height and width > 0."""
+    pixels = image_to_chw(open_image(path, gray=not is_color), "RGB" if is_color else "L")
+    if height > 0 and width > 0:
+        pixels = resize_bilinear(pixels, height, width)
+    return pixels
+
+
+def _linear_taps(source, target, clamp_weights):
+    """OpenCV's INTER_LINEAR sampling along one axis, positions in float32 as OpenCV computes them: the two source
+    indices of each output and their fixed-point weights. Along x a position past an edge takes the edge pixel
+    with full weight; along y OpenCV keeps the fractional weights and repeats the edge row instead."""
+    position = ((np.arange(target) + 0.5) * (1.0 / (target / source)) - 0.5).astype(np.float32)
+    low = np.floor(position)
+    frac = position - low
+    low = low.astype(np.int64)
+    if clamp_weights:
+        outside = (low < 0) | (low >= source - 1)
+        frac[outside] = 0
+        low[low >= source - 1] = source - 1
+    weight = np.rint((np.float32(1) - frac) * np.float32(1 << _RESIZE_BITS)).astype(np.int64)
+    return np.clip(low, 0, source - 1), np.clip(low + 1, 0, source - 1), weight, (1 << _RESIZE_BITS) - weight
+
+
+def resize_bilinear(pixels, height, width):
+    """Resize C x H x W uint8 as cv::resize(..., INTER_LINEAR) does, bit for bit with OpenCV 4's vectorised code:
+    half-pixel centres, no antialiasing, 11-bit weights, the vertical pass in 16-bit products (Pillow's bilinear
+    filter antialiases when shrinking, so it differs)."""
+    _, src_h, src_w = pixels.shape
+    if (src_h, src_w) == (height, width):
+        return pixels
+    top, bottom, weight_top, weight_bottom = _linear_taps(src_h, height, clamp_weights=False)
+    left, right, weight_left, weight_right = _linear_taps(src_w, width, clamp_weights=True)
+    src = pixels.astype(np.int64)
+    rows = src[:, :, left] * weight_left + src[:, :, right] * weight_right
+    out = ((((rows[:, top] >> 4) * weight_top[:, None]) >> 16)
+           + (((rows[:, bottom] >> 4) * weight_bottom[:, None]) >> 16))
+    return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
+
+
+def encode_image(pixels, encoding):
+    """C x H x W uint8 (BGR or gray) as the bytes of a PNG or JPEG file (JPEG quality 95, OpenCV's default)."""
+    from PIL import Image
+    encoding = encoding.lower()
+    formats = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP"}
+    if encoding not in formats:
+        raise KaffeError(f"unsupported image encoding '{encoding}': use png, jpg or bmp")
+    hwc = pixels[0] if pixels.shape[0] == 1 else pixels[[2, 1, 0]].transpose(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(hwc)).save(buffer, format=formats[encoding],
+                                                    **({"quality": 95} if encoding != "png" else {}))
+    return buffer.getvalue()
+
+
+def array_to_datum(pixels, label=0):
+    """C x H x W uint8 -> a raw Datum (pycaffe's caffe.io.array_to_datum for uint8 arrays)."""
+    channels, height, width = pixels.shape
+    return caffe_pb2.Datum(channels=channels, height=height, width=width, data=pixels.tobytes(), label=int(label))
 
 
 class DataTransformer:
@@ -59,28 +177,23 @@ class DataTransformer:
 
     def decode(self, encoded, where=""):
         """Decode a JPEG/PNG to C x H x W uint8 in OpenCV's channel order (BGR, BGRA, or one gray channel)."""
-        from PIL import Image
         try:
-            image = Image.open(io.BytesIO(encoded))
-            image.load()
+            image = open_image(io.BytesIO(encoded), gray=self.force_gray)
         except Exception as e:  # Pillow raises several types for corrupt images
             raise KaffeError(f"{self.owner}: cannot decode the encoded image in Datum{where}: {e}") from None
+        return image_to_chw(image, self.decode_mode(image))
+
+    def decode_mode(self, image):
+        """OpenCV's IMREAD_UNCHANGED (gray stays gray, alpha is kept) unless force_color/force_gray."""
         if self.force_gray:
-            mode = "L"
-        elif self.force_color:
-            mode = "RGB"
-        elif image.mode in ("1", "L", "I", "I;16", "F"):
-            mode = "L"
-        elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            mode = "RGBA"
-        else:
-            mode = "RGB"
-        pixels = np.asarray(image.convert(mode), dtype=np.uint8)
-        if pixels.ndim == 2:
-            return pixels[np.newaxis]
-        # Pillow gives RGB(A) HWC; Caffe's images are BGR(A) CHW
-        order = [2, 1, 0, 3] if mode == "RGBA" else [2, 1, 0]
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1)[order])
+            return "L"
+        if self.force_color:
+            return "RGB"
+        if image.mode in _GRAY_MODES:
+            return "L"
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            return "RGBA"
+        return "RGB"
 
     def output_shape(self, item_shape):
         """(C, H, W) of the transformed item for an input item of shape (C, H, W)."""

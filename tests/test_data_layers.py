@@ -376,9 +376,9 @@ def test_records_that_are_not_datums(tmp_path):
         data_layer(path, 2)
 
 
-def test_leveldb_backend_is_refused(images_db):
+def test_an_lmdb_read_with_the_default_leveldb_backend_is_explained(images_db):
     layer = make_layer(f'type: "Data" data_param {{ source: "{images_db[0]}" batch_size: 2 }}')
-    with pytest.raises(KaffeError, match="LEVELDB.*default.*backend: LMDB"):
+    with pytest.raises(KaffeError, match="is an LMDB, not a LevelDB: set `backend: LMDB`.*LEVELDB is Caffe's default"):
         setup_layer(layer, [], 2)
 
 
