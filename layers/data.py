@@ -1,4 +1,9 @@
-"""Data layers: Input, DummyData, MemoryData and Data (LMDB records with a prefetch thread)."""
+"""Data layers: Input, DummyData, MemoryData, Data (LMDB/LevelDB), ImageData, HDF5Data, HDF5Output.
+
+Data, ImageData and HDF5Data make whole batches on a background thread (depth data_param.prefetch), so that
+reading and transforming overlap the net's compute; each batch carries the state (cursor, private RNGs) from
+which the next one is made, so that a solver snapshot resumes exactly.
+"""
 import copy
 import os
 import queue
@@ -13,7 +18,7 @@ from ..engine.filler import fill
 from ..engine.layer import Layer, register_layer
 from ..engine.log import logger
 from ..proto import caffe_pb2
-from .transform import DataTransformer
+from .transform import DataTransformer, read_image
 
 
 class _SourceLayer(Layer):
@@ -146,75 +151,228 @@ class MemoryDataLayer(_SourceLayer):
         self._pos = end % len(self._data)
 
 
-# -- LMDB --------------------------------------------------------------------------------------------
-_envs = {}  # real path -> [lmdb.Environment, users]: LMDB forbids opening one file twice in a process
-_envs_lock = threading.Lock()
+# -- databases of Datum records -----------------------------------------------------------------------
+_handles = {}  # (backend, real path) -> [open handle, users]: neither LMDB nor LevelDB may be opened twice
+_handles_lock = threading.Lock()
+BACKENDS = {caffe_pb2.DataParameter.LMDB: "lmdb", caffe_pb2.DataParameter.LEVELDB: "leveldb"}
+_NAMES = {"lmdb": "LMDB", "leveldb": "LevelDB"}
+_A_NAMES = {"lmdb": "an LMDB", "leveldb": "a LevelDB"}
 
 
-def _open_lmdb(path, owner):
-    try:
-        import lmdb
-    except ImportError:
-        raise KaffeError(f"{owner}: reading LMDB needs the 'lmdb' package (pip install lmdb)") from None
-    hint = "(data_param.source must be the LMDB directory, the one that holds data.mdb, not data.mdb itself)"
+def _looks_like(path):
+    """Which kind of database the folder holds, by its files (for hints about a wrong backend)."""
+    if os.path.isfile(os.path.join(path, "data.mdb")):
+        return "lmdb"
+    if os.path.isfile(os.path.join(path, "CURRENT")):
+        return "leveldb"
+    return None
+
+
+def _check_db_path(path, backend, owner):
+    name = _NAMES[backend]
+    hint = f"(the source must be the {name} directory" + (", the one that holds data.mdb, not data.mdb itself)"
+                                                          if backend == "lmdb" else ")")
     if not os.path.exists(path):
         raise KaffeError(f"{owner}: data source {path} does not exist {hint}")
     if not os.path.isdir(path):
-        raise KaffeError(f"{owner}: data source {path} is a file, not an LMDB directory {hint}")
-    if not os.path.isfile(os.path.join(path, "data.mdb")):
-        raise KaffeError(f"{owner}: data source {path} is not an LMDB: it has no data.mdb {hint}")
-    key = os.path.realpath(path)
-    with _envs_lock:
-        entry = _envs.get(key)
-        if entry is None:
-            try:
-                # lock=False: a read-only reader needs no lock file, so sources on read-only disks work
-                env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512)
-            except lmdb.Error as e:
-                raise KaffeError(f"{owner}: cannot open data source {path} as an LMDB: {e} {hint}") from None
-            entry = _envs[key] = [env, 0]
-        entry[1] += 1
-    return entry[0], key
+        raise KaffeError(f"{owner}: data source {path} is a file, not {_A_NAMES[backend]} directory {hint}")
+    kind = _looks_like(path)
+    if kind is None:
+        marker = "data.mdb" if backend == "lmdb" else "CURRENT file"
+        raise KaffeError(f"{owner}: data source {path} is not {_A_NAMES[backend]}: it has no {marker} {hint}")
+    if kind != backend:
+        field = "LMDB" if kind == "lmdb" else "LEVELDB"
+        default = " (LEVELDB is Caffe's default when data_param.backend is unset)" if kind == "lmdb" else ""
+        raise KaffeError(f"{owner}: data source {path} is {_A_NAMES[kind]}, not {_A_NAMES[backend]}: set "
+                         f"`backend: {field}`{default}")
 
 
-def _release_lmdb(key):
-    with _envs_lock:
-        entry = _envs.get(key)
-        if entry is None:
+def _open_lmdb(path, owner):
+    import lmdb
+    try:
+        # lock=False: a read-only reader needs no lock file, so sources on read-only disks work
+        return lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512)
+    except lmdb.Error as e:
+        raise KaffeError(f"{owner}: cannot open data source {path} as an LMDB: {e}") from None
+
+
+def _open_leveldb(path, owner):
+    try:
+        import plyvel
+    except ImportError:
+        raise KaffeError(f"{owner}: reading LevelDB needs the 'plyvel' package (pip install plyvel)") from None
+    try:
+        return plyvel.DB(path, create_if_missing=False)
+    except (plyvel.Error, OSError) as e:
+        busy = " (another process has it open: a LevelDB can be used by one process at a time)" \
+            if "lock" in str(e).lower() else ""
+        raise KaffeError(f"{owner}: cannot open data source {path} as a LevelDB: {e}{busy}") from None
+
+
+class _LmdbCursor:
+    def __init__(self, env):
+        self._txn = env.begin()
+        self._cursor = self._txn.cursor()
+
+    def first(self):
+        return self._cursor.first()
+
+    def seek(self, key):
+        """Put the cursor on `key`, or on the next record after it (wrapping), e.g. when the DB changed."""
+        return self._cursor.set_range(key) or self._cursor.first()
+
+    def item(self):
+        return self._cursor.item()
+
+    def advance(self):
+        if not self._cursor.next():
+            self._cursor.first()  # the records are read as an endless stream, as Caffe does
+
+    def close(self):
+        self._txn.abort()
+
+
+class _LevelDBCursor:
+    def __init__(self, db):
+        self._iterator = db.iterator()
+        self._item = None
+
+    def _load(self):
+        self._item = next(self._iterator, None)
+        return self._item is not None
+
+    def first(self):
+        self._iterator.seek_to_start()
+        return self._load()
+
+    def seek(self, key):
+        self._iterator.seek(key)
+        return self._load() or self.first()
+
+    def item(self):
+        return self._item
+
+    def advance(self):
+        if not self._load():
+            self.first()
+
+    def close(self):
+        self._iterator.close()
+
+
+class Database:
+    """A read-only LMDB or LevelDB (backend "lmdb" / "leveldb"), shared by all its readers in this process."""
+
+    def __init__(self, path, backend, owner):
+        path = os.fspath(path)
+        _check_db_path(path, backend, owner)
+        self.path, self.backend, self.owner = path, backend, owner
+        self._key = (backend, os.path.realpath(path))
+        with _handles_lock:
+            entry = _handles.get(self._key)
+            if entry is None:
+                opener = _open_lmdb if backend == "lmdb" else _open_leveldb
+                entry = _handles[self._key] = [opener(path, owner), 0]
+            entry[1] += 1
+        self._handle = entry[0]
+
+    def cursor(self):
+        """A cursor (first/seek/item/advance/close); use it in one thread only."""
+        if self._handle is None:
+            raise KaffeError(f"{self.owner}: the data source {self.path} was closed")
+        return _LmdbCursor(self._handle) if self.backend == "lmdb" else _LevelDBCursor(self._handle)
+
+    def count(self):
+        """The number of records (a pass over the keys for a LevelDB, which keeps no count)."""
+        if self.backend == "lmdb":
+            return self._handle.stat()["entries"]
+        return sum(1 for _ in self._handle.iterator(include_value=False))
+
+    def records(self):
+        """(key, value) of every record in key order, once."""
+        cursor = self.cursor()
+        try:
+            if not cursor.first():
+                return
+            first = cursor.item()[0]
+            while True:
+                yield cursor.item()
+                cursor.advance()
+                if cursor.item()[0] == first:
+                    return
+        finally:
+            cursor.close()
+
+    def close(self):
+        if self._handle is None:
             return
-        entry[1] -= 1
-        if entry[1] == 0:
-            del _envs[key]
-            entry[0].close()
+        self._handle = None
+        with _handles_lock:
+            entry = _handles.get(self._key)
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _handles[self._key]
+                entry[0].close()
 
 
-def _position(cursor, key):
-    """Put the cursor on `key`, or on the next record after it (wrapping), e.g. when the DB changed."""
-    if not cursor.set_range(key):
-        cursor.first()
+def parse_datum(value, key, owner):
+    datum = caffe_pb2.Datum()
+    try:
+        datum.ParseFromString(value)
+    except Exception:
+        raise KaffeError(f"{owner}: the record with key {key!r} is not a Datum (is this a Caffe data "
+                         f"database?)") from None
+    return datum
 
 
-class _BatchReader:
-    """Reads Datum records in key order (wrapping at the end) and queues whole transformed batches.
+# -- whole-batch prefetching ------------------------------------------------------------------------------
+def _rng_from(state):
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
 
-    The thread owns the cursor and the private RNG while it runs; each queued batch carries the state
-    (next key, RNG state) from which the batch after it is made, which is what an exact resume needs.
+
+def _transform_items(owner, transformer, items, names, rng):
+    """Stack and transform the items of one batch; differently sized items only with crop_size, as in Caffe."""
+    first = items[0].shape
+    if all(a.shape == first for a in items):
+        return transformer.transform(np.stack(items), rng)
+    bad = next(i for i, a in enumerate(items) if a.shape != first)
+    if not transformer.crop_size or items[bad].shape[0] != first[0]:
+        raise KaffeError(f"{owner}: {names[bad]} is {' x '.join(map(str, items[bad].shape))} but {names[0]}, the "
+                         f"first item of its batch, is {' x '.join(map(str, first))}; the items of a batch must "
+                         f"have one size (resize them, e.g. with convert_imageset --resize_height/--resize_width "
+                         f"or image_data_param new_height/new_width, or crop them to one size with crop_size)")
+    # differently sized items cropped to one size: transform each group of one size as a batch
+    out = None
+    for shape in sorted({a.shape for a in items}):
+        index = [i for i, a in enumerate(items) if a.shape == shape]
+        part = transformer.transform(np.stack([items[i] for i in index]), rng)
+        if out is None:
+            out = np.empty((len(items),) + part.shape[1:], dtype=np.float32)
+        out[index] = part
+    return out
+
+
+class _Prefetcher:
+    """A background thread that queues whole batches made by source.batches(state).
+
+    The generator yields (tops, state after): the state from which the batch after this one is made, which
+    is what an exact resume needs. The thread owns the source's cursor and private RNGs while it runs.
     """
 
-    def __init__(self, owner, env, transformer, batch_size, depth):
+    def __init__(self, owner, source, depth):
         self.owner = owner
-        self.env = env
-        self.transformer = transformer
-        self.batch_size = batch_size
+        self.source = source
         self.depth = depth
         self._thread = None
         self._stop = None
         self._queue = None
 
-    def start(self, key, rng):
+    def start(self, state):
         self._stop = threading.Event()
         self._queue = queue.Queue(self.depth)
-        self._thread = threading.Thread(target=self._run, args=(key, rng, self._stop, self._queue),
+        self._thread = threading.Thread(target=self._run, args=(state, self._stop, self._queue),
                                         name=f"kaffe-prefetch-{self.owner}", daemon=True)
         self._thread.start()
 
@@ -231,7 +389,7 @@ class _BatchReader:
         return self._thread is not None and self._thread.is_alive()
 
     def next(self):
-        """The next (data, labels, state after it) from the queue, waiting for the thread if need be."""
+        """The next (tops, state after them), waiting for the thread if need be."""
         if self._queue is None:
             raise KaffeError(f"{self.owner}: the prefetch thread has stopped (the layer was closed)")
         while True:
@@ -245,72 +403,117 @@ class _BatchReader:
             raise item
         return item
 
-    def _put(self, item, stop, out):
+    @staticmethod
+    def _put(item, stop, out):
         while not stop.is_set():
             try:
                 out.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 pass
+        return False
 
-    def _run(self, key, rng, stop, out):
+    def _run(self, state, stop, out):
         try:
-            with self.env.begin() as txn:
-                cursor = txn.cursor()
-                _position(cursor, key)
-                while not stop.is_set():
-                    data, labels = self._read_batch(cursor, rng)
-                    self._put((data, labels, {"key": cursor.key().hex(), "rng": rng.bit_generator.state}),
-                              stop, out)
+            batches = self.source.batches(state)
+            try:
+                for item in batches:
+                    if not self._put(item, stop, out):
+                        return
+            finally:
+                batches.close()
         except KaffeError as e:
             self._put(e, stop, out)
         except Exception as e:  # anything else (a corrupt DB page...) reaches the caller, not just a log
             self._put(KaffeError(f"{self.owner}: reading the data source failed: {e!r}"), stop, out)
 
+
+def _shutdown(prefetcher, source):
+    prefetcher.stop()
+    source.close()
+
+
+class _PrefetchingLayer(_SourceLayer):
+    """Tops made by a source object (never the layer itself, so that the layer can be collected) on a
+    background thread, a whole transformed batch at a time; the host tops reach the device in one upload."""
+
+    def _start(self, source, state):
+        depth = max(int(self.layer_param.data_param.prefetch), 1)  # Caffe reads it for every prefetching layer
+        self._source = source
+        self._prefetcher = _Prefetcher(source.owner, source, depth)
+        self._finalizer = weakref.finalize(self, _shutdown, self._prefetcher, source)
+        self._next_state = state
+        self._prefetcher.start(state)
+
+    def forward_cpu(self, bottom, top):
+        arrays, self._next_state = self._prefetcher.next()
+        for blob, array in zip(top, arrays):
+            blob.reshape(array.shape)
+            blob.mutable_cpu_data()[...] = array
+
+    def get_resume_state(self):
+        """Where the NEXT batch this layer hands out starts (cursor, private RNG states), JSON-friendly."""
+        return copy.deepcopy(self._next_state)
+
+    def set_resume_state(self, state):
+        try:
+            state = self._source.check_state(state)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise KaffeError(f"{self.type} layer '{self.name}': bad resume state {state!r}: {e!r}") from None
+        self._prefetcher.stop()  # the batches it read ahead came from the old position: drop them
+        self._next_state = state
+        self._prefetcher.start(state)
+
+    def close(self):
+        """Stop the prefetch thread and release the source (also done when the layer is garbage collected)."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+
+
+# -- Data ----------------------------------------------------------------------------------------------
+class _DatumSource:
+    def __init__(self, owner, db, transformer, batch_size, labels):
+        self.owner, self.db, self.transformer = owner, db, transformer
+        self.batch_size, self.labels = batch_size, labels
+
+    def check_state(self, state):
+        bytes.fromhex(state["key"])
+        _rng_from(state["rng"])
+        return {"key": state["key"], "rng": state["rng"]}
+
+    def batches(self, state):
+        rng = _rng_from(state["rng"])
+        cursor = self.db.cursor()
+        try:
+            if not cursor.seek(bytes.fromhex(state["key"])):
+                raise KaffeError(f"{self.owner}: data source {self.db.path} is empty")
+            while True:
+                tops = self._read_batch(cursor, rng)
+                yield tops, {"key": cursor.item()[0].hex(), "rng": rng.bit_generator.state}
+        finally:
+            cursor.close()
+
     def _read_batch(self, cursor, rng):
-        items, labels = [], np.empty(self.batch_size, dtype=np.float32)
-        datum = caffe_pb2.Datum()
+        items, names, labels = [], [], np.empty(self.batch_size, dtype=np.float32)
         for i in range(self.batch_size):
             key, value = cursor.item()
-            try:
-                datum.ParseFromString(value)
-            except Exception:
-                raise KaffeError(f"{self.owner}: the record with key {key!r} is not a Datum") from None
+            where = f"the record with key {key!r}"
+            datum = parse_datum(value, key, self.owner)
             items.append(self.transformer.datum_array(datum, f" {key!r}"))
+            names.append(where)
             labels[i] = datum.label
-            if not cursor.next():
-                cursor.first()  # wrap around: the data is read as an endless stream, as Caffe does
-        return self._transform(items, rng), labels
+            cursor.advance()
+        data = _transform_items(self.owner, self.transformer, items, names, rng)
+        return (data, labels) if self.labels else (data,)
 
-    def _transform(self, items, rng):
-        shapes = {a.shape for a in items}
-        if len(shapes) == 1:
-            return self.transformer.transform(np.stack(items), rng)
-        if not self.transformer.crop_size:
-            raise KaffeError(f"{self.owner}: the items of a batch differ in size ({sorted(shapes)}); "
-                             f"without crop_size they must all have the first one's size")
-        # differently sized items cropped to one size: transform each group of one size as a batch
-        out = None
-        for shape in sorted(shapes):
-            index = [i for i, a in enumerate(items) if a.shape == shape]
-            part = self.transformer.transform(np.stack([items[i] for i in index]), rng)
-            if out is None:
-                out = np.empty((len(items),) + part.shape[1:], dtype=np.float32)
-            if part.shape[1:] != out.shape[1:]:
-                raise KaffeError(f"{self.owner}: the items of a batch have different channel counts "
-                                 f"({sorted(shapes)})")
-            out[index] = part
-        return out
-
-
-def _shutdown(reader, env_key):
-    reader.stop()
-    _release_lmdb(env_key)
+    def close(self):
+        self.db.close()
 
 
 @register_layer("Data")
-class DataLayer(_SourceLayer):
-    """Datum records from an LMDB in key order, transformed, in batches prepared by a background thread."""
+class DataLayer(_PrefetchingLayer):
+    """Datum records (raw or PNG/JPEG-encoded) from an LMDB or LevelDB in key order, transformed, in batches."""
     min_top_blobs = 1
     max_top_blobs = 2
 
@@ -320,73 +523,375 @@ class DataLayer(_SourceLayer):
         self.close()
         if param.batch_size <= 0:
             raise KaffeError(f"{owner}: data_param.batch_size must be positive")
-        if param.backend != caffe_pb2.DataParameter.LMDB:
-            default = "" if param.HasField("backend") else " (Caffe's default when data_param.backend is unset)"
-            raise KaffeError(f"{owner}: the LEVELDB backend{default} is not supported yet (it arrives with the "
-                             f"data pipeline); use an LMDB source and set `backend: LMDB` in data_param")
         self.batch_size = int(param.batch_size)
         self.transformer = DataTransformer(self.layer_param.transform_param, self.phase, owner,
                                            force_color=param.force_encoded_color)
         # a private generator, so the thread's draws neither disturb nor depend on the main thread's
         rng = np.random.default_rng(device.rng().integers(2 ** 63))
-        env, env_key = _open_lmdb(param.source, owner)
+        db = Database(param.source, BACKENDS[param.backend], owner)
         try:
-            with env.begin() as txn:
-                entries = txn.stat()["entries"]
-                if entries == 0:
-                    raise KaffeError(f"{owner}: data source {param.source} is empty (an LMDB with no records)")
-                cursor = txn.cursor()
-                cursor.first()
+            cursor = db.cursor()
+            try:
+                if not cursor.first():
+                    raise KaffeError(f"{owner}: data source {param.source} is empty ({_A_NAMES[db.backend]} with "
+                                     f"no records)")
                 if param.rand_skip:
-                    skip = int(rng.integers(param.rand_skip)) % entries
+                    skip = int(rng.integers(param.rand_skip))
                     logger.info(f"Skipping first {skip} data points.")
                     for _ in range(skip):
-                        cursor.next()
+                        cursor.advance()
                 start_key, value = cursor.item()
-            datum = caffe_pb2.Datum()
-            try:
-                datum.ParseFromString(value)
-            except Exception:
-                raise KaffeError(f"{owner}: the record with key {start_key!r} in {param.source} is not a Datum; "
-                                 f"is this a Caffe data LMDB?") from None
+            finally:
+                cursor.close()
+            datum = parse_datum(value, start_key, owner)
+            if not datum.encoded and (self.transformer.force_color or self.transformer.force_gray):
+                logger.warning(f"{owner}: force_color/force_gray apply to encoded Datums only; the records of "
+                               f"{param.source} are raw and are used as they are")
             item_shape = self.transformer.output_shape(self.transformer.datum_array(datum, f" {start_key!r}").shape)
         except BaseException:
-            _release_lmdb(env_key)
+            db.close()
             raise
         top[0].reshape(self.batch_size, *item_shape)
         if len(top) > 1:
             top[1].reshape(self.batch_size)
         logger.info(f"output data size: {','.join(str(d) for d in top[0].shape)}")
-        self._reader = _BatchReader(owner, env, self.transformer, self.batch_size, max(int(param.prefetch), 1))
-        self._finalizer = weakref.finalize(self, _shutdown, self._reader, env_key)
-        self._next_state = {"key": start_key.hex(), "rng": rng.bit_generator.state}
-        self._reader.start(start_key, rng)
+        source = _DatumSource(owner, db, self.transformer, self.batch_size, len(top) > 1)
+        self._start(source, {"key": start_key.hex(), "rng": rng.bit_generator.state})
 
-    def forward_cpu(self, bottom, top):
-        data, labels, self._next_state = self._reader.next()
-        top[0].reshape(data.shape)
-        top[0].mutable_cpu_data()[...] = data
-        if len(top) > 1:
-            top[1].reshape(labels.shape)
-            top[1].mutable_cpu_data()[...] = labels
 
-    def get_resume_state(self):
-        """Where the NEXT batch this layer hands out starts: its first key (hex) and the RNG state before it."""
-        return copy.deepcopy(self._next_state)
-
-    def set_resume_state(self, state):
+# -- ImageData -------------------------------------------------------------------------------------------
+def read_image_list(path, owner):
+    """The (image path, label, line number) entries of a `path label` list; the label follows the LAST space."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise KaffeError(f"{owner}: cannot read the image list {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise KaffeError(f"{owner}: the image list {path} is not a text file") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.rstrip()
+        if not line:
+            continue
+        name, _, label = line.rpartition(" ")
         try:
-            key = bytes.fromhex(state["key"])
-            rng = np.random.default_rng()
-            rng.bit_generator.state = state["rng"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise KaffeError(f"Data layer '{self.name}': bad resume state {state!r}: {e}") from None
-        self._reader.stop()  # the batches it read ahead came from the old position: drop them
-        self._next_state = {"key": key.hex(), "rng": rng.bit_generator.state}
-        self._reader.start(key, rng)
+            label = int(label)
+        except ValueError:
+            label = None
+        if not name or label is None:
+            raise KaffeError(f"{owner}: {path}:{number}: expected `<image path> <integer label>`, got {line!r}")
+        entries.append((name, label, number))
+    return entries
+
+
+class _ImageListSource:
+    def __init__(self, owner, list_path, entries, root, height, width, is_color, shuffle, transformer, batch_size):
+        self.owner, self.list_path, self.entries, self.root = owner, list_path, entries, root
+        self.height, self.width, self.is_color, self.shuffle = height, width, is_color, shuffle
+        self.transformer, self.batch_size = transformer, batch_size
+
+    def load(self, entry):
+        name, _, number = entry
+        path = self.root + name  # Caffe concatenates root_folder and the listed path as they are
+        try:
+            return read_image(path, self.height, self.width, self.is_color)
+        except OSError as e:
+            raise KaffeError(f"{self.owner}: could not load image {path} ({self.list_path}:{number}): {e}") from None
+
+    def order(self, state):
+        """The entry order of the current epoch, and the generator that draws the following ones."""
+        if state is None:
+            return np.arange(len(self.entries)), None
+        shuffler = _rng_from(state)
+        return shuffler.permutation(len(self.entries)), shuffler
+
+    def check_state(self, state):
+        index = int(state["index"])
+        if not 0 <= index < len(self.entries):
+            raise ValueError(f"index {index} is outside the list of {len(self.entries)} images")
+        if (state["order"] is None) == self.shuffle:
+            raise ValueError("the state's shuffling does not match image_data_param.shuffle")
+        if state["order"] is not None:
+            _rng_from(state["order"])
+        _rng_from(state["rng"])
+        return {"index": index, "order": state["order"], "rng": state["rng"]}
+
+    def batches(self, state):
+        rng = _rng_from(state["rng"])
+        order_state, index = state["order"], state["index"]
+        order, shuffler = self.order(order_state)
+        while True:
+            items, names, labels = [], [], np.empty(self.batch_size, dtype=np.float32)
+            for i in range(self.batch_size):
+                entry = self.entries[order[index]]
+                items.append(self.load(entry))
+                names.append(f"image {self.root + entry[0]} ({self.list_path}:{entry[2]})")
+                labels[i] = entry[1]
+                index += 1
+                if index == len(self.entries):  # an epoch ends: start again, in a new order if shuffling
+                    index = 0
+                    if shuffler is not None:
+                        order_state = shuffler.bit_generator.state
+                        order = shuffler.permutation(len(self.entries))
+            data = _transform_items(self.owner, self.transformer, items, names, rng)
+            yield (data, labels), {"index": index, "order": order_state, "rng": rng.bit_generator.state}
 
     def close(self):
-        """Stop the prefetch thread and release the LMDB (also done when the layer is garbage collected)."""
-        finalizer = getattr(self, "_finalizer", None)
-        if finalizer is not None:
-            finalizer()
+        pass
+
+
+@register_layer("ImageData")
+class ImageDataLayer(_PrefetchingLayer):
+    """Images named in a `path label` list file, read as Caffe's OpenCV does (BGR), optionally resized and
+    shuffled every epoch with the layer's private generator (seeded from the solver's random_seed)."""
+    exact_num_top_blobs = 2
+
+    def layer_setup(self, bottom, top):
+        param = self.layer_param.image_data_param
+        owner = f"ImageData layer '{self.name}'"
+        self.close()
+        if (param.new_height == 0) != (param.new_width == 0):
+            raise KaffeError(f"{owner}: new_height and new_width must be set together (got {param.new_height} "
+                             f"and {param.new_width})")
+        if param.batch_size <= 0:
+            raise KaffeError(f"{owner}: image_data_param.batch_size must be positive")
+        self.batch_size = int(param.batch_size)
+        self.transformer = DataTransformer(self.layer_param.transform_param, self.phase, owner)
+        logger.info(f"Opening file {param.source}")
+        entries = read_image_list(param.source, owner)
+        if not entries:
+            raise KaffeError(f"{owner}: the image list {param.source} names no images")
+        rng = np.random.default_rng(device.rng().integers(2 ** 63))
+        order_state = None
+        if param.shuffle:
+            logger.info("Shuffling data")
+            order_state = np.random.default_rng(device.rng().integers(2 ** 63)).bit_generator.state
+        logger.info(f"A total of {len(entries)} images.")
+        source = _ImageListSource(owner, param.source, entries, param.root_folder, int(param.new_height),
+                                  int(param.new_width), param.is_color, param.shuffle, self.transformer,
+                                  self.batch_size)
+        index = 0
+        if param.rand_skip:
+            index = int(rng.integers(param.rand_skip))
+            logger.info(f"Skipping first {index} data points.")
+            if index >= len(entries):
+                raise KaffeError(f"{owner}: not enough images ({len(entries)}) to skip {index} (rand_skip "
+                                 f"{param.rand_skip})")
+        order, _ = source.order(order_state)
+        item_shape = self.transformer.output_shape(source.load(entries[order[index]]).shape)
+        top[0].reshape(self.batch_size, *item_shape)
+        top[1].reshape(self.batch_size)
+        logger.info(f"output data size: {','.join(str(d) for d in top[0].shape)}")
+        self._start(source, {"index": index, "order": order_state, "rng": rng.bit_generator.state})
+
+
+# -- HDF5Data / HDF5Output ---------------------------------------------------------------------------------
+def _h5py(owner):
+    try:
+        import h5py
+    except ImportError:
+        raise KaffeError(f"{owner}: HDF5 files need the 'h5py' package (pip install h5py)") from None
+    return h5py
+
+
+class _HDF5Source:
+    def __init__(self, owner, list_path, files, datasets, batch_size, shuffle):
+        self.owner, self.list_path, self.files = owner, list_path, files
+        self.datasets, self.batch_size, self.shuffle = datasets, batch_size, shuffle
+        self.row_shapes = None
+
+    def load(self, index):
+        """Every top's dataset of file `index` as float32 arrays with one row per sample."""
+        h5py = _h5py(self.owner)
+        path = self.files[index]
+        try:
+            with h5py.File(path, "r") as f:
+                arrays = []
+                for name in self.datasets:
+                    if name not in f or not isinstance(f[name], h5py.Dataset):
+                        raise KaffeError(f"{self.owner}: {path} has no dataset '{name}' (the datasets are named "
+                                         f"after the tops; the file has {sorted(f.keys())})")
+                    dataset = f[name]
+                    if dataset.dtype.kind not in "fiub" or dataset.ndim < 1:
+                        raise KaffeError(f"{self.owner}: dataset '{name}' in {path} must be a numeric array of at "
+                                         f"least one axis, got {dataset.dtype} of shape {dataset.shape}")
+                    arrays.append(np.asarray(dataset[()], dtype=np.float32))
+        except OSError as e:
+            raise KaffeError(f"{self.owner}: cannot read HDF5 file {path} (listed in {self.list_path}): "
+                             f"{e}") from None
+        rows = {len(a) for a in arrays}
+        if len(rows) > 1:
+            raise KaffeError(f"{self.owner}: the datasets of {path} have different numbers of rows: "
+                             + ", ".join(f"{n} {a.shape[0]}" for n, a in zip(self.datasets, arrays)))
+        if not arrays[0].shape[0]:
+            raise KaffeError(f"{self.owner}: the datasets of {path} have no rows")
+        shapes = [a.shape[1:] for a in arrays]
+        if self.row_shapes is None:
+            self.row_shapes = shapes
+        elif shapes != self.row_shapes:
+            raise KaffeError(f"{self.owner}: the rows of {path} are {shapes} but those of the first file are "
+                             f"{self.row_shapes}; every file must have the same row shapes")
+        logger.debug(f"Successfully loaded {arrays[0].shape[0]} rows from {path}")
+        return arrays
+
+    def check_state(self, state):
+        files = [int(i) for i in state["files"]]
+        if sorted(files) != list(range(len(self.files))):
+            raise ValueError(f"files must be an order of the {len(self.files)} listed files")
+        position = int(state["file"])
+        files[position]
+        if (state["order"] is None) == self.shuffle:
+            raise ValueError("the state's shuffling does not match hdf5_data_param.shuffle")
+        if state["order"] is not None:
+            _rng_from(state["order"])
+        return {"files": files, "file": position, "row": int(state["row"]), "order": state["order"]}
+
+    def _open(self, index, order_state):
+        arrays = self.load(index)
+        rows = len(arrays[0])
+        if order_state is None:
+            return arrays, np.arange(rows), None
+        shuffler = _rng_from(order_state)
+        return arrays, shuffler.permutation(rows), shuffler
+
+    def batches(self, state):
+        files, position, row, order_state = list(state["files"]), state["file"], state["row"], state["order"]
+        arrays, rows, shuffler = self._open(files[position], order_state)
+        while True:
+            out = [np.empty((self.batch_size,) + shape, dtype=np.float32) for shape in self.row_shapes]
+            filled = 0
+            while filled < self.batch_size:
+                if row == len(rows):  # the file is used up: on to the next one (Caffe reloads only several)
+                    if len(files) > 1:
+                        position += 1
+                        if position == len(files):
+                            position = 0
+                            if shuffler is not None:
+                                files = [files[i] for i in shuffler.permutation(len(files))]
+                    row = 0
+                    if shuffler is not None:
+                        order_state = shuffler.bit_generator.state
+                    if len(files) > 1:
+                        arrays, rows, shuffler = self._open(files[position], order_state)
+                    elif shuffler is not None:
+                        rows = shuffler.permutation(len(rows))
+                take = min(self.batch_size - filled, len(rows) - row)
+                picked = rows[row:row + take]
+                for target, array in zip(out, arrays):
+                    target[filled:filled + take] = array[picked]
+                filled += take
+                row += take
+            yield tuple(out), {"files": files, "file": position, "row": row, "order": order_state}
+
+    def close(self):
+        pass
+
+
+@register_layer("HDF5Data")
+class HDF5DataLayer(_PrefetchingLayer):
+    """Rows of the HDF5 files listed in `source`, one dataset per top (named after it), file after file."""
+    min_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        param = self.layer_param.hdf5_data_param
+        owner = f"HDF5Data layer '{self.name}'"
+        self.close()
+        if self.layer_param.HasField("transform_param"):
+            raise KaffeError(f"{owner}: HDF5Data does not transform data; remove transform_param")
+        if param.batch_size <= 0:
+            raise KaffeError(f"{owner}: hdf5_data_param.batch_size must be positive")
+        logger.info(f"Loading list of HDF5 filenames from: {param.source}")
+        try:
+            with open(param.source, encoding="utf-8") as f:
+                files = f.read().split()  # whitespace-separated paths, relative to the working directory
+        except OSError as e:
+            raise KaffeError(f"{owner}: failed to open source file {param.source}: {e.strerror}") from None
+        logger.info(f"Number of HDF5 files: {len(files)}")
+        if not files:
+            raise KaffeError(f"{owner}: must have at least 1 HDF5 filename listed in {param.source}")
+        for path in files:
+            if not os.path.isfile(path):
+                raise KaffeError(f"{owner}: HDF5 file {path} (listed in {param.source}) does not exist"
+                                 + (" (paths in the list are relative to the working directory, as in Caffe)"
+                                    if not os.path.isabs(path) else ""))
+        names = list(self.layer_param.top)
+        if len(names) != len(top):
+            raise KaffeError(f"{owner}: name every top after the HDF5 dataset it reads")
+        source = _HDF5Source(owner, param.source, files, names, int(param.batch_size), param.shuffle)
+        order = list(range(len(files)))
+        order_state = None
+        if param.shuffle:
+            shuffler = np.random.default_rng(device.rng().integers(2 ** 63))
+            order = [int(i) for i in shuffler.permutation(len(files))]
+            order_state = shuffler.bit_generator.state
+        source.load(order[0])  # fixes the row shapes, and reports a bad first file here rather than later
+        for blob, shape in zip(top, source.row_shapes):
+            blob.reshape(int(param.batch_size), *shape)
+        self._start(source, {"files": order, "file": 0, "row": 0, "order": order_state})
+
+
+@register_layer("HDF5Output")
+class HDF5OutputLayer(Layer):
+    """Writes bottom[0] as dataset "data" and bottom[1] as "label" of file_name (float32, N x C x H x W).
+
+    The file is created (emptied) at setup. Caffe's layer can only save one batch (a second forward fails, the
+    datasets exist); kaffe appends the rows of every forward, so that a whole `kaffe test` run is kept.
+    """
+    exact_num_bottom_blobs = 2
+    exact_num_top_blobs = 0
+
+    def layer_setup(self, bottom, top):
+        self.file_name = self.layer_param.hdf5_output_param.file_name
+        h5py = _h5py(f"HDF5Output layer '{self.name}'")
+        try:
+            h5py.File(self.file_name, "w").close()
+        except OSError as e:
+            raise KaffeError(f"HDF5Output layer '{self.name}': failed to create HDF5 file {self.file_name}: "
+                             f"{e}") from None
+
+    def reshape(self, bottom, top):
+        pass
+
+    @staticmethod
+    def _legacy(blob):
+        # Caffe copies into blobs shaped num x channels x height x width
+        return tuple(blob.legacy_shape(i) for i in range(4)) if blob.num_axes <= 4 else blob.shape
+
+    def forward_cpu(self, bottom, top):
+        data, label = bottom
+        if not data.num_axes or not label.num_axes or data.shape[0] != label.shape[0]:
+            raise KaffeError(f"HDF5Output layer '{self.name}': data and label must have the same number of rows, "
+                             f"got {data.shape_string()} and {label.shape_string()}")
+        h5py = _h5py(f"HDF5Output layer '{self.name}'")
+        logger.info(f"Saving HDF5 file {self.file_name}")
+        try:
+            with h5py.File(self.file_name, "a") as f:
+                for name, blob in (("data", data), ("label", label)):
+                    values = blob.cpu_data().reshape(self._legacy(blob))
+                    if name not in f:
+                        f.create_dataset(name, data=values, maxshape=(None,) + values.shape[1:], chunks=True)
+                        continue
+                    dataset = f[name]
+                    if dataset.shape[1:] != values.shape[1:]:
+                        raise KaffeError(f"HDF5Output layer '{self.name}': {name} rows are "
+                                         f"{values.shape[1:]}, but {self.file_name} holds rows of "
+                                         f"{dataset.shape[1:]}")
+                    dataset.resize(dataset.shape[0] + len(values), axis=0)
+                    dataset[-len(values):] = values
+        except OSError as e:
+            raise KaffeError(f"HDF5Output layer '{self.name}': cannot write {self.file_name}: {e}") from None
+        logger.info(f"Successfully saved {data.shape[0]} rows")
+
+    def forward_gpu(self, bottom, top):
+        self.forward_cpu(bottom, top)  # a file sink: the bottoms come to the host once, as in Caffe's GPU code
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        pass
+
+
+@register_layer("WindowData")
+class WindowDataLayer(_SourceLayer):
+    def layer_setup(self, bottom, top):
+        raise KaffeError(f"WindowData layer '{self.name}': WindowData (R-CNN window sampling) is not supported "
+                         f"by kaffe; extract the windows into an LMDB (convert_imageset) or HDF5 files instead")
