@@ -1,10 +1,11 @@
-"""Data layers: Input, DummyData, MemoryData, Data (LMDB/LevelDB), ImageData, HDF5Data, HDF5Output.
+"""Data layers: Input, DummyData, MemoryData, Data (LMDB/LevelDB), ImageData, HDF5Data, HDF5Output, WindowData.
 
-Data, ImageData and HDF5Data make whole batches on a background thread (depth data_param.prefetch), so that
+Data, ImageData, HDF5Data and WindowData make whole batches on a background thread (depth data_param.prefetch), so that
 reading and transforming overlap the net's compute; each batch carries the state (cursor, private RNGs) from
 which the next one is made, so that a solver snapshot resumes exactly.
 """
 import copy
+import io
 import os
 import queue
 import threading
@@ -18,7 +19,7 @@ from ..engine.filler import fill
 from ..engine.layer import Layer, register_layer
 from ..engine.log import logger
 from ..proto import caffe_pb2
-from .transform import DataTransformer, read_image
+from .transform import DataTransformer, read_image, resize_bilinear
 
 
 class _SourceLayer(Layer):
@@ -890,8 +891,288 @@ class HDF5OutputLayer(Layer):
         pass
 
 
+# -- WindowData ------------------------------------------------------------------------------------------
+_WINDOW_CHANNELS = 3  # Caffe reads every image with cv::imread(IMREAD_COLOR): 3 channels, BGR
+# columns of the window tables: the image's position in the file, class, box (inclusive), window-file line
+_IMAGE, _LABEL, _X1, _Y1, _X2, _Y2, _LINE = range(7)
+
+
+def read_window_file(path, root, fg_threshold, bg_threshold, owner):
+    """Parse an R-CNN window file (whitespace-separated tokens, as Caffe's stream reads it).
+
+    Returns (images, fg, bg): images a list of (root + path, line of the path); fg and bg int64 tables of the
+    foreground (overlap >= fg_threshold) and background (overlap < bg_threshold, class forced to 0) windows,
+    one row per window with the columns _IMAGE ... _LINE. Windows in between are dropped, as in Caffe.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise KaffeError(f"{owner}: cannot read the window file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise KaffeError(f"{owner}: the window file {path} is not a text file") from None
+    tokens = [(word, number) for number, line in enumerate(text.splitlines(), 1) for word in line.split()]
+    if not tokens:
+        raise KaffeError(f"{owner}: the window file {path} is empty")
+    position = 0
+
+    def take(kind, what):
+        nonlocal position
+        if position == len(tokens):
+            raise KaffeError(f"{owner}: {path}: the file ends where {what} was expected")
+        word, number = tokens[position]
+        position += 1
+        try:
+            return kind(word), number
+        except ValueError:
+            raise KaffeError(f"{owner}: {path}:{number}: expected {what}, got {word!r}") from None
+
+    images, rows, overlaps = [], [], []
+    while position < len(tokens):
+        mark, number = take(str, "'#'")
+        if mark != "#":
+            raise KaffeError(f"{owner}: {path}:{number}: expected '# <image index>' to start an image's entry, "
+                             f"got {mark!r}")
+        index, index_line = take(int, "the image index after '#'")
+        name, name_line = take(str, "an image path")
+        channels, _ = take(int, "the image's channel count")
+        take(int, "the image's height")
+        take(int, "the image's width")
+        count, _ = take(int, "the number of windows")
+        if channels != _WINDOW_CHANNELS:
+            raise KaffeError(f"{owner}: {path}:{name_line}: image {name} is declared with {channels} channels; "
+                             f"WindowData reads every image as 3-channel colour (BGR), as Caffe does")
+        images.append((root + name, name_line))  # Caffe concatenates root_folder and the path as they are
+        for _ in range(count):
+            label, line = take(int, "a window's class index")
+            overlap, _ = take(float, "a window's overlap")
+            box = [take(int, f"the window's {corner}")[0] for corner in ("x1", "y1", "x2", "y2")]
+            rows.append((index, label, *box, line))
+            overlaps.append(overlap)
+        if index < 0:
+            raise KaffeError(f"{owner}: {path}:{index_line}: negative image index {index}")
+    table = np.array(rows, dtype=np.int64).reshape(-1, 7)
+    # Caffe indexes its image list by the index written after '#' (not by the entry's position)
+    stray = table[:, _IMAGE] >= len(images)
+    if stray.any():
+        row = table[np.argmax(stray)]
+        raise KaffeError(f"{owner}: {path}:{row[_LINE]}: the window refers to image index {row[_IMAGE]} but the "
+                         f"file lists {len(images)} images (indices count from 0 in file order)")
+    overlaps = np.array(overlaps, dtype=np.float32)  # compared in float, as Caffe does
+    fg = overlaps >= np.float32(fg_threshold)
+    bg = ~fg & (overlaps < np.float32(bg_threshold))
+    unlabelled = fg & (table[:, _LABEL] <= 0)
+    if unlabelled.any():
+        row = table[np.argmax(unlabelled)]
+        raise KaffeError(f"{owner}: {path}:{row[_LINE]}: a foreground window (overlap >= fg_threshold "
+                         f"{fg_threshold:g}) has class {row[_LABEL]}; foreground classes must be > 0")
+    background = table[bg]
+    background[:, _LABEL] = 0
+    return images, table[fg], background
+
+
+def _round(value):
+    """C's round() of a float: halves away from zero."""
+    value = float(value)
+    return int(np.copysign(np.floor(abs(value) + 0.5), value))
+
+
+class _WindowSource:
+    def __init__(self, owner, window_path, images, cache, fg, bg, num_fg, batch_size, crop_size, context_pad,
+                 square, mirror, mean, scale):
+        self.owner, self.window_path, self.images, self.cache = owner, window_path, images, cache
+        self.fg, self.bg, self.num_fg, self.batch_size = fg, bg, num_fg, batch_size
+        self.crop_size, self.context_pad, self.square, self.mirror = crop_size, context_pad, square, mirror
+        self.mean, self.scale = mean, scale
+
+    def check_state(self, state):
+        _rng_from(state["rng"])
+        return {"rng": state["rng"]}
+
+    def batches(self, state):
+        rng = _rng_from(state["rng"])
+        while True:
+            tops = self._batch(rng)
+            yield tops, {"rng": rng.bit_generator.state}
+
+    def load(self, index):
+        path, line = self.images[index]
+        try:
+            return read_image(io.BytesIO(self.cache[index]) if self.cache else path)
+        except OSError as e:
+            raise KaffeError(f"{self.owner}: could not load image {path} ({self.window_path}:{line}): "
+                             f"{e}") from None
+
+    def geometry(self, window, height, width, flip):
+        """Caffe's window placement: the (clipped) source box x1, y1, x2, y2, the size it is warped to, and
+        where that goes in the crop_size square (the rest stays 0). Caffe's float32 arithmetic is kept, so that
+        the rounding lands on the same pixels."""
+        crop = self.crop_size
+        x1, y1, x2, y2 = (int(v) for v in window[_X1:_Y2 + 1])
+        pad_w = pad_h = 0
+        out_w = out_h = crop
+        if self.context_pad > 0 or self.square:
+            f32 = np.float32
+            # enlarge the box so that, warped to crop_size, it has context_pad pixels of context on every side
+            context_scale = f32(crop) / f32(crop - 2 * self.context_pad)
+            half_h, half_w = f32((y2 - y1 + 1) / 2), f32((x2 - x1 + 1) / 2)
+            center_x, center_y = f32(x1) + half_w, f32(y1) + half_h
+            if self.square:
+                half_h = half_w = max(half_h, half_w)
+            x1, x2 = _round(center_x - half_w * context_scale), _round(center_x + half_w * context_scale)
+            y1, y2 = _round(center_y - half_h * context_scale), _round(center_y + half_h * context_scale)
+            full_w, full_h = x2 - x1 + 1, y2 - y1 + 1
+            # the part beyond the image is not sampled: it becomes zero padding of the proportional size
+            beyond_x1, beyond_y1 = max(0, -x1), max(0, -y1)
+            beyond_x2, beyond_y2 = max(0, x2 - width + 1), max(0, y2 - height + 1)
+            x1, y1, x2, y2 = x1 + beyond_x1, y1 + beyond_y1, x2 - beyond_x2, y2 - beyond_y2
+            scale_x, scale_y = f32(crop) / f32(full_w), f32(crop) / f32(full_h)
+            out_w, out_h = _round(f32(x2 - x1 + 1) * scale_x), _round(f32(y2 - y1 + 1) * scale_y)
+            pad_h = _round(f32(beyond_y1) * scale_y)
+            pad_w = _round(f32(beyond_x2 if flip else beyond_x1) * scale_x)  # a flip mirrors the padding too
+            out_h, out_w = min(out_h, crop - pad_h), min(out_w, crop - pad_w)  # rounding may overshoot
+        if not (0 <= x1 <= x2 < width and 0 <= y1 <= y2 < height) or out_w <= 0 or out_h <= 0:
+            path, _ = self.images[window[_IMAGE]]
+            raise KaffeError(f"{self.owner}: the window {' '.join(str(v) for v in window[_X1:_Y2 + 1])} at "
+                             f"{self.window_path}:{window[_LINE]} does not lie inside its image {path} "
+                             f"({width} x {height})")
+        return (x1, y1, x2, y2), (out_h, out_w), (pad_h, pad_w)
+
+    def _batch(self, rng):
+        crop, size = self.crop_size, self.batch_size
+        num_bg = size - self.num_fg
+        # background windows first, then foreground, drawn uniformly with replacement, as in Caffe
+        windows = np.concatenate([self.bg[rng.integers(len(self.bg), size=num_bg)] if num_bg else self.bg[:0],
+                                  self.fg[rng.integers(len(self.fg), size=self.num_fg)] if self.num_fg
+                                  else self.fg[:0]])
+        flips = rng.integers(0, 2, size=size).astype(bool) if self.mirror else np.zeros(size, dtype=bool)
+        data = np.zeros((size, _WINDOW_CHANNELS, crop, crop), dtype=np.float32)
+        inside = np.zeros((size, 1, crop, crop), dtype=bool)
+        images = {}  # each image is read once per batch, however many of its windows were drawn
+        # one warp per window: the boxes, images and output sizes all differ, so this loop is per item
+        for item, (window, flip) in enumerate(zip(windows, flips)):
+            index = int(window[_IMAGE])
+            if index not in images:
+                images[index] = self.load(index)
+            image = images[index]
+            (x1, y1, x2, y2), (out_h, out_w), (pad_h, pad_w) = self.geometry(window, *image.shape[1:], flip)
+            warped = resize_bilinear(image[:, y1:y2 + 1, x1:x2 + 1], out_h, out_w)
+            if flip:
+                warped = warped[:, :, ::-1]
+            data[item, :, pad_h:pad_h + out_h, pad_w:pad_w + out_w] = warped
+            inside[item, :, pad_h:pad_h + out_h, pad_w:pad_w + out_w] = True
+        # the mean is subtracted where a window landed (at the output position, never flipped); padding stays 0
+        if self.mean is not None:
+            data -= self.mean * inside
+        if self.scale != 1:
+            data *= self.scale
+        return data, windows[:, _LABEL].astype(np.float32)
+
+    def close(self):
+        pass
+
+
 @register_layer("WindowData")
-class WindowDataLayer(_SourceLayer):
+class WindowDataLayer(_PrefetchingLayer):
+    """R-CNN's window sampler: every batch draws background windows, then fg_fraction foreground ones, from a
+    window file, each cut out of its image (with context padding, in warp or square mode), warped to
+    crop_size x crop_size, optionally mirrored, mean-subtracted and scaled.
+
+    As Caffe's layer reads them: crop_size, mirror, mean_file and mean_value come from transform_param, scale
+    from window_data_param; sampling and flips use the layer's private generator in both phases."""
+    exact_num_top_blobs = 2
+
     def layer_setup(self, bottom, top):
-        raise KaffeError(f"WindowData layer '{self.name}': WindowData (R-CNN window sampling) is not supported "
-                         f"by kaffe; extract the windows into an LMDB (convert_imageset) or HDF5 files instead")
+        param = self.layer_param.window_data_param
+        transform = self.layer_param.transform_param
+        owner = f"WindowData layer '{self.name}'"
+        self.close()
+        unread = [f for f in ("crop_size", "mirror", "mean_file") if param.HasField(f)]
+        if unread:
+            logger.warning(f"{owner}: window_data_param.{'/'.join(unread)} is ignored: Caffe's WindowData reads "
+                           f"crop_size, mirror and mean_file from transform_param")
+        if transform.scale != 1:
+            logger.warning(f"{owner}: transform_param.scale is ignored: Caffe's WindowData scales by "
+                           f"window_data_param.scale")
+        crop_size = int(transform.crop_size)
+        if crop_size <= 0:
+            hint = " (window_data_param.crop_size is not read)" if param.crop_size else ""
+            raise KaffeError(f"{owner}: transform_param.crop_size must be positive: it is the size the windows "
+                             f"are warped to{hint}")
+        if param.batch_size <= 0:
+            raise KaffeError(f"{owner}: window_data_param.batch_size must be positive")
+        if param.crop_mode not in ("warp", "square"):
+            raise KaffeError(f"{owner}: crop_mode must be \"warp\" or \"square\", got {param.crop_mode!r}")
+        if 2 * param.context_pad >= crop_size:
+            raise KaffeError(f"{owner}: context_pad {param.context_pad} leaves no room for the window in a "
+                             f"crop of {crop_size} (needs 2 * context_pad < crop_size)")
+        if not 0 <= param.fg_fraction <= 1:
+            raise KaffeError(f"{owner}: fg_fraction must be in [0, 1], got {param.fg_fraction:g}")
+        batch_size = int(param.batch_size)
+        transformer = DataTransformer(transform, self.phase, owner)  # reads mean_file / mean_value, checked
+        mean = self._mean(transformer, crop_size, owner)
+
+        logger.info(f"Window data layer: foreground (object) overlap threshold: {param.fg_threshold:g}, "
+                    f"background (non-object) overlap threshold: {param.bg_threshold:g}, foreground sampling "
+                    f"fraction: {param.fg_fraction:g}, cache_images: {param.cache_images}, root_folder: "
+                    f"{param.root_folder!r}")
+        images, fg, bg = read_window_file(param.source, param.root_folder, param.fg_threshold, param.bg_threshold,
+                                          owner)
+        logger.info(f"Number of images: {len(images)}")
+        classes, counts = np.unique(np.concatenate([[0], fg[:, _LABEL]]), return_counts=True)
+        counts[0] = len(bg)
+        for label, count in zip(classes, counts):
+            logger.info(f"class {label} has {count} samples")
+        num_fg = int(np.float32(batch_size) * np.float32(param.fg_fraction))  # truncated, as Caffe's cast
+        if num_fg and not len(fg):
+            raise KaffeError(f"{owner}: {param.source} has no foreground windows (overlap >= fg_threshold "
+                             f"{param.fg_threshold:g}) to draw {num_fg} per batch from")
+        if batch_size - num_fg and not len(bg):
+            raise KaffeError(f"{owner}: {param.source} has no background windows (overlap < bg_threshold "
+                             f"{param.bg_threshold:g}) to draw {batch_size - num_fg} per batch from")
+        used = np.unique(np.concatenate([fg[:, _IMAGE], bg[:, _IMAGE]]))
+        for index in used:  # a missing image fails here, not in the middle of training
+            path, line = images[index]
+            if not os.path.isfile(path):
+                raise KaffeError(f"{owner}: could not find image {path} ({param.source}:{line})")
+        cache = None
+        if param.cache_images:  # the encoded files, decoded for every window, as Caffe keeps them
+            cache = {}
+            for index in used:
+                path, line = images[index]
+                try:
+                    with open(path, "rb") as f:
+                        cache[index] = f.read()
+                except OSError as e:
+                    raise KaffeError(f"{owner}: could not read image {path} ({param.source}:{line}): "
+                                     f"{e.strerror}") from None
+        logger.info(f"Amount of context padding: {param.context_pad}")
+        logger.info(f"Crop mode: {param.crop_mode}")
+        top[0].reshape(batch_size, _WINDOW_CHANNELS, crop_size, crop_size)
+        top[1].reshape(batch_size)
+        logger.info(f"output data size: {','.join(str(d) for d in top[0].shape)}")
+        # a private generator, so the thread's draws neither disturb nor depend on the main thread's
+        rng = np.random.default_rng(device.rng().integers(2 ** 63))
+        source = _WindowSource(owner, param.source, images, cache, fg, bg, num_fg, batch_size, crop_size,
+                               int(param.context_pad), param.crop_mode == "square", transform.mirror, mean,
+                               np.float32(param.scale))
+        self._start(source, {"rng": rng.bit_generator.state})
+
+    @staticmethod
+    def _mean(transformer, crop_size, owner):
+        """The mean to subtract at each output pixel: a mean file's central crop_size square (its offset taken
+        from the width for both axes, as Caffe does), or per-channel values."""
+        if transformer.mean is not None:
+            channels, height, width = transformer.mean.shape
+            offset = (width - crop_size) // 2
+            if channels != _WINDOW_CHANNELS or width < crop_size or offset + crop_size > height:
+                raise KaffeError(f"{owner}: mean_file {transformer.mean_file} is {channels} x {height} x {width}; "
+                                 f"it must have {_WINDOW_CHANNELS} channels and hold the central {crop_size} x "
+                                 f"{crop_size} square")
+            return transformer.mean[:, offset:offset + crop_size, offset:offset + crop_size].copy()
+        if len(transformer.mean_values):
+            if len(transformer.mean_values) not in (1, _WINDOW_CHANNELS):
+                raise KaffeError(f"{owner}: specify either 1 mean_value or as many as channels "
+                                 f"({_WINDOW_CHANNELS}); got {len(transformer.mean_values)}")
+            return np.broadcast_to(transformer.mean_values, (_WINDOW_CHANNELS,)).reshape(-1, 1, 1).copy()
+        return None

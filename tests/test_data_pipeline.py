@@ -868,7 +868,7 @@ def test_cifar10_download_checks_the_md5_and_offline_points_to_from(tmp_path, ci
         data_tool.convert_cifar10(str(tmp_path / "o4"), url=closed_port_url(), progress=None)
 
 
-# -- DummyData fillers, MemoryData via the net, WindowData, GPU mode -----------------------------------------------
+# -- DummyData fillers, MemoryData via the net, GPU mode -------------------------------------------------------------
 @pytest.mark.parametrize("filler", ["type: 'constant' value: 3", "type: 'uniform' min: -1 max: 2",
                                     "type: 'gaussian' mean: 1 std: 0.5", "type: 'gaussian' std: 1 sparse: 2",
                                     "type: 'positive_unitball'", "type: 'xavier'", "type: 'msra'",
@@ -899,11 +899,6 @@ def test_memory_data_through_net_set_input_arrays():
         net.forward()
         np.testing.assert_array_equal(net.blobs["data"].data, data[start:start + 2])
         np.testing.assert_array_equal(net.blobs["label"].data, [5 + start, 6 + start])
-
-
-def test_window_data_is_refused_clearly():
-    with pytest.raises(KaffeError, match=r"WindowData .* is not supported by kaffe"):
-        layer_from("type: 'WindowData' window_data_param { source: 'w.txt' batch_size: 2 }", TRAIN, 2)
 
 
 @pytest.mark.opencl
