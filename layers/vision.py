@@ -75,57 +75,57 @@ def _tap_spans(in_shape, out_shape, kernel, stride, pad, dilation):
         yield taps, tuple(s[0] for s in spans), tuple(s[1] for s in spans)
 
 
-def im2col(data, kernel, stride, pad, dilation):
-    """(num, C, *spatial) -> columns of shape (C, *kernel, num, *out).
+def transpose_into(src, dst, block=128):
+    """dst[...] = src.T for 2-D arrays, copied in blocks of `block` source rows: numpy's plain transposed copy
+    walks memory with a large stride and runs several times slower once the arrays outgrow the cache."""
+    for i in range(0, src.shape[0], block):
+        dst[:, i:i + block] = src[i:i + block].T
+    return dst
 
-    Reshaped to (C*prod(kernel), num*prod(out)), row c*K + k holds tap k of channel c for every output
-    position of every sample, so a filter bank (O, C*K) times it is the convolution of the whole batch.
-    The taps are expanded one spatial axis at a time, last axis first, so that the big copies of the
-    later stages move long contiguous runs.
+
+def _tap_windows(kernel, stride, dilation, out):
+    """(tap index tuple, slices of the zero-padded input it reads) for every kernel tap, row-major."""
+    for taps in itertools.product(*(range(k) for k in kernel)):
+        yield taps, tuple(slice(t * d, t * d + s * (o - 1) + 1, s)
+                          for t, d, s, o in zip(taps, dilation, stride, out))
+
+
+def _out_shape(spatial, kernel, stride, pad, dilation):
+    return [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(spatial, kernel, stride, pad, dilation)]
+
+
+def im2col(data, kernel, stride, pad, dilation):
+    """(num, C, *spatial) -> columns of shape (C, *kernel, *out, num).
+
+    Reshaped to (C*prod(kernel), prod(out)*num), row c*K + k holds tap k of channel c at every output position
+    of every sample, so a filter bank (O, C*K) times it is the convolution of the whole batch. The batch is the
+    innermost axis, so each tap's copy moves runs of out_w * num contiguous floats (num with strides > 1).
     """
     num, channels, *spatial = data.shape
-    dims = len(spatial)
-    out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(spatial, kernel, stride, pad, dilation)]
-    current = data.swapaxes(0, 1)  # (C, num, *spatial)
-    for axis in reversed(range(dims)):
-        # current: (C, taps of the later axes, num, spatial[:axis + 1], out[axis + 1:])
-        taps = dims - 1 - axis
-        shape = current.shape[:1] + (kernel[axis],) + current.shape[1:2 + taps + axis] + (out[axis],) + \
-            current.shape[3 + taps + axis:]
-        # with no padding on this axis every cell is written; otherwise those reading padding stay 0
-        expanded = (np.zeros if pad[axis] else np.empty)(shape, dtype=np.float32)
-        for i in range(kernel[axis]):
-            span = tap_span(spatial[axis], out[axis], i * dilation[axis], stride[axis], pad[axis])
-            if span is not None:
-                expanded[(slice(None), i) + (slice(None),) * (taps + 1 + axis) + (span[0],)] = \
-                    current[(slice(None),) * (taps + 2 + axis) + (span[1],)]
-        current = expanded
-    return np.ascontiguousarray(current)
+    out = _out_shape(spatial, kernel, stride, pad, dilation)
+    # the input with the batch last, inside a zero border of `pad`
+    padded = np.zeros((channels, *(n + 2 * p for n, p in zip(spatial, pad)), num), dtype=np.float32)
+    interior = (slice(None),) + tuple(slice(p, p + n) for n, p in zip(spatial, pad))
+    padded[interior] = np.moveaxis(data, 0, -1)
+    col = np.empty((channels, *kernel, *out, num), dtype=np.float32)
+    for taps, window in _tap_windows(kernel, stride, dilation, out):
+        col[(slice(None),) + taps] = padded[(slice(None),) + window]
+    return col
 
 
 def col2im(col, image_shape, kernel, stride, pad, dilation, out=None):
-    """The adjoint of im2col: sum columns (any reshape of (C, *kernel, num, *out)) into (num, C, *spatial).
+    """The adjoint of im2col: sum columns (any reshape of (C, *kernel, *out, num)) into (num, C, *spatial).
 
-    The taps are folded back one spatial axis at a time, first axis first (long contiguous runs while the
-    array is biggest). `out`, if given, is overwritten (e.g. a bottom diff).
+    `out`, if given, is overwritten (e.g. a bottom diff).
     """
     num, channels, *spatial = image_shape
-    dims = len(spatial)
-    out_shape = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(spatial, kernel, stride, pad, dilation)]
-    current = col.reshape(channels, *kernel, num, *out_shape)
-    for axis in range(dims):
-        # current: (C, taps of this and later axes, num, spatial[:axis], out[axis:])
-        taps = dims - axis
-        shape = current.shape[:1] + current.shape[2:2 + taps + axis] + (spatial[axis],) + \
-            current.shape[3 + taps + axis:]
-        folded = np.zeros(shape, dtype=np.float32)
-        for i in range(kernel[axis]):
-            span = tap_span(spatial[axis], out_shape[axis], i * dilation[axis], stride[axis], pad[axis])
-            if span is not None:
-                folded[(slice(None),) * (taps + 1 + axis) + (span[1],)] += \
-                    current[(slice(None), i) + (slice(None),) * (taps + axis) + (span[0],)]
-        current = folded
-    image = current.swapaxes(0, 1)
+    out_shape = _out_shape(spatial, kernel, stride, pad, dilation)
+    col = col.reshape(channels, *kernel, *out_shape, num)
+    padded = np.zeros((channels, *(n + 2 * p for n, p in zip(spatial, pad)), num), dtype=np.float32)
+    for taps, window in _tap_windows(kernel, stride, dilation, out_shape):
+        padded[(slice(None),) + window] += col[(slice(None),) + taps]
+    interior = (slice(None),) + tuple(slice(p, p + n) for n, p in zip(spatial, pad))
+    image = np.moveaxis(padded[interior], -1, 0)
     if out is None:
         return np.ascontiguousarray(image)
     out[...] = image
@@ -264,30 +264,45 @@ class BaseConvolutionLayer(Layer):
         return self.blobs[0].cpu_data().reshape(self.group, self.conv_out_channels // self.group, self.kernel_dim)
 
     def _bias(self):
-        """The bias broadcast over (num, num_output, positions), or 0."""
-        return self.blobs[1].cpu_data().reshape(1, -1, 1) if self.bias_term else np.float32(0)
+        """The bias broadcast over (num, num_output, positions), or None."""
+        return self.blobs[1].cpu_data().reshape(1, -1, 1) if self.bias_term else None
 
     def _im2col(self, image):
-        """(group, C/group * prod(kernel), num * positions): the columns of an image-side array."""
+        """(group, C/group * prod(kernel), positions * num): the columns of an image-side array."""
         col = im2col(image.reshape(self._image_shape()), self.kernel, self.stride, self.pad, self.dilation)
-        return col.reshape(self.group, self.kernel_dim, self.num * self.column_count)
+        return col.reshape(self.group, self.kernel_dim, self.column_count * self.num)
 
     def _col2im(self, col, image):
         col2im(col, self._image_shape(), self.kernel, self.stride, self.pad, self.dilation,
                out=image.reshape(self._image_shape()))
 
     def _to_rows(self, x):
-        """A rows-side array (num, conv_out_channels, positions) as (group, out/group, num * positions)."""
-        by_channel = x.reshape(self.num, self.conv_out_channels, self.column_count).transpose(1, 0, 2)
-        return np.ascontiguousarray(by_channel).reshape(self.group, -1, self.num * self.column_count)
+        """A rows-side array (num, conv_out_channels, positions) as (group, out/group, positions * num), the
+        columns' order (the batch innermost)."""
+        rows = np.empty((self.conv_out_channels * self.column_count, self.num), dtype=np.float32)
+        transpose_into(x.reshape(self.num, -1), rows)
+        return rows.reshape(self.group, -1, self.column_count * self.num)
 
     def _from_rows(self, rows, out, bias):
-        """out (num, conv_out_channels, positions) = rows (group, out/group, num * positions) + bias."""
-        by_sample = rows.reshape(self.conv_out_channels, self.num, self.column_count).transpose(1, 0, 2)
-        np.add(by_sample, bias, out=out.reshape(self.num, self.conv_out_channels, self.column_count))
+        """out (num, conv_out_channels, positions) = rows (group, out/group, positions * num) + bias."""
+        flat = out.reshape(self.num, -1)
+        transpose_into(rows.reshape(-1, self.num), flat)
+        if bias is not None:
+            flat.reshape(self.num, self.conv_out_channels, self.column_count)[...] += bias
 
     def _add_weight_gradient(self, rows, col):
-        self.blobs[0].mutable_cpu_diff()[...] += np.matmul(rows, col.transpose(0, 2, 1)).reshape(self.blobs[0].shape)
+        """weights' diff += rows @ col^T per group. When that product is tiny but its K (positions * num) is long,
+        as for a first layer's few filters, BLAS runs it on one core; 64 K-chunks as one batched product,
+        summed, keep both cores busy (three times faster for LeNet's conv1)."""
+        group, m, k = rows.shape
+        n = col.shape[1]
+        if m * n <= 4096 and k % 64 == 0 and k >= 64 * 256:
+            parts = np.matmul(rows.reshape(group, m, 64, k // 64).transpose(0, 2, 1, 3),
+                              col.reshape(group, n, 64, k // 64).transpose(0, 2, 3, 1))
+            gradient = parts.sum(axis=1)
+        else:
+            gradient = np.matmul(rows, col.transpose(0, 2, 1))
+        self.blobs[0].mutable_cpu_diff()[...] += gradient.reshape(self.blobs[0].shape)
 
     def _add_bias_gradient(self, top_diff):
         if self.bias_term and self.param_propagate_down[1]:
@@ -485,7 +500,7 @@ class DeconvolutionLayer(BaseConvolutionLayer):
             if self.param_propagate_down[0]:
                 self._add_weight_gradient(self._to_rows(b.cpu_data()), col)
             if down:
-                self._from_rows(np.matmul(self._weights(), col), b.mutable_cpu_diff(), np.float32(0))
+                self._from_rows(np.matmul(self._weights(), col), b.mutable_cpu_diff(), None)
 
     def forward_gpu(self, bottom, top):
         if self.num_spatial > 2:
@@ -568,11 +583,11 @@ class Im2colLayer(Layer):
         col = im2col(bottom[0].cpu_data().reshape(self._image_shape()), self.kernel, self.stride, self.pad,
                      self.dilation)
         top[0].mutable_cpu_data().reshape(self.num, self.rows, self.positions)[...] = \
-            col.reshape(self.rows, self.num, self.positions).transpose(1, 0, 2)
+            col.reshape(self.rows, self.positions, self.num).transpose(2, 0, 1)
 
     def backward_cpu(self, top, propagate_down, bottom):
         if propagate_down[0]:
-            col = top[0].cpu_diff().reshape(self.num, self.rows, self.positions).transpose(1, 0, 2)
+            col = top[0].cpu_diff().reshape(self.num, self.rows, self.positions).transpose(1, 2, 0)
             col2im(np.ascontiguousarray(col), self._image_shape(), self.kernel, self.stride, self.pad, self.dilation,
                    out=bottom[0].mutable_cpu_diff().reshape(self._image_shape()))
 

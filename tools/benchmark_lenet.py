@@ -3,10 +3,11 @@
     python -m kaffe.tools.benchmark_lenet [--iterations 200] [--threads 2]
 
 Both run batch-64 SGD steps (forward, backward, momentum update) with `--threads` BLAS/intra-op threads,
-each in its own subprocess. kaffe's subprocess runs with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset:
-some machines set them to force an older OpenBLAS kernel that halves numpy's GEMM speed. kaffe reads
-MNIST from the LMDB of `kaffe data mnist` (models/lenet/lenet_train_test.prototxt, run from the
-repository root); PyTorch gets the same images as preloaded tensors.
+each in its own subprocess. kaffe's subprocesses run with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset:
+some machines set them to force an older OpenBLAS kernel that halves numpy's GEMM speed. kaffe runs
+models/lenet twice: with preloaded batches (a MemoryData layer, as PyTorch gets its tensors) and reading the
+LMDB of `kaffe data mnist` (run from the repository root). MNIST's raw files come from ../shared/data/mnist
+or $KAFFE_MNIST_DIR.
 """
 import argparse
 import json
@@ -14,6 +15,8 @@ import os
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 RESULT_TAG = "BENCHMARK_RESULT "
 
@@ -28,11 +31,22 @@ def _thread_env(threads, drop_openblas_overrides):
     return env
 
 
-def measure_kaffe(iterations, warmup):
-    import numpy as np
+def mnist_batches(count):
+    """The first `count` MNIST training images (scaled by 1/256, as LeNet's transform_param) and labels."""
+    from kaffe.tools.data import read_idx
+    source = os.environ.get("KAFFE_MNIST_DIR", os.path.join("..", "shared", "data", "mnist"))
+    images = read_idx(os.path.join(source, "train-images-idx3-ubyte.gz"))[:count]
+    labels = read_idx(os.path.join(source, "train-labels-idx1-ubyte.gz"))[:count]
+    return images.astype(np.float32).reshape(-1, 1, 28, 28) / 256.0, labels.astype(np.float32)
 
+
+def measure_kaffe(iterations, warmup, source):
+    """ms per LeNet SGD step; source "lmdb": the Data layer reads the LMDB of `kaffe data mnist` on its
+    prefetch thread; "memory": a MemoryData layer cycles through preloaded batches, as PyTorch gets them."""
     from kaffe.engine import device
     from kaffe.engine.log import init_log
+    from kaffe.engine.net import read_net_param
+    from kaffe.proto import caffe_pb2
     from kaffe.solvers import get_solver, read_solver_param
     init_log(level=40)  # errors only: the log would be timed too
     param = read_solver_param("models/lenet/lenet_solver.prototxt")
@@ -43,35 +57,37 @@ def measure_kaffe(iterations, warmup):
     param.snapshot = 0
     param.snapshot_after_train = False
     param.random_seed = 1
+    if source == "memory":
+        net = read_net_param(param.net)
+        for layer in net.layer:
+            if layer.type == "Data":
+                layer.type = "MemoryData"
+                layer.ClearField("data_param")
+                layer.ClearField("transform_param")
+                layer.memory_data_param.CopyFrom(caffe_pb2.MemoryDataParameter(
+                    batch_size=64, channels=1, height=28, width=28))
+        param.ClearField("net")
+        param.net_param.CopyFrom(net)
     device.set_mode_cpu()
     solver = get_solver(param)
     solver.test_nets = []
+    if source == "memory":
+        solver.net.set_input_arrays(*mnist_batches(64 * 50))
     solver.step(warmup)
     start = time.perf_counter()
     solver.step(iterations)
     seconds = time.perf_counter() - start
-    kernel = None
-    try:
-        from threadpoolctl import threadpool_info
-        kernel = [(i.get("internal_api"), i.get("architecture"), i.get("num_threads")) for i in threadpool_info()]
-    except ImportError:
-        pass
-    return {"ms_per_iter": seconds / iterations * 1e3, "blas": kernel, "numpy": np.__version__}
+    return {"ms_per_iter": seconds / iterations * 1e3, "numpy": np.__version__}
 
 
 def measure_torch(iterations, warmup, threads):
-    import numpy as np
     import torch
     from torch import nn
 
-    from kaffe.tools.data import read_idx
     torch.set_num_threads(threads)
     torch.manual_seed(1)
-    mnist = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
-    source = os.environ.get("KAFFE_MNIST_DIR", mnist)
-    images = read_idx(os.path.join(source, "train-images-idx3-ubyte.gz"))[: 64 * 50]
-    labels = read_idx(os.path.join(source, "train-labels-idx1-ubyte.gz"))[: 64 * 50]
-    x = torch.from_numpy(images.astype(np.float32).reshape(-1, 1, 28, 28) / 256.0)
+    images, labels = mnist_batches(64 * 50)
+    x = torch.from_numpy(images)
     y = torch.from_numpy(labels.astype(np.int64))
     model = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2, 2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2, 2),
                           nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
@@ -110,23 +126,25 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", choices=("kaffe", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("kaffe-lmdb", "kaffe-memory", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child == "kaffe":
-        print(RESULT_TAG + json.dumps(measure_kaffe(args.iterations, args.warmup)))
+    if args.child and args.child.startswith("kaffe-"):
+        print(RESULT_TAG + json.dumps(measure_kaffe(args.iterations, args.warmup, args.child[len("kaffe-"):])))
         return 0
     if args.child == "torch":
         print(RESULT_TAG + json.dumps(measure_torch(args.iterations, args.warmup, args.threads)))
         return 0
-    kaffe = _run_child("kaffe", args, drop_openblas_overrides=True)
+    memory = _run_child("kaffe-memory", args, drop_openblas_overrides=True)
+    lmdb = _run_child("kaffe-lmdb", args, drop_openblas_overrides=True)
     torch = _run_child("torch", args, drop_openblas_overrides=False)
     print(f"LeNet training step, batch 64, {args.threads} threads, {args.iterations} iterations after "
-          f"{args.warmup} warm-up")
-    print(f"  kaffe (numpy {kaffe['numpy']}; OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset; BLAS {kaffe['blas']}): "
-          f"{kaffe['ms_per_iter']:.2f} ms/iter ({1e3 / kaffe['ms_per_iter']:.1f} iter/s)")
-    print(f"  PyTorch {torch['torch']} CPU: {torch['ms_per_iter']:.2f} ms/iter "
-          f"({1e3 / torch['ms_per_iter']:.1f} iter/s)")
-    print(f"  ratio kaffe/PyTorch time per iteration: {kaffe['ms_per_iter'] / torch['ms_per_iter']:.2f}")
+          f"{args.warmup} warm-up (kaffe: numpy {memory['numpy']}, OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset)")
+    for label, result in (("kaffe, preloaded batches (MemoryData)", memory),
+                          ("kaffe, LMDB Data layer with prefetch thread", lmdb),
+                          (f"PyTorch {torch['torch']} CPU, preloaded batches", torch)):
+        print(f"  {label}: {result['ms_per_iter']:.2f} ms/iter ({1e3 / result['ms_per_iter']:.1f} iter/s)")
+    print(f"  ratio kaffe/PyTorch time per iteration: {memory['ms_per_iter'] / torch['ms_per_iter']:.2f} "
+          f"(same input path), {lmdb['ms_per_iter'] / torch['ms_per_iter']:.2f} (kaffe from LMDB)")
     return 0
 
 
