@@ -861,10 +861,11 @@ class PoolingLayer(Layer):
             return
         dy = top[0].cpu_diff()
         dx = bottom[0].mutable_cpu_diff()
-        dx[...] = 0
         if self.method == caffe_pb2.PoolingParameter.MAX and self.window_argmax is not None:
-            self._backward_max_tiled(dy, dx)
-        elif self.method == caffe_pb2.PoolingParameter.MAX or self._stochastic_train():
+            self._backward_max_tiled(dy, dx)  # writes every cell
+            return
+        dx[...] = 0
+        if self.method == caffe_pb2.PoolingParameter.MAX or self._stochastic_train():
             mask = top[1].cpu_data() if len(top) > 1 else self.argmax
             flat_index = np.arange(dx.shape[2] * dx.shape[3], dtype=mask.dtype).reshape(dx.shape[2:])
             for _, out_s, in_s in self.taps:
