@@ -11,12 +11,12 @@ Files are written to a temporary file beside the target and renamed, so a crash 
 """
 import contextlib
 import os
-import tempfile
 
 import h5py
 import numpy as np
 
 from .errors import KaffeError
+from .io import atomic_path
 from .log import logger
 
 MAX_BLOB_AXES = 32   # Caffe's kMaxBlobAxes
@@ -25,22 +25,10 @@ RESUME_STATE = "kaffe_resume_state"
 
 @contextlib.contextmanager
 def _atomic_file(path):
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=directory)
-    except OSError as e:
-        raise KaffeError(f"cannot write {path}: {e.strerror}") from None
-    os.close(fd)
-    try:
+    """An h5py file written beside `path` and renamed onto it when complete (engine.io.atomic_path)."""
+    with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
             yield f
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

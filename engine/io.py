@@ -3,6 +3,7 @@
 Every failure becomes a KaffeError naming the file (and line and column for text), and binary files
 are written atomically so that an interrupted write never destroys an earlier file.
 """
+import contextlib
 import os
 import re
 import tempfile
@@ -71,22 +72,31 @@ def read_binary_proto(path, message):
     return message
 
 
-def _atomic_write(path, payload):
+@contextlib.contextmanager
+def atomic_path(path, suffix=""):
+    """A temporary path beside `path` to write; on success it is synced and renamed onto `path`, on failure
+    removed, so an interrupted write never leaves a partial file where an earlier one was."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     except OSError as e:
         raise KaffeError(f"cannot write {path}: {e.strerror}") from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _atomic_write(path, payload):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(payload)
 
 
 def write_binary_proto(message, path):
