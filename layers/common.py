@@ -176,6 +176,47 @@ class ReshapeLayer(_ViewLayer):
         return tuple(shape)
 
 
+# -- Concat and Slice: one axis cut into consecutive slabs ----------------------------------------------------
+def check_axis_or_legacy(layer, param, legacy):
+    """Caffe's rule that axis and the legacy field (concat_dim, slice_dim) exclude each other."""
+    if param.HasField("axis") and param.HasField(legacy):
+        raise KaffeError(f"{layer.type} layer '{layer.name}': either axis or {legacy} should be specified; not both")
+
+
+def axis_or_legacy(layer, blob, param, legacy):
+    """The cut axis: the legacy field when set (non-negative only), else param.axis (negatives count from the end)."""
+    if param.HasField(legacy):
+        axis = getattr(param, legacy)
+        if axis >= blob.num_axes:
+            raise KaffeError(f"{layer.type} layer '{layer.name}': {legacy} {axis} out of range for an input of "
+                             f"shape {shape_text(blob.shape)}")
+        return axis
+    return axis_index(layer, blob, param.axis)
+
+
+def slab_indices(axis, sizes):
+    """numpy indices of consecutive slabs of the given sizes along axis."""
+    offset = 0
+    for size in sizes:
+        yield (slice(None),) * axis + (slice(offset, offset + size),)
+        offset += size
+
+
+def copy_slabs_gpu(whole, whole_buffer, parts, part_buffer, axis, to_whole):
+    """One strided concat_copy per part between its own buffer and its slab along axis of whole's buffer,
+    part -> whole when to_whole, else back. part_buffer(i) gives part i's buffer, or None to skip that part."""
+    inner = whole.count_axes(axis + 1)
+    whole_block = whole.shape[axis] * inner
+    offset = 0
+    for i, part in enumerate(parts):
+        part_block = part.shape[axis] * inner
+        buffer = part_buffer(i)
+        if buffer is not None:
+            opencl.launch(KERNELS, "concat_copy", part.count, *opencl.device_args(buffer),
+                          *opencl.device_args(whole_buffer), part_block, whole_block, offset, to_whole)
+        offset += part_block
+
+
 @register_layer("Concat")
 class ConcatLayer(Layer):
     """Joins the bottoms along concat_param.axis (or the legacy concat_dim)."""
@@ -183,20 +224,11 @@ class ConcatLayer(Layer):
     exact_num_top_blobs = 1
 
     def layer_setup(self, bottom, top):
-        param = self.layer_param.concat_param
-        if param.HasField("axis") and param.HasField("concat_dim"):
-            raise KaffeError(f"Concat layer '{self.name}': either axis or concat_dim should be specified; not both")
+        check_axis_or_legacy(self, self.layer_param.concat_param, "concat_dim")
 
     def reshape(self, bottom, top):
-        param = self.layer_param.concat_param
         first = bottom[0]
-        if param.HasField("concat_dim"):
-            axis = param.concat_dim
-            if axis >= first.num_axes:
-                raise KaffeError(f"Concat layer '{self.name}': concat_dim {axis} out of range for an input of "
-                                 f"shape {shape_text(first.shape)}")
-        else:
-            axis = axis_index(self, first, param.axis)
+        axis = axis_or_legacy(self, first, self.layer_param.concat_param, "concat_dim")
         shape = list(first.shape)
         for b in bottom[1:]:
             if b.num_axes != first.num_axes or any(
@@ -211,11 +243,7 @@ class ConcatLayer(Layer):
             top[0].share_diff(first)
 
     def _slices(self, bottom):
-        offset = 0
-        for b in bottom:
-            size = b.shape[self.axis]
-            yield (slice(None),) * self.axis + (slice(offset, offset + size),)
-            offset += size
+        return slab_indices(self.axis, [b.shape[self.axis] for b in bottom])
 
     def forward_cpu(self, bottom, top):
         if len(bottom) == 1:
@@ -232,27 +260,16 @@ class ConcatLayer(Layer):
             if down:
                 b.mutable_cpu_diff()[...] = dy[index]
 
-    def _copy_gpu(self, bottom, top, forward, propagate_down=None):
-        """One strided copy per bottom: bottom -> its slab of the top (forward), or back (backward)."""
-        inner = top[0].count_axes(self.axis + 1)
-        whole_block = top[0].shape[self.axis] * inner
-        whole = top[0].mutable_gpu_data() if forward else top[0].gpu_diff()
-        offset = 0
-        for i, b in enumerate(bottom):
-            part_block = b.shape[self.axis] * inner
-            if forward or propagate_down[i]:
-                part = b.gpu_data() if forward else b.mutable_gpu_diff()
-                opencl.launch("layers/common.cl", "concat_copy", b.count, *opencl.device_args(part), *opencl.device_args(whole),
-                       part_block, whole_block, offset, forward)
-            offset += part_block
-
     def forward_gpu(self, bottom, top):
         if len(bottom) > 1:
-            self._copy_gpu(bottom, top, forward=True)
+            copy_slabs_gpu(top[0], top[0].mutable_gpu_data(), bottom, lambda i: bottom[i].gpu_data(), self.axis,
+                           to_whole=True)
 
     def backward_gpu(self, top, propagate_down, bottom):
         if len(bottom) > 1:
-            self._copy_gpu(bottom, top, forward=False, propagate_down=propagate_down)
+            copy_slabs_gpu(top[0], top[0].gpu_diff(), bottom,
+                           lambda i: bottom[i].mutable_gpu_diff() if propagate_down[i] else None, self.axis,
+                           to_whole=False)
 
 
 @register_layer("Eltwise")
@@ -501,20 +518,12 @@ class SliceLayer(Layer):
     min_top_blobs = 1
 
     def layer_setup(self, bottom, top):
-        param = self.layer_param.slice_param
-        if param.HasField("axis") and param.HasField("slice_dim"):
-            raise KaffeError(f"Slice layer '{self.name}': either axis or slice_dim should be specified; not both")
+        check_axis_or_legacy(self, self.layer_param.slice_param, "slice_dim")
 
     def reshape(self, bottom, top):
         param = self.layer_param.slice_param
         x = bottom[0]
-        if param.HasField("slice_dim"):
-            axis = param.slice_dim
-            if axis >= x.num_axes:
-                raise KaffeError(f"Slice layer '{self.name}': slice_dim {axis} out of range for an input of shape "
-                                 f"{shape_text(x.shape)}")
-        else:
-            axis = axis_index(self, x, param.axis)
+        axis = axis_or_legacy(self, x, param, "slice_dim")
         size = x.shape[axis]
         points = list(param.slice_point)
         if points:
@@ -544,10 +553,7 @@ class SliceLayer(Layer):
             top[0].share_diff(x)
 
     def _slices(self):
-        offset = 0
-        for part in self.sizes:
-            yield (slice(None),) * self.axis + (slice(offset, offset + part),)
-            offset += part
+        return slab_indices(self.axis, self.sizes)
 
     def forward_cpu(self, bottom, top):
         if len(top) == 1:
@@ -563,25 +569,16 @@ class SliceLayer(Layer):
         for t, index in zip(top, self._slices()):
             dx[index] = t.cpu_diff()
 
-    def _copy_gpu(self, bottom, top, forward):
-        """Concat's strided copy with the roles turned: each top is a slab ("part") of the bottom ("whole")."""
-        inner = bottom[0].count_axes(self.axis + 1)
-        whole_block = bottom[0].shape[self.axis] * inner
-        whole = bottom[0].gpu_data() if forward else bottom[0].mutable_gpu_diff()
-        offset = 0
-        for t, part in zip(top, self.sizes):
-            data = t.mutable_gpu_data() if forward else t.gpu_diff()
-            opencl.launch(KERNELS, "concat_copy", t.count, *opencl.device_args(data), *opencl.device_args(whole),
-                          part * inner, whole_block, offset, not forward)
-            offset += part * inner
-
+    # Concat's copies with the roles turned: each top is a slab ("part") of the bottom ("whole").
     def forward_gpu(self, bottom, top):
         if len(top) > 1:
-            self._copy_gpu(bottom, top, forward=True)
+            copy_slabs_gpu(bottom[0], bottom[0].gpu_data(), top, lambda i: top[i].mutable_gpu_data(), self.axis,
+                           to_whole=False)
 
     def backward_gpu(self, top, propagate_down, bottom):
         if len(top) > 1 and propagate_down[0]:
-            self._copy_gpu(bottom, top, forward=False)
+            copy_slabs_gpu(bottom[0], bottom[0].mutable_gpu_diff(), top, lambda i: top[i].gpu_diff(), self.axis,
+                           to_whole=True)
 
 
 @register_layer("Tile")

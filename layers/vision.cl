@@ -143,6 +143,16 @@ __kernel void add_bias(const int total, __global float* y, const int y_off,
 #define POOL_GEOMETRY const int H, const int W, const int PH, const int PW, const int KH, const int KW, \
                       const int SH, const int SW, const int PAD_H, const int PAD_W
 
+// Pooled output idx: its plane and (ph, pw), its window clipped to the input, rows [hstart, hend) and columns
+// [wstart, wend), and p, its input plane in x. pad_h, pad_w: PAD_H, PAD_W, or 0 for stochastic pooling.
+#define POOLED_WINDOW(idx, x, pad_h, pad_w) \
+    const int pw = (idx) % PW; \
+    const int ph = ((idx) / PW) % PH; \
+    const int plane = (idx) / (PW * PH); \
+    const int hstart = max(ph * SH - (pad_h), 0), hend = min(ph * SH - (pad_h) + KH, H); \
+    const int wstart = max(pw * SW - (pad_w), 0), wend = min(pw * SW - (pad_w) + KW, W); \
+    __global const float* p = (x) + plane * H * W
+
 // One work-item per output: strict > in row-major order, so ties go to the first maximum and NaN never wins
 // (a window of NaNs only gives -FLT_MAX and index -1). The flat index h * W + w goes to `mask`, and to
 // `top_mask` as a float when write_top_mask.
@@ -152,12 +162,7 @@ __kernel void max_pool_forward(const int total, __global const float* x, const i
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int pw = idx % PW;
-    const int ph = (idx / PW) % PH;
-    const int plane = idx / (PW * PH);
-    const int hstart = max(ph * SH - PAD_H, 0), hend = min(ph * SH - PAD_H + KH, H);
-    const int wstart = max(pw * SW - PAD_W, 0), wend = min(pw * SW - PAD_W + KW, W);
-    __global const float* p = x + x_off + plane * H * W;
+    POOLED_WINDOW(idx, x + x_off, PAD_H, PAD_W);
     float best = -FLT_MAX;
     int best_index = -1;
     for (int h = hstart; h < hend; ++h)
@@ -177,17 +182,21 @@ __kernel void max_pool_forward(const int total, __global const float* x, const i
     const int first = ((at) < (K)) ? 0 : ((at) - (K)) / (S) + 1; \
     const int last = min((at) / (S) + 1, P)
 
+// Input element idx: its plane and (h, w), and the windows [phstart, phend) x [pwstart, pwend) that cover it.
+#define COVERING_WINDOWS(idx, pad_h, pad_w) \
+    const int w = (idx) % W; \
+    const int h = ((idx) / W) % H; \
+    const int plane = (idx) / (W * H); \
+    COVERING(h + (pad_h), KH, SH, PH, phstart, phend); \
+    COVERING(w + (pad_w), KW, SW, PW, pwstart, pwend)
+
 // One work-item per input element: the top diffs of the windows whose argmax it is.
 __kernel void max_pool_backward(const int total, __global const float* dy, const int dy_off,
                                 __global const int* mask, POOL_GEOMETRY, __global float* dx, const int dx_off) {
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int w = idx % W;
-    const int h = (idx / W) % H;
-    const int plane = idx / (W * H);
-    COVERING(h + PAD_H, KH, SH, PH, phstart, phend);
-    COVERING(w + PAD_W, KW, SW, PW, pwstart, pwend);
+    COVERING_WINDOWS(idx, PAD_H, PAD_W);
     const int offset = plane * PH * PW;
     const int index = h * W + w;
     float sum = 0.0f;
@@ -209,12 +218,7 @@ __kernel void ave_pool_forward(const int total, __global const float* x, const i
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int pw = idx % PW;
-    const int ph = (idx / PW) % PH;
-    const int plane = idx / (PW * PH);
-    const int hstart = max(ph * SH - PAD_H, 0), hend = min(ph * SH - PAD_H + KH, H);
-    const int wstart = max(pw * SW - PAD_W, 0), wend = min(pw * SW - PAD_W + KW, W);
-    __global const float* p = x + x_off + plane * H * W;
+    POOLED_WINDOW(idx, x + x_off, PAD_H, PAD_W);
     float sum = 0.0f;
     for (int h = hstart; h < hend; ++h)
         for (int w = wstart; w < wend; ++w)
@@ -227,11 +231,7 @@ __kernel void ave_pool_backward(const int total, __global const float* dy, const
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int w = idx % W;
-    const int h = (idx / W) % H;
-    const int plane = idx / (W * H);
-    COVERING(h + PAD_H, KH, SH, PH, phstart, phend);
-    COVERING(w + PAD_W, KW, SW, PW, pwstart, pwend);
+    COVERING_WINDOWS(idx, PAD_H, PAD_W);
     __global const float* d = dy + dy_off + plane * PH * PW;
     float sum = 0.0f;
     for (int ph = phstart; ph < phend; ++ph)
@@ -249,12 +249,7 @@ __kernel void sto_pool_forward_train(const int total, __global const float* x, c
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int pw = idx % PW;
-    const int ph = (idx / PW) % PH;
-    const int plane = idx / (PW * PH);
-    const int hstart = ph * SH, hend = min(hstart + KH, H);
-    const int wstart = pw * SW, wend = min(wstart + KW, W);
-    __global const float* p = x + x_off + plane * H * W;
+    POOLED_WINDOW(idx, x + x_off, 0, 0);
     float window_sum = 0.0f;
     for (int h = hstart; h < hend; ++h)
         for (int w = wstart; w < wend; ++w)
@@ -281,12 +276,7 @@ __kernel void sto_pool_forward_test(const int total, __global const float* x, co
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int pw = idx % PW;
-    const int ph = (idx / PW) % PH;
-    const int plane = idx / (PW * PH);
-    const int hstart = ph * SH, hend = min(hstart + KH, H);
-    const int wstart = pw * SW, wend = min(wstart + KW, W);
-    __global const float* p = x + x_off + plane * H * W;
+    POOLED_WINDOW(idx, x + x_off, 0, 0);
     float window_sum = FLT_MIN, squares = 0.0f;
     for (int h = hstart; h < hend; ++h)
         for (int w = wstart; w < wend; ++w) {
@@ -306,11 +296,7 @@ __kernel void sto_pool_backward_test(const int total, __global const float* x, c
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int w = idx % W;
-    const int h = (idx / W) % H;
-    const int plane = idx / (W * H);
-    COVERING(h, KH, SH, PH, phstart, phend);
-    COVERING(w, KW, SW, PW, pwstart, pwend);
+    COVERING_WINDOWS(idx, 0, 0);
     const int offset = plane * PH * PW;
     const float twice = 2.0f * x[x_off + idx];
     float sum = 0.0f;

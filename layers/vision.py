@@ -370,6 +370,18 @@ class BaseConvolutionLayer(Layer):
                 opencl.gemm(False, True, out_per_group, self.kernel_dim, width, 1.0, a, b, 1.0, c,
                             a_offset=g * rows_step, b_offset=g * col_step, c_offset=g * weight_step)
 
+    def _rows_product_gpu(self, weight, col, out, first, samples, add_bias):
+        """W @ col for samples [first, first + samples), written into the device rows-side array out."""
+        product = opencl.scratch(self, "rows", self._rows_size() * samples)
+        self._group_gemm_gpu("rows", samples, weight, col, product)
+        self._from_rows_gpu(product, out, first, samples, add_bias)
+
+    def _columns_product_gpu(self, weight, rows, image, first, samples):
+        """W^T @ rows for samples [first, first + samples), folded (col2im) into the device image-side array."""
+        col = opencl.scratch(self, "columns", self.kernel_dim * self.group * samples * self.column_count)
+        self._group_gemm_gpu("columns", samples, weight, rows, col)
+        self._col2im_gpu(col, image, first, samples)
+
     def _add_bias_gradient_gpu(self, top_diff):
         if self.bias_term and self.param_propagate_down[1]:
             channel_sum(top_diff, self.num, self.num_output, self.top_count, self.blobs[1].mutable_gpu_diff())
@@ -434,10 +446,8 @@ class ConvolutionLayer(BaseConvolutionLayer):
         for b, t in zip(bottom, top):
             data, out = b.gpu_data(), t.mutable_gpu_data()
             for first, samples in self._chunks():
-                col = self._im2col_gpu(data, first, samples)
-                product = opencl.scratch(self, "rows", self._rows_size() * samples)
-                self._group_gemm_gpu("rows", samples, weight, col, product)
-                self._from_rows_gpu(product, out, first, samples, self.bias_term)
+                self._rows_product_gpu(weight, self._im2col_gpu(data, first, samples), out, first, samples,
+                                       self.bias_term)
 
     def backward_gpu(self, top, propagate_down, bottom):
         if self.num_spatial > 2:
@@ -454,9 +464,7 @@ class ConvolutionLayer(BaseConvolutionLayer):
                     col = self._im2col_gpu(b.gpu_data(), first, samples)
                     self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff())
                 if down:
-                    col = opencl.scratch(self, "columns", self.kernel_dim * self.group * samples * self.column_count)
-                    self._group_gemm_gpu("columns", samples, self.blobs[0].gpu_data(), rows, col)
-                    self._col2im_gpu(col, b.mutable_gpu_diff(), first, samples)
+                    self._columns_product_gpu(self.blobs[0].gpu_data(), rows, b.mutable_gpu_diff(), first, samples)
 
 
 @register_layer("Deconvolution")
@@ -509,10 +517,7 @@ class DeconvolutionLayer(BaseConvolutionLayer):
         for b, t in zip(bottom, top):
             data, out = b.gpu_data(), t.mutable_gpu_data()
             for first, samples in self._chunks():
-                rows = self._to_rows_gpu(data, first, samples)
-                col = opencl.scratch(self, "columns", self.kernel_dim * self.group * samples * self.column_count)
-                self._group_gemm_gpu("columns", samples, weight, rows, col)
-                self._col2im_gpu(col, out, first, samples)
+                self._columns_product_gpu(weight, self._to_rows_gpu(data, first, samples), out, first, samples)
             if self.bias_term:
                 run_kernel("add_bias", t.count, *opencl.device_args(out),
                            *opencl.device_args(self.blobs[1].gpu_data()), self.num_output, self.top_count)
@@ -533,9 +538,7 @@ class DeconvolutionLayer(BaseConvolutionLayer):
                     self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff())
                 if down:
                     # the in-order queue has run the weight GEMM before this overwrites the rows scratch
-                    product = opencl.scratch(self, "rows", self._rows_size() * samples)
-                    self._group_gemm_gpu("rows", samples, self.blobs[0].gpu_data(), col, product)
-                    self._from_rows_gpu(product, b.mutable_gpu_diff(), first, samples, False)
+                    self._rows_product_gpu(self.blobs[0].gpu_data(), col, b.mutable_gpu_diff(), first, samples, False)
 
 
 @register_layer("Im2col")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from kaffe.engine import device
 from kaffe.engine.log import logger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +30,16 @@ def kaffe_log():
         yield handler.messages
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture
+def gpu_mode():
+    """Runs the test in GPU (OpenCL) mode, back to CPU mode after it."""
+    device.set_mode_gpu()
+    try:
+        yield
+    finally:
+        device.set_mode_cpu()
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,39 @@ from google.protobuf import text_format
 
 from kaffe.engine import device
 from kaffe.engine.blob import Blob
+from kaffe.engine import layer as layer_module
 from kaffe.engine.layer import create_layer
+from kaffe.engine.syncedmem import HEAD_AT_GPU, SyncedMemory
 from kaffe.proto import caffe_pb2
+
+
+def rand(*shape, seed=0, scale=1.0):
+    """Seeded standard-normal float64 values times scale."""
+    return np.random.default_rng(seed).standard_normal(shape) * scale
+
+
+def rand32(*shape, seed=0, scale=1.0):
+    """rand() in float32 (what the blobs hold), for tests that compare arrays as the layers see them."""
+    return rand(*shape, seed=seed, scale=scale).astype(np.float32)
+
+
+def positive(*shape, seed=0):
+    """Non-negative activations with distinct values (as after a ReLU), for STOCHASTIC pooling."""
+    return np.random.default_rng(seed).uniform(0.2, 2.0, shape).astype(np.float32)
+
+
+def distinct(*shape, seed=0, spacing=0.05):
+    """No ties, spaced more than twice the gradient checker's step (MAX pooling's choice stays put)."""
+    count = int(np.prod(shape))
+    values = np.random.default_rng(seed).permutation(count) * spacing - count * spacing / 2
+    return values.reshape(shape).astype(np.float32)
+
+
+def distinct_centred(*shape, seed=0, gap=0.05):
+    """Values at least `gap` apart with mean 0 (MAX pooling gradients: no two values in a window within the
+    finite-difference step)."""
+    values = np.random.default_rng(seed).permutation(int(np.prod(shape))) * gap
+    return (values - values.mean()).reshape(shape).astype(np.float32)
 
 
 def make_layer(text, phase=caffe_pb2.TRAIN):
@@ -39,6 +70,15 @@ def setup_layer(layer, bottom, num_top=None):
     top = [Blob() for _ in range(n)]
     layer.setup(bottom, top)
     return top
+
+
+def forward(text, *arrays, num_top=None):
+    """(layer, bottom, top) of a fresh layer after setup and one forward."""
+    layer = make_layer(text)
+    bottom = blobs_from(*arrays)
+    top = setup_layer(layer, bottom, num_top)
+    layer.forward(bottom, top)
+    return layer, bottom, top
 
 
 def check_gradient(layer, bottom, top, step=1e-2, threshold=1e-2, check_bottom=None, check_params=True,
@@ -103,6 +143,39 @@ def opencl_available():
         return bool(cl.get_platforms())
     except Exception:  # no ICD loader, no platform: the OpenCL tests skip with this reason
         return False
+
+
+def gpu_host_copies(monkeypatch, text, arrays, num_top=None, propagate=None, phase=caffe_pb2.TRAIN):
+    """(layer, bottom, top, sizes of its device-to-host copies) over one GPU-mode forward and backward of a fresh layer whose
+    bottoms and top diffs start on the device, as a previous GPU layer leaves them. The one-time CPU-fallback
+    warning is re-armed, so that a fallback shows in the log."""
+    monkeypatch.setattr(layer_module, "_warned_fallback", set())
+    copies = []
+    to_cpu = SyncedMemory._to_cpu
+
+    def counting_to_cpu(memory):
+        if memory.head == HEAD_AT_GPU:
+            copies.append(memory.count)
+        to_cpu(memory)
+
+    device.set_mode_gpu()
+    try:
+        layer = make_layer(text, phase)
+        bottom = blobs_from(*arrays)
+        top = setup_layer(layer, bottom, num_top)
+        for b in bottom:
+            b.mutable_gpu_data()
+        # a loss top's diff holds its loss weight, set on the host at setup; the other tops get device diffs
+        for t in [t for i, t in enumerate(top) if not layer.loss(i)]:
+            t.diff[...] = 1.0
+            t.mutable_gpu_diff()
+        monkeypatch.setattr(SyncedMemory, "_to_cpu", counting_to_cpu)
+        layer.forward(bottom, top)
+        layer.backward(top, propagate, bottom)
+        monkeypatch.setattr(SyncedMemory, "_to_cpu", to_cpu)
+    finally:
+        device.set_mode_cpu()
+    return layer, bottom, top, copies
 
 
 def run_layer(text, arrays, mode, num_top=None, top_diffs=None, seed=1701, phase=caffe_pb2.TRAIN):

@@ -1,21 +1,9 @@
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, make_layer, setup_layer
+from gradient_check import blobs_from, check_gradient, forward, make_layer, rand, setup_layer
 
 from kaffe.engine.blob import Blob
 from kaffe.engine.errors import KaffeError
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
-
-
-def forward(text, *arrays, num_top=None):
-    layer = make_layer(text)
-    bottom = blobs_from(*arrays)
-    top = setup_layer(layer, bottom, num_top)
-    layer.forward(bottom, top)
-    return layer, bottom, top
 
 
 # -- Split -----------------------------------------------------------------------------------------------------------

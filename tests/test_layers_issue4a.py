@@ -3,7 +3,7 @@ BatchReindex, Filter, Parameter) and normalization (BatchNorm, MVN) on the CPU: 
 references written here, Caffe's error checks, and finite-difference gradients on awkward shapes."""
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, make_layer, setup_layer
+from gradient_check import blobs_from, check_gradient, make_layer, rand, setup_layer
 from google.protobuf import text_format
 
 from kaffe.engine.blob import Blob
@@ -12,10 +12,6 @@ from kaffe.engine.net import Net
 from kaffe.proto import caffe_pb2
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
-
-
-def rand(*shape, seed=0, scale=1.0):
-    return np.random.default_rng(seed).standard_normal(shape) * scale
 
 
 def away_from(x, points, gap=0.05):

@@ -2,7 +2,7 @@
 gradients, BatchNorm's running statistics, in place) and finite-difference gradients in GPU mode."""
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, make_layer, opencl_available, setup_layer
+from gradient_check import blobs_from, check_gradient, make_layer, opencl_available, rand32 as rand, setup_layer
 from test_layers_issue4a import ACTIVATIONS, away_from
 
 from kaffe.engine import device
@@ -15,10 +15,6 @@ pytestmark = [pytest.mark.opencl,
               pytest.mark.skipif(not opencl_available(), reason="no OpenCL platform (install pocl-opencl-icd)")]
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
-
-
-def rand(*shape, seed=0, scale=1.0):
-    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
 
 
 def run(mode, text, arrays, top_diffs=None, num_top=None, propagate=None, in_place=False, phase=TRAIN, passes=1,

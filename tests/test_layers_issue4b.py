@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, make_layer, setup_layer
+from gradient_check import blobs_from, check_gradient, distinct, make_layer, positive, rand32 as rand, setup_layer
 
 from kaffe.engine import device
 from kaffe.engine.errors import KaffeError
@@ -17,22 +17,6 @@ FILLERS = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaus
 @pytest.fixture(autouse=True)
 def seeded():
     device.set_random_seed(1234)
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def positive(*shape, seed=0):
-    """Non-negative activations with distinct values (as after a ReLU), for STOCHASTIC pooling."""
-    return np.random.default_rng(seed).uniform(0.2, 2.0, shape).astype(np.float32)
-
-
-def distinct(*shape, seed=0, spacing=0.05):
-    """No ties, spaced more than twice the gradient checker's step (MAX pooling's choice stays put)."""
-    count = int(np.prod(shape))
-    values = np.random.default_rng(seed).permutation(count) * spacing - count * spacing / 2
-    return values.reshape(shape).astype(np.float32)
 
 
 def run(text, *arrays, num_top=None, phase=caffe_pb2.TRAIN):

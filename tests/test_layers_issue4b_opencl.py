@@ -2,12 +2,10 @@
 <= 1e-4; STOCHASTIC TRAIN draws the same elements exactly), gradients in GPU mode, and no host round trips."""
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, check_parity, make_layer, opencl_available, run_layer, \
-    setup_layer
+from gradient_check import blobs_from, check_gradient, check_parity, distinct_centred as distinct, gpu_host_copies, \
+    make_layer, opencl_available, positive, rand32 as rand, run_layer, setup_layer
 
 from kaffe.engine import device
-from kaffe.engine import layer as layer_module
-from kaffe.engine.syncedmem import HEAD_AT_GPU, SyncedMemory
 from kaffe.layers import vision
 from kaffe.proto import caffe_pb2
 
@@ -15,28 +13,6 @@ pytestmark = [pytest.mark.opencl,
               pytest.mark.skipif(not opencl_available(), reason="no OpenCL platform (install pocl-opencl-icd)")]
 
 FILLERS = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def positive(*shape, seed=0):
-    return np.random.default_rng(seed).uniform(0.2, 2.0, shape).astype(np.float32)
-
-
-def distinct(*shape, seed=0, gap=0.05):
-    values = np.random.default_rng(seed).permutation(int(np.prod(shape))) * gap
-    return (values - values.mean()).reshape(shape).astype(np.float32)
-
-
-@pytest.fixture
-def gpu_mode():
-    device.set_mode_gpu()
-    try:
-        yield
-    finally:
-        device.set_mode_cpu()
 
 
 def deconv(params):
@@ -164,30 +140,6 @@ def test_stochastic_pooling_test_gradient_gpu(gpu_mode):
                  id="stochastic-test"),
 ])
 def test_gpu_mode_has_no_fallback_and_no_host_copy(monkeypatch, kaffe_log, text, arrays, num_top, propagate, phase):
-    monkeypatch.setattr(layer_module, "_warned_fallback", set())
-    copies = []
-    to_cpu = SyncedMemory._to_cpu
-
-    def counting_to_cpu(memory):
-        if memory.head == HEAD_AT_GPU:
-            copies.append(memory.count)
-        to_cpu(memory)
-
-    device.set_mode_gpu()
-    try:
-        layer = make_layer(text, phase)
-        bottom = blobs_from(*arrays)
-        top = setup_layer(layer, bottom, num_top)
-        for b in bottom:
-            b.mutable_gpu_data()
-        for t in top:
-            t.diff[...] = 1.0
-            t.mutable_gpu_diff()
-        monkeypatch.setattr(SyncedMemory, "_to_cpu", counting_to_cpu)
-        layer.forward(bottom, top)
-        layer.backward(top, propagate, bottom)
-        monkeypatch.setattr(SyncedMemory, "_to_cpu", to_cpu)
-    finally:
-        device.set_mode_cpu()
+    *_, copies = gpu_host_copies(monkeypatch, text, arrays, num_top, propagate, phase)
     assert not [m for m in kaffe_log if "no OpenCL implementation" in m]
     assert not copies, f"{len(copies)} device-to-host copies (of {copies} values) in GPU mode"

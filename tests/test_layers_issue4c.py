@@ -5,24 +5,12 @@ import textwrap
 
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, make_layer, setup_layer
+from gradient_check import blobs_from, check_gradient, forward, make_layer, rand, setup_layer
 
 from kaffe.engine.blob import Blob
 from kaffe.engine.errors import KaffeError
 from kaffe.engine.io import write_binary_proto
 from kaffe.proto import caffe_pb2
-
-
-def rand(*shape, seed=0, scale=1.0):
-    return np.random.default_rng(seed).standard_normal(shape) * scale
-
-
-def forward(text, *arrays, num_top=None):
-    layer = make_layer(text)
-    bottom = blobs_from(*arrays)
-    top = setup_layer(layer, bottom, num_top)
-    layer.forward(bottom, top)
-    return layer, bottom, top
 
 
 def backward(layer, bottom, top, weight=1.0, propagate=None):

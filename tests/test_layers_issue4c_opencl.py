@@ -2,17 +2,13 @@
 host fallback (with its one-time warning) for the layers Caffe has no GPU code for."""
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, make_layer, opencl_available, setup_layer
+from gradient_check import blobs_from, check_gradient, make_layer, opencl_available, rand, setup_layer
 
 from kaffe.engine import device
 from kaffe.engine.layer import _warned_fallback as warned_fallback
 
 pytestmark = [pytest.mark.opencl,
               pytest.mark.skipif(not opencl_available(), reason="no OpenCL platform (install pocl-opencl-icd)")]
-
-
-def rand(*shape, seed=0, scale=1.0):
-    return np.random.default_rng(seed).standard_normal(shape) * scale
 
 
 def run(text, arrays, mode, propagate, num_top, top_diffs=None):

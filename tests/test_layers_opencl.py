@@ -1,12 +1,13 @@
 """OpenCL neuron, common and loss layers: parity with the CPU code, gradients in GPU mode, no CPU fallback."""
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, check_parity, make_layer, opencl_available, setup_layer
+from gradient_check import blobs_from, check_gradient, check_parity, gpu_host_copies, make_layer, opencl_available, \
+    rand32 as rand, setup_layer
 
 from kaffe.engine import device
 from kaffe.engine import layer as layer_module
 from kaffe.engine.errors import KaffeError
-from kaffe.engine.syncedmem import HEAD_AT_CPU, HEAD_AT_GPU, SyncedMemory
+from kaffe.engine.syncedmem import HEAD_AT_CPU
 from kaffe.layers.neuron import ElementwiseLayer
 from kaffe.proto import caffe_pb2
 
@@ -17,25 +18,12 @@ ELEMENTWISE_TYPES = [name for name in layer_module.layer_type_list()
                      if issubclass(layer_module._REGISTRY[name], ElementwiseLayer)]
 
 
-def rand(*shape, seed=0, scale=1.0):
-    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
-
-
 def labels(shape, classes, seed=1, ignored=None):
     """Integer labels as floats; with `ignored`, the first row of positions takes that label."""
     values = np.random.default_rng(seed).integers(0, classes, size=shape).astype(np.float32)
     if ignored is not None:
         values.reshape(shape[0], -1)[0] = ignored
     return values
-
-
-@pytest.fixture
-def gpu_mode():
-    device.set_mode_gpu()
-    try:
-        yield
-    finally:
-        device.set_mode_cpu()
 
 
 def run(text, arrays, mode, num_top=None, top_diffs=None, propagate=None, in_place=False, seed=1701,
@@ -349,40 +337,14 @@ DEVICE_CASES = [
 
 @pytest.mark.parametrize("text,arrays,num_top,propagate", DEVICE_CASES)
 def test_gpu_mode_has_no_fallback_and_no_host_copy(monkeypatch, kaffe_log, text, arrays, num_top, propagate):
-    monkeypatch.setattr(layer_module, "_warned_fallback", set())  # the one-time warning may fire again
-    copies = []
-    to_cpu = SyncedMemory._to_cpu
-
-    def counting_to_cpu(memory):
-        if memory.head == HEAD_AT_GPU:
-            copies.append(memory.count)
-        to_cpu(memory)
-
-    device.set_mode_gpu()
-    try:
-        layer = make_layer(text)
-        bottom = blobs_from(*arrays)
-        top = setup_layer(layer, bottom, num_top)
-        for b in bottom:
-            b.mutable_gpu_data()  # the inputs live on the device, as a previous GPU layer leaves them
-        # a loss top's diff holds its loss weight, set on the host at setup; the other tops get device diffs
-        outputs = [t for i, t in enumerate(top) if not layer.loss(i)]
-        for t in outputs:
-            t.diff[...] = 1.0
-            t.mutable_gpu_diff()
-        monkeypatch.setattr(SyncedMemory, "_to_cpu", counting_to_cpu)
-        layer.forward(bottom, top)
-        layer.backward(top, propagate, bottom)
-        monkeypatch.setattr(SyncedMemory, "_to_cpu", to_cpu)
-    finally:
-        device.set_mode_cpu()
+    layer, bottom, top, copies = gpu_host_copies(monkeypatch, text, arrays, num_top, propagate)
     fallbacks = [m for m in kaffe_log if "no OpenCL implementation" in m]
     assert not fallbacks, fallbacks
     if layer.type == "Accuracy":
         return  # runs its CPU code by design (layers/loss.py)
     assert not copies, f"{len(copies)} device-to-host copies (of {copies} values) in GPU mode"
-    # written on the device, not on the host
-    assert all(t._data.head != HEAD_AT_CPU for t in outputs)
+    # written on the device, not on the host (a loss top's diff is its host-set loss weight)
+    assert all(t._data.head != HEAD_AT_CPU for i, t in enumerate(top) if not layer.loss(i))
     assert all(b._diff.head != HEAD_AT_CPU for b, down in zip(bottom, propagate) if down)
 
 

@@ -12,7 +12,7 @@ from conftest import MNIST_RAW, REPO
 from kaffe.tools import data
 
 pytestmark = pytest.mark.slow
-ITERATIONS = int(os.environ.get("KAFFE_EXAMPLE_ITERS", 2000))
+ITERATIONS = int(os.environ.get("KAFFE_EXAMPLE_ITERS", 1000))
 
 
 def kaffe(*args, cwd):

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, make_layer, setup_layer
+from gradient_check import blobs_from, check_gradient, make_layer, rand, setup_layer
 
 from kaffe.engine import device
 from kaffe.engine.blob import Blob
@@ -8,10 +8,6 @@ from kaffe.engine.errors import KaffeError
 from kaffe.engine.layer import _REGISTRY
 from kaffe.layers.neuron import ElementwiseLayer, dropout_bits
 from kaffe.proto import caffe_pb2
-
-
-def rand(*shape, seed=0, scale=1.0):
-    return np.random.default_rng(seed).standard_normal(shape) * scale
 
 
 def run(text, x, phase=caffe_pb2.TRAIN, seed=None):

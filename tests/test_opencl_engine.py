@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("pyopencl", reason="pyopencl is not installed (pip install kaffe[opencl])")
 
-from kaffe.engine import device, opencl  # noqa: E402
+from kaffe.engine import opencl  # noqa: E402
 from kaffe.engine.blob import Blob  # noqa: E402
 from kaffe.engine.errors import KaffeError  # noqa: E402
 from kaffe.engine.syncedmem import HEAD_AT_CPU, HEAD_AT_GPU, SYNCED, UNINITIALIZED, SyncedMemory  # noqa: E402
@@ -314,13 +314,6 @@ def test_synced_memory_starts_zeroed_on_device():
     mem = SyncedMemory(4)
     np.testing.assert_array_equal(mem.gpu().get(), np.zeros(4))
     assert mem.head == HEAD_AT_GPU
-
-
-@pytest.fixture
-def gpu_mode():
-    device.set_mode_gpu()
-    yield
-    device.set_mode_cpu()
 
 
 def test_blob_update_and_norms_on_device(rng, gpu_mode):

@@ -15,16 +15,7 @@ from kaffe.solvers import read_solver_param
 
 from gradient_check import opencl_available
 
-NET = """
-name: "linear"
-layer { name: "data" type: "Input" top: "data" top: "label"
-        input_param { shape { dim: 6 dim: 4 } shape { dim: 6 } } }
-layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
-        param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
-        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.3 }
-                              bias_filler { type: "constant" value: 0.2 } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
-"""
+from test_solver import NET  # the small linear net both solver test files train
 
 # each rule's own fields; the cases below add the policy, decay, clipping and iter_size
 RULES = {

@@ -3,7 +3,8 @@ import itertools
 
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, make_layer, setup_layer
+from gradient_check import blobs_from, check_gradient, distinct, forward as run, make_layer, rand32 as rand, \
+    setup_layer
 
 from kaffe.engine import device
 from kaffe.engine.blob import Blob
@@ -17,25 +18,6 @@ FLT_MAX = float(np.finfo(np.float32).max)
 @pytest.fixture(autouse=True)
 def seeded():
     device.set_random_seed(1234)
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def distinct(*shape, seed=0, spacing=0.05):
-    """Values with no ties, spaced more than twice the gradient checker's step (MAX pooling stays put)."""
-    count = int(np.prod(shape))
-    values = np.random.default_rng(seed).permutation(count) * spacing - count * spacing / 2
-    return values.reshape(shape).astype(np.float32)
-
-
-def run(text, *arrays, num_top=None):
-    layer = make_layer(text)
-    bottom = blobs_from(*arrays)
-    top = setup_layer(layer, bottom, num_top)
-    layer.forward(bottom, top)
-    return layer, bottom, top
 
 
 # -- references ------------------------------------------------------------------------------------

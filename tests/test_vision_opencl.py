@@ -2,9 +2,9 @@
 conv -> pool -> ip chain that stays on the device."""
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, check_parity, make_layer, opencl_available, setup_layer
+from gradient_check import blobs_from, check_gradient, check_parity, distinct_centred as distinct, make_layer, \
+    opencl_available, rand32 as rand, setup_layer
 
-from kaffe.engine import device
 from kaffe.engine.blob import Blob
 from kaffe.engine.syncedmem import HEAD_AT_GPU
 from kaffe.layers import vision
@@ -13,25 +13,6 @@ pytestmark = [pytest.mark.opencl,
               pytest.mark.skipif(not opencl_available(), reason="no OpenCL platform (install pocl-opencl-icd)")]
 
 FILLERS = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def distinct(*shape, seed=0, gap=0.05):
-    """Values at least `gap` apart (MAX pooling gradients: no two values in a window within the FD step)."""
-    values = np.random.default_rng(seed).permutation(int(np.prod(shape))) * gap
-    return (values - values.mean()).reshape(shape).astype(np.float32)
-
-
-@pytest.fixture
-def gpu_mode():
-    device.set_mode_gpu()
-    try:
-        yield
-    finally:
-        device.set_mode_cpu()
 
 
 # -- Convolution --------------------------------------------------------------------------------------------
