@@ -91,7 +91,7 @@ def measure(name, batch, iterations, gpu, folder):
             device.set_mode_cpu()
     try:
         row["opencv"] = opencv_forward_ms(name, weights, x, iterations)
-    except ImportError:
+    except (ImportError, AttributeError):  # no OpenCV, or OpenCV 5, which dropped the Caffe importer
         row["opencv"] = None
     return row
 
