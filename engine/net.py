@@ -1,7 +1,6 @@
 """Net: a DAG of layers built from a NetParameter, with Caffe's set-up rules and pycaffe's Python API."""
 import collections
 import os
-import time
 
 import numpy as np
 
@@ -562,18 +561,3 @@ class Net:
             if name in self._layer_index:
                 self.layers[self._layer_index[name]].set_resume_state(state)
 
-
-def layer_timings(net, iterations):
-    """Average forward/backward milliseconds per layer over `iterations` passes (for `kaffe time`)."""
-    n = len(net.layers)
-    forward_ms, backward_ms = np.zeros(n), np.zeros(n)
-    for _ in range(iterations):
-        for i in range(n):
-            t0 = time.perf_counter()
-            net.layers[i].forward(net.bottom_vecs[i], net.top_vecs[i])
-            forward_ms[i] += (time.perf_counter() - t0) * 1e3
-        for i in range(n - 1, -1, -1):
-            t0 = time.perf_counter()
-            net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
-            backward_ms[i] += (time.perf_counter() - t0) * 1e3
-    return forward_ms / iterations, backward_ms / iterations
