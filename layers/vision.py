@@ -94,38 +94,47 @@ def _out_shape(spatial, kernel, stride, pad, dilation):
     return [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(spatial, kernel, stride, pad, dilation)]
 
 
-def im2col(data, kernel, stride, pad, dilation):
-    """(num, C, *spatial) -> columns of shape (C, *kernel, *out, num).
+def _padded_layout(channels, num, spatial, pad, batch_last):
+    """The zero-bordered working array of im2col/col2im, (C, *padded, num) or (C, num, *padded), and the index
+    prefix that selects all of its non-spatial axes before a spatial window."""
+    padded = tuple(n + 2 * p for n, p in zip(spatial, pad))
+    shape = (channels, *padded, num) if batch_last else (channels, num, *padded)
+    return np.zeros(shape, dtype=np.float32), (slice(None),) if batch_last else (slice(None), slice(None))
 
-    Reshaped to (C*prod(kernel), prod(out)*num), row c*K + k holds tap k of channel c at every output position
-    of every sample, so a filter bank (O, C*K) times it is the convolution of the whole batch. The batch is the
-    innermost axis, so each tap's copy moves runs of out_w * num contiguous floats (num with strides > 1).
+
+def im2col(data, kernel, stride, pad, dilation, batch_last=True):
+    """(num, C, *spatial) -> columns of shape (C, *kernel, *out, num), or (C, *kernel, num, *out).
+
+    Reshaped to (C*prod(kernel), positions*num), row c*K + k holds tap k of channel c at every output position
+    of every sample, so a filter bank (O, C*K) times it is the convolution of the whole batch. With the batch
+    innermost each tap's copy moves runs of out_w * num contiguous floats (num with strides > 1): the better
+    layout when the columns are big; with the batch outer the result maps to NCHW by cheaper transposes.
     """
     num, channels, *spatial = data.shape
     out = _out_shape(spatial, kernel, stride, pad, dilation)
-    # the input with the batch last, inside a zero border of `pad`
-    padded = np.zeros((channels, *(n + 2 * p for n, p in zip(spatial, pad)), num), dtype=np.float32)
-    interior = (slice(None),) + tuple(slice(p, p + n) for n, p in zip(spatial, pad))
-    padded[interior] = np.moveaxis(data, 0, -1)
-    col = np.empty((channels, *kernel, *out, num), dtype=np.float32)
+    padded, lead = _padded_layout(channels, num, spatial, pad, batch_last)
+    interior = lead + tuple(slice(p, p + n) for n, p in zip(spatial, pad))
+    padded[interior] = np.moveaxis(data, 0, -1) if batch_last else data.swapaxes(0, 1)
+    col = np.empty((channels, *kernel, *out, num) if batch_last else (channels, *kernel, num, *out),
+                   dtype=np.float32)
     for taps, window in _tap_windows(kernel, stride, dilation, out):
-        col[(slice(None),) + taps] = padded[(slice(None),) + window]
+        col[(slice(None),) + taps] = padded[lead + window]
     return col
 
 
-def col2im(col, image_shape, kernel, stride, pad, dilation, out=None):
-    """The adjoint of im2col: sum columns (any reshape of (C, *kernel, *out, num)) into (num, C, *spatial).
+def col2im(col, image_shape, kernel, stride, pad, dilation, out=None, batch_last=True):
+    """The adjoint of im2col: sum columns (any reshape of im2col's layout) into (num, C, *spatial).
 
     `out`, if given, is overwritten (e.g. a bottom diff).
     """
     num, channels, *spatial = image_shape
     out_shape = _out_shape(spatial, kernel, stride, pad, dilation)
-    col = col.reshape(channels, *kernel, *out_shape, num)
-    padded = np.zeros((channels, *(n + 2 * p for n, p in zip(spatial, pad)), num), dtype=np.float32)
+    col = col.reshape((channels, *kernel, *out_shape, num) if batch_last else (channels, *kernel, num, *out_shape))
+    padded, lead = _padded_layout(channels, num, spatial, pad, batch_last)
     for taps, window in _tap_windows(kernel, stride, dilation, out_shape):
-        padded[(slice(None),) + window] += col[(slice(None),) + taps]
-    interior = (slice(None),) + tuple(slice(p, p + n) for n, p in zip(spatial, pad))
-    image = np.moveaxis(padded[interior], -1, 0)
+        padded[lead + window] += col[(slice(None),) + taps]
+    inner = padded[lead + tuple(slice(p, p + n) for n, p in zip(spatial, pad))]
+    image = np.moveaxis(inner, -1, 0) if batch_last else inner.swapaxes(0, 1)
     if out is None:
         return np.ascontiguousarray(image)
     out[...] = image
@@ -251,6 +260,9 @@ class BaseConvolutionLayer(Layer):
         self.image_spatial, self.column_spatial = (out_spatial, spatial) if self.transposed else (spatial, out_spatial)
         self.num = first.count_axes(0, self.channel_axis)
         self.column_count = int(np.prod(self.column_spatial, dtype=np.int64))
+        # CPU layout: the batch innermost when the columns (C * kernel rows) outweigh the rows (conv_out
+        # channels) the GEMM turns them into: the column copies then dominate, and they run faster that way
+        self.batch_last = self.kernel_dim * self.group >= 4 * self.conv_out_channels
         self.top_count = int(np.prod(out_spatial, dtype=np.int64))
         top_shape = first.shape[:self.channel_axis] + (self.num_output,) + out_spatial
         for t in top:
@@ -269,26 +281,35 @@ class BaseConvolutionLayer(Layer):
 
     def _im2col(self, image):
         """(group, C/group * prod(kernel), positions * num): the columns of an image-side array."""
-        col = im2col(image.reshape(self._image_shape()), self.kernel, self.stride, self.pad, self.dilation)
+        col = im2col(image.reshape(self._image_shape()), self.kernel, self.stride, self.pad, self.dilation,
+                     self.batch_last)
         return col.reshape(self.group, self.kernel_dim, self.column_count * self.num)
 
     def _col2im(self, col, image):
         col2im(col, self._image_shape(), self.kernel, self.stride, self.pad, self.dilation,
-               out=image.reshape(self._image_shape()))
+               out=image.reshape(self._image_shape()), batch_last=self.batch_last)
 
     def _to_rows(self, x):
-        """A rows-side array (num, conv_out_channels, positions) as (group, out/group, positions * num), the
-        columns' order (the batch innermost)."""
-        rows = np.empty((self.conv_out_channels * self.column_count, self.num), dtype=np.float32)
-        transpose_into(x.reshape(self.num, -1), rows)
+        """A rows-side array (num, conv_out_channels, positions) in the columns' order: (group, out/group,
+        positions * num) with the batch innermost, or (group, out/group, num * positions)."""
+        x = x.reshape(self.num, self.conv_out_channels, self.column_count)
+        if self.batch_last:
+            rows = np.empty((self.conv_out_channels * self.column_count, self.num), dtype=np.float32)
+            transpose_into(x.reshape(self.num, -1), rows)
+        else:
+            rows = np.ascontiguousarray(x.transpose(1, 0, 2))
         return rows.reshape(self.group, -1, self.column_count * self.num)
 
     def _from_rows(self, rows, out, bias):
-        """out (num, conv_out_channels, positions) = rows (group, out/group, positions * num) + bias."""
-        flat = out.reshape(self.num, -1)
-        transpose_into(rows.reshape(-1, self.num), flat)
+        """out (num, conv_out_channels, positions) = rows (in the columns' order, see _to_rows) + bias."""
+        out = out.reshape(self.num, self.conv_out_channels, self.column_count)
+        if not self.batch_last:
+            by_sample = rows.reshape(self.conv_out_channels, self.num, self.column_count).transpose(1, 0, 2)
+            np.add(by_sample, 0 if bias is None else bias, out=out)
+            return
+        transpose_into(rows.reshape(-1, self.num), out.reshape(self.num, -1))
         if bias is not None:
-            flat.reshape(self.num, self.conv_out_channels, self.column_count)[...] += bias
+            out += bias
 
     def _add_weight_gradient(self, rows, col):
         """weights' diff += rows @ col^T per group. When that product is tiny but its K (positions * num) is long,

@@ -87,11 +87,12 @@ def lrn_ref(x, size, alpha, beta, k, within):
     ((9,), (4,), (3,), (2,), (1,)),
     ((4, 5, 3), (2, 3, 2), (1, 2, 1), (1, 0, 1), (2, 1, 1)),
 ])
-def test_col2im_is_the_adjoint_of_im2col(spatial, kernel, stride, pad, dilation):
+@pytest.mark.parametrize("batch_last", [True, False])
+def test_col2im_is_the_adjoint_of_im2col(spatial, kernel, stride, pad, dilation, batch_last):
     x = rand(2, 3, *spatial)
-    col = im2col(x, kernel, stride, pad, dilation)
+    col = im2col(x, kernel, stride, pad, dilation, batch_last)
     c = rand(*col.shape, seed=1)
-    back = col2im(c, x.shape, kernel, stride, pad, dilation)
+    back = col2im(c, x.shape, kernel, stride, pad, dilation, batch_last=batch_last)
     assert np.isclose(np.vdot(col.astype(np.float64), c), np.vdot(x.astype(np.float64), back), rtol=1e-5)
 
 
@@ -552,3 +553,28 @@ def test_convolution_backward_uses_the_current_bottom_after_a_change():
     fresh_top[0].diff[...] = dy
     fresh.backward(fresh_top, [True], fresh_bottom)
     np.testing.assert_allclose(layer.blobs[0].diff, fresh.blobs[0].diff, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels,num_output", [(1, 20), (20, 50), (3, 2)])
+def test_convolution_layouts_agree(channels, num_output):
+    """The CPU path picks the batch-innermost or batch-outer column layout by size; both give the same
+    forward and backward (the layout is forced each way here)."""
+    text = (f'type: "Convolution" convolution_param {{ num_output: {num_output} kernel_size: 5 stride: 1 pad: 1 '
+            f'weight_filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}')
+    x = rand(3, channels, 9, 8)
+    dy = rand(3, num_output, 7, 6, seed=2)
+    results = []
+    for batch_last in (True, False):
+        device.set_random_seed(4)
+        layer = make_layer(text)
+        bottom = blobs_from(x)
+        top = setup_layer(layer, bottom)
+        layer.reshape = (lambda original, flag: lambda b, t: (original(b, t), setattr(layer, "batch_last", flag)))(
+            layer.reshape, batch_last)
+        layer.forward(bottom, top)
+        top[0].diff[...] = dy
+        layer.backward(top, [True], bottom)
+        results.append((top[0].data.copy(), bottom[0].diff.copy(), layer.blobs[0].diff.copy(),
+                        layer.blobs[1].diff.copy()))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
