@@ -2,7 +2,6 @@
 tools, fork spellings and messages, and weights of every generation and size."""
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -388,22 +387,17 @@ def test_weights_over_64_mb_load(tmp_path):
     net = Net(net_text(f'name: "big" layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ dim: 1 '
                        f'dim: {n_in} }} }} }} layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "ip" '
                        f'inner_product_param {{ num_output: {n_out} }} }}'), caffe_pb2.TEST)
-    start = time.perf_counter()
     net.copy_from(str(path))
-    assert time.perf_counter() - start < 30
     np.testing.assert_array_equal(net.params["ip"][0].data, weights)
     assert (net.params["ip"][1].data == 0.5).all()
 
 
-def test_read_weights_param_upgrades():
+def test_read_weights_param_upgrades(tmp_path):
     param = caffe_pb2.NetParameter()
     param.layers.add(name="c", type=caffe_pb2.V1LayerParameter.RELU)
-    path = "/tmp/kaffe_test_upgrade_v1_relu.caffemodel"
+    path = str(tmp_path / "v1_relu.caffemodel")
     write_binary_proto(param, path)
-    try:
-        assert [(layer.name, layer.type) for layer in read_weights_param(path).layer] == [("c", "ReLU")]
-    finally:
-        os.unlink(path)
+    assert [(layer.name, layer.type) for layer in read_weights_param(path).layer] == [("c", "ReLU")]
 
 
 # -- acceptance: Caffe's trained LeNet through `kaffe test` ---------------------------------------
