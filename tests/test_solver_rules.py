@@ -271,11 +271,14 @@ def test_lenet_reaches_caffe_accuracy(tmp_path, mnist_lmdb, kaffe_log, solver_na
             f'momentum2: {shipped.momentum2} weight_decay: {shipped.weight_decay} lr_policy: "{shipped.lr_policy}" '
             f'gamma: {shipped.gamma} power: {shipped.power}')
     path = tmp_path / "solver.prototxt"
-    path.write_text(LENET_SOLVER.format(net=tmp_path / "net.prototxt", rule=rule, test_interval=2500))
+    path.write_text(LENET_SOLVER.format(net=tmp_path / "net.prototxt", rule=rule,
+                                        test_interval=shipped.test_interval))
     solver = caffe.get_solver(str(path))
     start = time.perf_counter()
     solver.solve()
     seconds = time.perf_counter() - start
     accuracies = [float(m) for m in re.findall(r"Test net output #0: accuracy = ([\d.]+)", "\n".join(kaffe_log))]
-    print(f"{shipped.type} LeNet: test accuracy at 0/2500/5000 = {accuracies}, {seconds:.0f} s")
-    assert len(accuracies) == 3 and accuracies[-1] >= 0.985
+    print(f"{shipped.type} LeNet: test accuracy every {shipped.test_interval} iterations = {accuracies}, "
+          f"{seconds:.0f} s")
+    # the issue's bar: the test accuracy reaches 0.985 within 5000 iterations (tested as often as the solver says)
+    assert len(accuracies) == 5000 // shipped.test_interval + 1 and max(accuracies) >= 0.985
