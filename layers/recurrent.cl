@@ -3,6 +3,15 @@
 
 inline float sigmoid_of(const float x) { return 0.5f * tanh(0.5f * x) + 0.5f; }
 
+// the activated gates i, f, o (sigmoid) and g (tanh) of hidden unit d from a stream's 4H gate inputs
+inline void lstm_gates(__global const float* g_in, const int hidden, const int d,
+                       float* i, float* f, float* o, float* g) {
+    *i = sigmoid_of(g_in[d]);
+    *f = sigmoid_of(g_in[hidden + d]);
+    *o = sigmoid_of(g_in[2 * hidden + d]);
+    *g = tanh(g_in[3 * hidden + d]);
+}
+
 __kernel void lstm_unit_forward(const int n, const int hidden,
                                 __global const float* c_prev, const int c_prev_offset,
                                 __global const float* gates, const int gates_offset,
@@ -15,10 +24,8 @@ __kernel void lstm_unit_forward(const int n, const int hidden,
     const int s = index / hidden;
     const int d = index % hidden;
     __global const float* g_in = gates + gates_offset + 4 * hidden * s;
-    const float i = sigmoid_of(g_in[d]);
-    const float f = sigmoid_of(g_in[hidden + d]);
-    const float o = sigmoid_of(g_in[2 * hidden + d]);
-    const float g = tanh(g_in[3 * hidden + d]);
+    float i, f, o, g;
+    lstm_gates(g_in, hidden, d, &i, &f, &o, &g);
     const float c = cont[cont_offset + s] * f * c_prev[c_prev_offset + index] + i * g;
     c_out[c_out_offset + index] = c;
     h_out[h_out_offset + index] = o * tanh(c);
@@ -41,10 +48,8 @@ __kernel void lstm_unit_backward(const int n, const int hidden,
     const int d = index % hidden;
     __global const float* g_in = gates + gates_offset + 4 * hidden * s;
     __global float* g_diff = gates_diff + gates_diff_offset + 4 * hidden * s;
-    const float i = sigmoid_of(g_in[d]);
-    const float f = sigmoid_of(g_in[hidden + d]);
-    const float o = sigmoid_of(g_in[2 * hidden + d]);
-    const float g = tanh(g_in[3 * hidden + d]);
+    float i, f, o, g;
+    lstm_gates(g_in, hidden, d, &i, &f, &o, &g);
     const float k = cont[cont_offset + s];
     const float tanh_c = tanh(c_out[c_out_offset + index]);
     const float dh = h_diff[h_diff_offset + index];

@@ -12,28 +12,28 @@ from ..engine.upgrade import upgrade_net_param, upgrade_solver_param
 from ..proto import caffe_pb2
 
 
-def upgrade_net_text(in_path, out_path):
-    param = read_text_proto(in_path, caffe_pb2.NetParameter())
-    if not upgrade_net_param(param, source=in_path):
+def _upgrade_file(in_path, out_path, message, read, upgrade, write, kind):
+    """Read `in_path` into `message`, apply the upgrades loading it would apply, and write it to `out_path`."""
+    param = read(in_path, message)
+    if not upgrade(param, source=in_path):
         logger.info(f"File already in latest proto format: {in_path}")
-    write_text_proto(param, out_path)
-    logger.info(f"Wrote upgraded NetParameter text proto to {out_path}")
+    write(param, out_path)
+    logger.info(f"Wrote upgraded {message.DESCRIPTOR.name} {kind} proto to {out_path}")
+
+
+def upgrade_net_text(in_path, out_path):
+    _upgrade_file(in_path, out_path, caffe_pb2.NetParameter(), read_text_proto, upgrade_net_param,
+                  write_text_proto, "text")
 
 
 def upgrade_net_binary(in_path, out_path):
-    param = read_binary_proto(in_path, caffe_pb2.NetParameter())
-    if not upgrade_net_param(param, source=in_path):
-        logger.info(f"File already in latest proto format: {in_path}")
-    write_binary_proto(param, out_path)
-    logger.info(f"Wrote upgraded NetParameter binary proto to {out_path}")
+    _upgrade_file(in_path, out_path, caffe_pb2.NetParameter(), read_binary_proto, upgrade_net_param,
+                  write_binary_proto, "binary")
 
 
 def upgrade_solver_text(in_path, out_path):
-    param = read_text_proto(in_path, caffe_pb2.SolverParameter())
-    if not upgrade_solver_param(param, source=in_path):
-        logger.info(f"File already in latest proto format: {in_path}")
-    write_text_proto(param, out_path)
-    logger.info(f"Wrote upgraded SolverParameter text proto to {out_path}")
+    _upgrade_file(in_path, out_path, caffe_pb2.SolverParameter(), read_text_proto, upgrade_solver_param,
+                  write_text_proto, "text")
 
 
 COMMANDS = {
