@@ -289,40 +289,55 @@ class BaseConvolutionLayer(Layer):
         col2im(col, self._image_shape(), self.kernel, self.stride, self.pad, self.dilation,
                out=image.reshape(self._image_shape()), batch_last=self.batch_last)
 
+    def _by_sample(self, x):
+        """A rows-side array (num, conv_out_channels, positions) as (num, group, out/group, positions)."""
+        return x.reshape(self.num, self.group, self.conv_out_channels // self.group, self.column_count)
+
+    def _columns_by_sample(self, col):
+        """Batch-outer columns (group, kernel_dim, num * positions) as (num, group, kernel_dim, positions)."""
+        return col.reshape(self.group, self.kernel_dim, self.num, self.column_count).transpose(2, 0, 1, 3)
+
     def _to_rows(self, x):
-        """A rows-side array (num, conv_out_channels, positions) in the columns' order: (group, out/group,
-        positions * num) with the batch innermost, or (group, out/group, num * positions)."""
-        x = x.reshape(self.num, self.conv_out_channels, self.column_count)
-        if self.batch_last:
-            rows = np.empty((self.conv_out_channels * self.column_count, self.num), dtype=np.float32)
-            transpose_into(x.reshape(self.num, -1), rows)
-        else:
-            rows = np.ascontiguousarray(x.transpose(1, 0, 2))
+        """A rows-side array (num, conv_out_channels, positions) in the batch-innermost columns' order:
+        (group, out/group, positions * num)."""
+        rows = np.empty((self.conv_out_channels * self.column_count, self.num), dtype=np.float32)
+        transpose_into(x.reshape(self.num, -1), rows)
         return rows.reshape(self.group, -1, self.column_count * self.num)
 
-    def _from_rows(self, rows, out, bias):
-        """out (num, conv_out_channels, positions) = rows (in the columns' order, see _to_rows) + bias."""
-        out = out.reshape(self.num, self.conv_out_channels, self.column_count)
-        if not self.batch_last:
-            by_sample = rows.reshape(self.conv_out_channels, self.num, self.column_count).transpose(1, 0, 2)
-            np.add(by_sample, 0 if bias is None else bias, out=out)
-            return
-        transpose_into(rows.reshape(-1, self.num), out.reshape(self.num, -1))
-        if bias is not None:
-            out += bias
+    def _rows_product(self, col, out, bias):
+        """out, a rows-side array (num, conv_out_channels, positions), = W @ col + bias (None: no bias).
 
-    def _add_weight_gradient(self, rows, col):
-        """weights' diff += rows @ col^T per group. When that product is tiny but its K (positions * num) is long,
-        as for a first layer's few filters, BLAS runs it on one core; 64 K-chunks as one batched product,
-        summed, keep both cores busy (three times faster for LeNet's conv1)."""
-        group, m, k = rows.shape
-        n = col.shape[1]
-        if m * n <= 4096 and k % 64 == 0 and k >= 64 * 256:
-            parts = np.matmul(rows.reshape(group, m, 64, k // 64).transpose(0, 2, 1, 3),
-                              col.reshape(group, n, 64, k // 64).transpose(0, 2, 3, 1))
-            gradient = parts.sum(axis=1)
+        Batch innermost: one GEMM per group over the whole batch, then a transpose into NCHW. Batch outer: one
+        GEMM per sample and group, written straight into NCHW (numpy's matmul loops over them in C)."""
+        weight = self._weights()
+        if self.batch_last:
+            out = out.reshape(self.num, -1)
+            transpose_into(np.matmul(weight, col).reshape(-1, self.num), out)
         else:
-            gradient = np.matmul(rows, col.transpose(0, 2, 1))
+            np.matmul(weight, self._columns_by_sample(col), out=self._by_sample(out))
+        if bias is not None:
+            out.reshape(self.num, self.num_output, -1)[...] += bias
+
+    def _columns_product(self, x):
+        """W^T @ a rows-side array (num, conv_out_channels, positions): columns in this layer's layout."""
+        weight_t = self._weights().transpose(0, 2, 1)
+        if self.batch_last:
+            return np.matmul(weight_t, self._to_rows(x))
+        col = np.empty((self.group, self.kernel_dim, self.num * self.column_count), dtype=np.float32)
+        np.matmul(weight_t, self._by_sample(x), out=self._columns_by_sample(col))
+        return col
+
+    def _add_weight_gradient(self, x, col):
+        """weights' diff += (a rows-side array x) @ col^T per group. Batch innermost: computed as
+        (col @ rows^T)^T, the orientation OpenBLAS runs faster for these tall columns. Batch outer: per-sample
+        products, summed (in chunks of samples that keep those partial products about a column buffer's size)."""
+        if self.batch_last:
+            gradient = np.matmul(col, self._to_rows(x).transpose(0, 2, 1)).transpose(0, 2, 1)
+        else:
+            rows, col = self._by_sample(x), self._columns_by_sample(col)
+            step = max(1, COLUMN_BUFFER_LIMIT // 8 // self.blobs[0].count)
+            gradient = sum(np.matmul(rows[n:n + step], col[n:n + step].transpose(0, 1, 3, 2)).sum(axis=0)
+                           for n in range(0, self.num, step))
         self.blobs[0].mutable_cpu_diff()[...] += gradient.reshape(self.blobs[0].shape)
 
     def _add_bias_gradient(self, top_diff):
@@ -444,9 +459,8 @@ class ConvolutionLayer(BaseConvolutionLayer):
         return col
 
     def forward_cpu(self, bottom, top):
-        weight = self._weights()
         for b, t in zip(bottom, top):
-            self._from_rows(np.matmul(weight, self._columns(b)), t.mutable_cpu_data(), self._bias())
+            self._rows_product(self._columns(b), t.mutable_cpu_data(), self._bias())
 
     def backward_cpu(self, top, propagate_down, bottom):
         for t, down, b in zip(top, propagate_down, bottom):
@@ -454,11 +468,10 @@ class ConvolutionLayer(BaseConvolutionLayer):
             self._add_bias_gradient(top_diff)
             if not (self.param_propagate_down[0] or down):
                 continue
-            rows = self._to_rows(top_diff)
             if self.param_propagate_down[0]:
-                self._add_weight_gradient(rows, self._columns(b))
+                self._add_weight_gradient(top_diff, self._columns(b))
             if down:
-                self._col2im(np.matmul(self._weights().transpose(0, 2, 1), rows), b.mutable_cpu_diff())
+                self._col2im(self._columns_product(top_diff), b.mutable_cpu_diff())
 
     def forward_gpu(self, bottom, top):
         if self.num_spatial > 2:
@@ -512,10 +525,9 @@ class DeconvolutionLayer(BaseConvolutionLayer):
         top_data.reshape(self.num, self.num_output, self.top_count)[...] += self._bias()
 
     def forward_cpu(self, bottom, top):
-        weight_t = self._weights().transpose(0, 2, 1)
         for b, t in zip(bottom, top):
             out = t.mutable_cpu_data()
-            self._col2im(np.matmul(weight_t, self._to_rows(b.cpu_data())), out)
+            self._col2im(self._columns_product(b.cpu_data()), out)
             if self.bias_term:
                 self._add_bias(out)
 
@@ -527,9 +539,9 @@ class DeconvolutionLayer(BaseConvolutionLayer):
                 continue
             col = self._im2col(top_diff)
             if self.param_propagate_down[0]:
-                self._add_weight_gradient(self._to_rows(b.cpu_data()), col)
+                self._add_weight_gradient(b.cpu_data(), col)
             if down:
-                self._from_rows(np.matmul(self._weights(), col), b.mutable_cpu_diff(), None)
+                self._rows_product(col, b.mutable_cpu_diff(), None)
 
     def forward_gpu(self, bottom, top):
         if self.num_spatial > 2:
@@ -741,22 +753,32 @@ class PoolingLayer(Layer):
         return [array[..., i::kh, j::kw] for i in range(kh) for j in range(kw)]
 
     def _forward_max_tiled(self, x, y, top):
-        """MAX over exactly tiling windows; returns False (use the general path) when a window is all NaN."""
-        tiles = self._tiles(x)
-        y[...] = tiles[0]
-        for tile in tiles[1:]:
-            np.fmax(y, tile, out=y)  # fmax: a NaN never wins, as in Caffe's strict > comparison
-        if np.isnan(y).any():
+        """MAX over windows that tile the input exactly. Returns False (use the general path) when an output is
+        NaN, -inf or -FLT_MAX: Caffe's semantics for those (NaN never wins; -FLT_MAX is the start value that
+        only a greater cell replaces) are the general path's."""
+        (kh, kw), (oh, ow) = self.kernel, self.out_spatial
+        num, channels, height, _ = x.shape
+        # the max along each window row (w), then over the rows (h): long inner loops, unlike a max over the
+        # kh*kw strided tiles of the input
+        cols = x.reshape(num, channels, height, ow, kw)
+        row_max = cols[..., 0] if kw == 1 else np.maximum(cols[..., 0], cols[..., 1])
+        for j in range(2, kw):
+            np.maximum(row_max, cols[..., j], out=row_max)
+        rows = row_max.reshape(num, channels, oh, kh, ow)
+        np.copyto(y, rows[:, :, :, 0])
+        for i in range(1, kh):
+            np.maximum(y, rows[:, :, :, i], out=y)  # np.maximum passes a NaN on, to the check below
+        if not (y > -FLT_MAX).all():
             return False
         # index of the FIRST cell equal to the max (Caffe's tie rule), built from the last cell backwards:
         # local = (local + 1) * (cell_k != max) leaves k where cell k is the first maximum
+        tiles = self._tiles(x)
         local = np.zeros(y.shape, dtype=np.uint8 if len(tiles) < 256 else np.int32)
         for tile in reversed(tiles[:-1]):
             local += 1
             local *= np.not_equal(tile, y)
         self.window_argmax = local
         if len(top) > 1:
-            (oh, ow), (kh, kw) = self.out_spatial, self.kernel
             rows = np.arange(oh)[:, None] * kh + local // kw
             cols = np.arange(ow)[None, :] * kw + local % kw
             top[1].mutable_cpu_data()[...] = rows * self.in_spatial[1] + cols
