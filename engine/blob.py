@@ -1,4 +1,6 @@
 """Blob: an N-d float32 array of data and a same-shaped array of gradients (diff), as in Caffe."""
+import math
+
 import numpy as np
 
 from . import device, opencl
@@ -25,11 +27,13 @@ class Blob:
             if hasattr(shape, "dim"):
                 shape = shape.dim
         shape = tuple(int(d) for d in shape)
+        if shape == self._shape and self._data is not None:
+            return  # layers reshape their tops on every forward, as in Caffe: mostly to the same shape
         if len(shape) > MAX_BLOB_AXES:
             raise KaffeError(f"blob shape {shape} has more than {MAX_BLOB_AXES} axes")
         if any(d < 0 for d in shape):
             raise KaffeError(f"blob shape {shape} has a negative dimension")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         self._shape = shape
         self._count = count
         # memory is kept when it is big enough, as Caffe keeps its capacity
@@ -56,7 +60,7 @@ class Blob:
     def count_axes(self, start, end=None):
         """Product of the dimensions in [start, end) (Caffe's count(start, end))."""
         end = self.num_axes if end is None else end
-        return int(np.prod(self._shape[start:end], dtype=np.int64))
+        return math.prod(self._shape[start:end])
 
     def canonical_axis_index(self, axis):
         """Turn a possibly negative axis into an index in [0, num_axes), or raise."""

@@ -6,6 +6,7 @@ Windows are handled one kernel tap at a time: a tap reads a strided slice of the
 loop runs over samples or pixels.
 """
 import itertools
+import math
 
 import numpy as np
 import pyopencl.array as cla
@@ -102,22 +103,23 @@ def _padded_layout(channels, num, spatial, pad, batch_last):
     return np.zeros(shape, dtype=np.float32), (slice(None),) if batch_last else (slice(None), slice(None))
 
 
-def im2col(data, kernel, stride, pad, dilation, batch_last=True):
+def im2col(data, kernel, stride, pad, dilation, batch_last=True, out=None):
     """(num, C, *spatial) -> columns of shape (C, *kernel, *out, num), or (C, *kernel, num, *out).
 
     Reshaped to (C*prod(kernel), positions*num), row c*K + k holds tap k of channel c at every output position
     of every sample, so a filter bank (O, C*K) times it is the convolution of the whole batch. With the batch
     innermost each tap's copy moves runs of out_w * num contiguous floats (num with strides > 1): the better
     layout when the columns are big; with the batch outer the result maps to NCHW by cheaper transposes.
+    `out`, if given, receives the columns (any array of that many floats that reshapes to their layout).
     """
     num, channels, *spatial = data.shape
-    out = _out_shape(spatial, kernel, stride, pad, dilation)
+    out_shape = _out_shape(spatial, kernel, stride, pad, dilation)
     padded, lead = _padded_layout(channels, num, spatial, pad, batch_last)
     interior = lead + tuple(slice(p, p + n) for n, p in zip(spatial, pad))
     padded[interior] = np.moveaxis(data, 0, -1) if batch_last else data.swapaxes(0, 1)
-    col = np.empty((channels, *kernel, *out, num) if batch_last else (channels, *kernel, num, *out),
-                   dtype=np.float32)
-    for taps, window in _tap_windows(kernel, stride, dilation, out):
+    layout = (channels, *kernel, *out_shape, num) if batch_last else (channels, *kernel, num, *out_shape)
+    col = np.empty(layout, dtype=np.float32) if out is None else out.reshape(layout)
+    for taps, window in _tap_windows(kernel, stride, dilation, out_shape):
         col[(slice(None),) + taps] = padded[lead + window]
     return col
 
@@ -259,11 +261,11 @@ class BaseConvolutionLayer(Layer):
         out_spatial = self.top_spatial(spatial, where)
         self.image_spatial, self.column_spatial = (out_spatial, spatial) if self.transposed else (spatial, out_spatial)
         self.num = first.count_axes(0, self.channel_axis)
-        self.column_count = int(np.prod(self.column_spatial, dtype=np.int64))
+        self.column_count = math.prod(self.column_spatial)
         # CPU layout: the batch innermost when the columns (C * kernel rows) outweigh the rows (conv_out
         # channels) the GEMM turns them into: the column copies then dominate, and they run faster that way
         self.batch_last = self.kernel_dim * self.group >= 4 * self.conv_out_channels
-        self.top_count = int(np.prod(out_spatial, dtype=np.int64))
+        self.top_count = math.prod(out_spatial)
         top_shape = first.shape[:self.channel_axis] + (self.num_output,) + out_spatial
         for t in top:
             t.reshape(top_shape)
@@ -279,66 +281,62 @@ class BaseConvolutionLayer(Layer):
         """The bias broadcast over (num, num_output, positions), or None."""
         return self.blobs[1].cpu_data().reshape(1, -1, 1) if self.bias_term else None
 
-    def _im2col(self, image):
-        """(group, C/group * prod(kernel), positions * num): the columns of an image-side array."""
-        col = im2col(image.reshape(self._image_shape()), self.kernel, self.stride, self.pad, self.dilation,
-                     self.batch_last)
-        return col.reshape(self.group, self.kernel_dim, self.column_count * self.num)
+    def _im2col(self, image, extra_rows=0):
+        """(group, C/group * prod(kernel), positions * num): the columns of an image-side array. With extra_rows
+        (group 1 only) they come as the first rows of a taller, otherwise uninitialised array."""
+        rows = self.kernel_dim * self.group
+        col = np.empty((rows + extra_rows, self.column_count * self.num), dtype=np.float32)
+        im2col(image.reshape(self._image_shape()), self.kernel, self.stride, self.pad, self.dilation,
+               self.batch_last, out=col[:rows])
+        return col.reshape(self.group, -1, self.column_count * self.num)
 
     def _col2im(self, col, image):
         col2im(col, self._image_shape(), self.kernel, self.stride, self.pad, self.dilation,
                out=image.reshape(self._image_shape()), batch_last=self.batch_last)
 
-    def _by_sample(self, x):
-        """A rows-side array (num, conv_out_channels, positions) as (num, group, out/group, positions)."""
-        return x.reshape(self.num, self.group, self.conv_out_channels // self.group, self.column_count)
-
     def _columns_by_sample(self, col):
-        """Batch-outer columns (group, kernel_dim, num * positions) as (num, group, kernel_dim, positions)."""
-        return col.reshape(self.group, self.kernel_dim, self.num, self.column_count).transpose(2, 0, 1, 3)
+        """Batch-outer columns (group, rows, num * positions) as (num, group, rows, positions)."""
+        return col.reshape(self.group, -1, self.num, self.column_count).transpose(2, 0, 1, 3)
 
-    def _to_rows(self, x):
-        """A rows-side array (num, conv_out_channels, positions) in the batch-innermost columns' order:
-        (group, out/group, positions * num)."""
+    def _rows(self, x):
+        """A rows-side array (num, conv_out_channels, positions) in the columns' order: for the batch innermost
+        a transposed copy (group, out/group, positions * num), for the batch outer a view (num, group,
+        out/group, positions)."""
+        if not self.batch_last:
+            return x.reshape(self.num, self.group, self.conv_out_channels // self.group, self.column_count)
         rows = np.empty((self.conv_out_channels * self.column_count, self.num), dtype=np.float32)
         transpose_into(x.reshape(self.num, -1), rows)
         return rows.reshape(self.group, -1, self.column_count * self.num)
 
-    def _rows_product(self, col, out, bias):
-        """out, a rows-side array (num, conv_out_channels, positions), = W @ col + bias (None: no bias).
+    def _rows_product(self, weight, col, out):
+        """out, a rows-side array (num, conv_out_channels, positions), = weight (group, out/group, col rows) @ col.
 
         Batch innermost: one GEMM per group over the whole batch, then a transpose into NCHW. Batch outer: one
         GEMM per sample and group, written straight into NCHW (numpy's matmul loops over them in C)."""
-        weight = self._weights()
         if self.batch_last:
-            out = out.reshape(self.num, -1)
-            transpose_into(np.matmul(weight, col).reshape(-1, self.num), out)
+            transpose_into(np.matmul(weight, col).reshape(-1, self.num), out.reshape(self.num, -1))
         else:
-            np.matmul(weight, self._columns_by_sample(col), out=self._by_sample(out))
-        if bias is not None:
-            out.reshape(self.num, self.num_output, -1)[...] += bias
+            np.matmul(weight, self._columns_by_sample(col), out=self._rows(out))
 
-    def _columns_product(self, x):
-        """W^T @ a rows-side array (num, conv_out_channels, positions): columns in this layer's layout."""
+    def _columns_product(self, rows):
+        """W^T @ rows (see _rows): columns in this layer's layout."""
         weight_t = self._weights().transpose(0, 2, 1)
         if self.batch_last:
-            return np.matmul(weight_t, self._to_rows(x))
+            return np.matmul(weight_t, rows)
         col = np.empty((self.group, self.kernel_dim, self.num * self.column_count), dtype=np.float32)
-        np.matmul(weight_t, self._by_sample(x), out=self._columns_by_sample(col))
+        np.matmul(weight_t, rows, out=self._columns_by_sample(col))
         return col
 
-    def _add_weight_gradient(self, x, col):
-        """weights' diff += (a rows-side array x) @ col^T per group. Batch innermost: computed as
+    def _weight_gradient(self, rows, col):
+        """rows (see _rows) @ col^T per group: (group, out/group, col rows). Batch innermost: computed as
         (col @ rows^T)^T, the orientation OpenBLAS runs faster for these tall columns. Batch outer: per-sample
         products, summed (in chunks of samples that keep those partial products about a column buffer's size)."""
         if self.batch_last:
-            gradient = np.matmul(col, self._to_rows(x).transpose(0, 2, 1)).transpose(0, 2, 1)
-        else:
-            rows, col = self._by_sample(x), self._columns_by_sample(col)
-            step = max(1, COLUMN_BUFFER_LIMIT // 8 // self.blobs[0].count)
-            gradient = sum(np.matmul(rows[n:n + step], col[n:n + step].transpose(0, 1, 3, 2)).sum(axis=0)
-                           for n in range(0, self.num, step))
-        self.blobs[0].mutable_cpu_diff()[...] += gradient.reshape(self.blobs[0].shape)
+            return np.matmul(col, rows.transpose(0, 2, 1)).transpose(0, 2, 1)
+        col = self._columns_by_sample(col)
+        step = max(1, COLUMN_BUFFER_LIMIT // 8 // (rows.shape[2] * col.shape[2]))
+        return sum(np.matmul(rows[n:n + step], col[n:n + step].transpose(0, 1, 3, 2)).sum(axis=0)
+                   for n in range(0, self.num, step))
 
     def _add_bias_gradient(self, top_diff):
         if self.bias_term and self.param_propagate_down[1]:
@@ -358,7 +356,7 @@ class BaseConvolutionLayer(Layer):
                                  self.kernel, self.stride, self.pad, self.dilation, width, self.column_count)
 
     def _image_size(self):
-        return self.conv_in_channels * int(np.prod(self.image_spatial, dtype=np.int64))
+        return self.conv_in_channels * math.prod(self.image_spatial)
 
     def _rows_size(self):
         return self.conv_out_channels * self.column_count
@@ -433,6 +431,9 @@ class ConvolutionLayer(BaseConvolutionLayer):
     def layer_setup(self, bottom, top):
         super().layer_setup(bottom, top)
         self._cached_columns = {}
+        # CPU, group 1: the bias rides in the GEMMs, as the weights' last column times a row of ones under
+        # the columns; that saves a pass over the top in forward and over its diff for the bias gradient
+        self.fold_bias = self.bias_term and self.group == 1
 
     def top_spatial(self, spatial, where):
         out = tuple(conv_out_size(n, k, s, p, d) for n, k, s, p, d in
@@ -444,7 +445,7 @@ class ConvolutionLayer(BaseConvolutionLayer):
         return out
 
     def _columns(self, blob):
-        """The columns of a bottom's data.
+        """The columns of a bottom's data (with the ones row when fold_bias).
 
         Columns of at most COLUMN_BUFFER_LIMIT floats are kept for the backward pass, which reuses them
         while the bottom's data is unchanged (Caffe recomputes them; keeping them saves a third of the work).
@@ -453,25 +454,38 @@ class ConvolutionLayer(BaseConvolutionLayer):
         cached = self._cached_columns.get(id(blob))
         if cached is not None and cached[0] == key:
             return cached[1]
-        col = self._im2col(blob.cpu_data())
+        col = self._im2col(blob.cpu_data(), extra_rows=int(self.fold_bias))
+        if self.fold_bias:
+            col[0, -1] = 1
         if col.size <= COLUMN_BUFFER_LIMIT:
             self._cached_columns[id(blob)] = (key, col)
         return col
 
     def forward_cpu(self, bottom, top):
+        weight = self._weights()
+        if self.fold_bias:
+            weight = np.concatenate((weight, self.blobs[1].cpu_data().reshape(1, -1, 1)), axis=2)
         for b, t in zip(bottom, top):
-            self._rows_product(self._columns(b), t.mutable_cpu_data(), self._bias())
+            out = t.mutable_cpu_data()
+            self._rows_product(weight, self._columns(b), out)
+            if self.bias_term and not self.fold_bias:
+                out.reshape(self.num, self.num_output, -1)[...] += self._bias()
 
     def backward_cpu(self, top, propagate_down, bottom):
+        want_weight = self.param_propagate_down[0]
+        want_bias = self.bias_term and self.param_propagate_down[1]
         for t, down, b in zip(top, propagate_down, bottom):
             top_diff = t.cpu_diff()
-            self._add_bias_gradient(top_diff)
-            if not (self.param_propagate_down[0] or down):
-                continue
-            if self.param_propagate_down[0]:
-                self._add_weight_gradient(top_diff, self._columns(b))
+            rows = self._rows(top_diff) if want_weight or down else None
+            if want_weight:
+                gradient = self._weight_gradient(rows, self._columns(b))
+                self.blobs[0].mutable_cpu_diff()[...] += gradient[..., :self.kernel_dim].reshape(self.blobs[0].shape)
+                if self.fold_bias and want_bias:
+                    self.blobs[1].mutable_cpu_diff()[...] += gradient[0, :, -1]
+            if want_bias and not (self.fold_bias and want_weight):
+                self._add_bias_gradient(top_diff)
             if down:
-                self._col2im(self._columns_product(top_diff), b.mutable_cpu_diff())
+                self._col2im(self._columns_product(rows), b.mutable_cpu_diff())
 
     def forward_gpu(self, bottom, top):
         if self.num_spatial > 2:
@@ -527,7 +541,7 @@ class DeconvolutionLayer(BaseConvolutionLayer):
     def forward_cpu(self, bottom, top):
         for b, t in zip(bottom, top):
             out = t.mutable_cpu_data()
-            self._col2im(self._columns_product(b.cpu_data()), out)
+            self._col2im(self._columns_product(self._rows(b.cpu_data())), out)
             if self.bias_term:
                 self._add_bias(out)
 
@@ -539,9 +553,10 @@ class DeconvolutionLayer(BaseConvolutionLayer):
                 continue
             col = self._im2col(top_diff)
             if self.param_propagate_down[0]:
-                self._add_weight_gradient(b.cpu_data(), col)
+                self.blobs[0].mutable_cpu_diff()[...] += self._weight_gradient(
+                    self._rows(b.cpu_data()), col).reshape(self.blobs[0].shape)
             if down:
-                self._rows_product(col, b.mutable_cpu_diff(), None)
+                self._rows_product(self._weights(), col, b.mutable_cpu_diff())
 
     def forward_gpu(self, bottom, top):
         if self.num_spatial > 2:
@@ -686,6 +701,7 @@ class PoolingLayer(Layer):
         where = f"{self.type} layer '{self.name}'"
         self.method = p.pool
         self.window_argmax = None  # set by the tiled MAX fast path
+        self._geometry_for = None  # the bottom shape the window geometry was computed for
         self.global_pooling = p.global_pooling
         self.ceil_mode = p.round_mode == caffe_pb2.PoolingParameter.CEIL
         has_square = p.HasField("kernel_size")
@@ -722,21 +738,25 @@ class PoolingLayer(Layer):
                                  f"{_shape(self.kernel)}")
 
     def reshape(self, bottom, top):
+        if bottom[0].shape != self._geometry_for:  # the window geometry depends on the input's shape only
+            self._set_geometry(bottom[0])
+            self._geometry_for = bottom[0].shape
+        for t in top:
+            t.reshape(bottom[0].shape[:2] + self.out_spatial)
+
+    def _set_geometry(self, bottom):
         where = f"{self.type} layer '{self.name}'"
-        if bottom[0].num_axes != 4:
+        if bottom.num_axes != 4:
             raise KaffeError(f"{where}: input must have 4 axes (num, channels, height, width), got "
-                             f"{bottom[0].shape_string()}")
-        self.in_spatial = bottom[0].shape[2:]
+                             f"{bottom.shape_string()}")
+        self.in_spatial = bottom.shape[2:]
         if self.global_pooling:
             self.kernel = self.in_spatial
         self.out_spatial = tuple(pooled_size(n, k, s, p, self.ceil_mode) for n, k, s, p in
                                  zip(self.in_spatial, self.kernel, self.stride, self.pad))
         if min(self.out_spatial) <= 0:
             raise KaffeError(f"{where}: kernel {_shape(self.kernel)} with pad {_shape(self.pad)} does not fit the "
-                             f"input {bottom[0].shape_string()}")
-        shape = bottom[0].shape[:2] + self.out_spatial
-        for t in top:
-            t.reshape(shape)
+                             f"input {bottom.shape_string()}")
         self.taps = list(_tap_spans(self.in_spatial, self.out_spatial, self.kernel, self.stride, self.pad,
                                     (1, 1)))
         # windows that tile the input exactly (LeNet's 2x2/2) take a reshape-based fast path
