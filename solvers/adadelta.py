@@ -5,7 +5,7 @@ then all update means (the .solverstate keeps that order).
 """
 import numpy as np
 
-from .sgd import SGDSolver, launch_update, on_device
+from .sgd import SGDSolver, launch_update
 from .solver import register_solver
 
 
@@ -15,22 +15,19 @@ class AdaDeltaSolver(SGDSolver):
         super().__init__(param)
         self.add_history_set()
 
-    def compute_update_value(self, i, blob, rate):
+    def update_on_device(self, i, blob, rate):
         """h = m*h + (1-m)*g^2; s = g * sqrt((u + delta) / (h + delta)); u = m*u + (1-m)*s^2; moves by -lr*s."""
-        local_rate = np.float32(rate * self.net.params_lr[i])
+        updates = self.history[i + len(self.net.learnable_params)]
+        launch_update("adadelta_update", blob, [self.history[i], updates], self.param.momentum, self.param.delta,
+                      rate * self.net.params_lr[i])
+
+    def update_values(self, i, rate, diff, gradients, squared_updates):
         momentum = np.float32(self.param.momentum)
         delta = np.float32(self.param.delta)
-        updates = self.history[i + len(self.net.learnable_params)]
-        if on_device():
-            launch_update("adadelta_update", blob, [self.history[i], updates], momentum, delta, local_rate)
-            return
-        gradients = self.history[i].mutable_cpu_data()
-        squared_updates = updates.mutable_cpu_data()
-        diff = blob.mutable_cpu_diff()
         keep = np.float32(1) - momentum
         gradients *= momentum
         gradients += keep * np.square(diff)
         diff *= np.sqrt((squared_updates + delta) / (gradients + delta))
         squared_updates *= momentum
         squared_updates += keep * np.square(diff)
-        diff *= local_rate
+        diff *= np.float32(rate * self.net.params_lr[i])

@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..engine.errors import KaffeError
-from .sgd import SGDSolver, launch_update, on_device
+from .sgd import SGDSolver, launch_update
 from .solver import register_solver
 
 
@@ -14,15 +14,11 @@ class AdaGradSolver(SGDSolver):
             raise KaffeError(f"solver: Momentum cannot be used with AdaGrad (momentum: "
                              f"{format(self.param.momentum, '.6g')}); remove the momentum field")
 
-    def compute_update_value(self, i, blob, rate):
+    def update_on_device(self, i, blob, rate):
         """h += g^2; the parameter moves by -lr * lr_mult * g / (sqrt(h) + delta)."""
-        local_rate = np.float32(rate * self.net.params_lr[i])
-        delta = np.float32(self.param.delta)
-        if on_device():
-            launch_update("adagrad_update", blob, [self.history[i]], delta, local_rate)
-            return
-        history = self.history[i].mutable_cpu_data()
-        diff = blob.mutable_cpu_diff()
+        launch_update("adagrad_update", blob, [self.history[i]], self.param.delta, rate * self.net.params_lr[i])
+
+    def update_values(self, i, rate, diff, history):
         history += np.square(diff)
-        np.divide(diff, np.sqrt(history) + delta, out=diff)
-        diff *= local_rate
+        np.divide(diff, np.sqrt(history) + np.float32(self.param.delta), out=diff)
+        diff *= np.float32(rate * self.net.params_lr[i])

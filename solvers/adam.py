@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ..engine.errors import KaffeError
-from .sgd import SGDSolver, launch_update, on_device
+from .sgd import SGDSolver, launch_update
 from .solver import register_solver
 
 
@@ -27,24 +27,22 @@ class AdamSolver(SGDSolver):
             if not 0 <= value < 1:
                 raise KaffeError(f"solver: Adam needs 0 <= {field} < 1, got {format(value, '.6g')}")
 
-    def compute_update_value(self, i, blob, rate):
+    def _corrected_rate(self, i, rate):
+        t = self.iter + 1
+        return rate * self.net.params_lr[i] * math.sqrt(1 - self.param.momentum2 ** t) / (1 - self.param.momentum ** t)
+
+    def update_on_device(self, i, blob, rate):
         """m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; with t = iter + 1 the parameter moves by
         -lr * lr_mult * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + delta)."""
-        beta1, beta2 = self.param.momentum, self.param.momentum2
-        t = self.iter + 1
-        corrected_rate = np.float32(rate * self.net.params_lr[i] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
-        delta = np.float32(self.param.delta)
         second = self.history[i + len(self.net.learnable_params)]
-        if on_device():
-            launch_update("adam_update", blob, [self.history[i], second], beta1, beta2, delta, corrected_rate)
-            return
-        beta1, beta2 = np.float32(beta1), np.float32(beta2)
-        m = self.history[i].mutable_cpu_data()
-        v = second.mutable_cpu_data()
-        diff = blob.mutable_cpu_diff()
+        launch_update("adam_update", blob, [self.history[i], second], self.param.momentum, self.param.momentum2,
+                      self.param.delta, self._corrected_rate(i, rate))
+
+    def update_values(self, i, rate, diff, m, v):
+        beta1, beta2 = np.float32(self.param.momentum), np.float32(self.param.momentum2)
         m *= beta1
         m += (np.float32(1) - beta1) * diff
         v *= beta2
         v += (np.float32(1) - beta2) * np.square(diff)
-        np.divide(m, np.sqrt(v) + delta, out=diff)
-        diff *= corrected_rate
+        np.divide(m, np.sqrt(v) + np.float32(self.param.delta), out=diff)
+        diff *= np.float32(self._corrected_rate(i, rate))

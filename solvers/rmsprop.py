@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..engine.errors import KaffeError
-from .sgd import SGDSolver, launch_update, on_device
+from .sgd import SGDSolver, launch_update
 from .solver import register_solver
 
 
@@ -18,17 +18,14 @@ class RMSPropSolver(SGDSolver):
             raise KaffeError(f"solver: rms_decay should lie between 0 and 1 (0 <= rms_decay < 1), got "
                              f"{format(p.rms_decay, '.6g')}")
 
-    def compute_update_value(self, i, blob, rate):
+    def update_on_device(self, i, blob, rate):
         """h = rms_decay * h + (1 - rms_decay) * g^2; the parameter moves by -lr * lr_mult * g / (sqrt(h) + delta)."""
-        local_rate = np.float32(rate * self.net.params_lr[i])
+        launch_update("rmsprop_update", blob, [self.history[i]], self.param.rms_decay, self.param.delta,
+                      rate * self.net.params_lr[i])
+
+    def update_values(self, i, rate, diff, history):
         decay = np.float32(self.param.rms_decay)
-        delta = np.float32(self.param.delta)
-        if on_device():
-            launch_update("rmsprop_update", blob, [self.history[i]], decay, delta, local_rate)
-            return
-        history = self.history[i].mutable_cpu_data()
-        diff = blob.mutable_cpu_diff()
         history *= decay
         history += (np.float32(1) - decay) * np.square(diff)
-        np.divide(diff, np.sqrt(history) + delta, out=diff)
-        diff *= local_rate
+        np.divide(diff, np.sqrt(history) + np.float32(self.param.delta), out=diff)
+        diff *= np.float32(rate * self.net.params_lr[i])

@@ -10,6 +10,7 @@ from .solver import Solver, register_solver
 
 
 UPDATE_KERNELS = "solvers/updates.cl"
+UPDATE_BLOCK = 1 << 16  # values per block of a host update: the blocks of all its arrays fit a core's L2
 
 
 def on_device():
@@ -53,10 +54,27 @@ class SGDSolver(Solver):
             logger.info(f"Iteration {self.iter}, lr = {format(rate, '.6g')}")
         self.clip_gradients()
         for i, blob in enumerate(self.net.learnable_params):
-            self.normalize(blob)
-            self.regularize(i, blob)
-            self.compute_update_value(i, blob, rate)
-        self.net.update()
+            if on_device():
+                self.normalize_on_device(blob)
+                self.regularize_on_device(i, blob)
+                self.update_on_device(i, blob, rate)
+                blob.update()
+            else:
+                self.update_on_host(i, blob, rate)
+
+    def update_on_host(self, i, blob, rate):
+        """Normalise, regularise, turn the gradient into the update value (left in the diff, as in Caffe) and
+        apply it, one block of values at a time: each step is a memory-bound pass, and over a block that
+        stays in cache they run about twice as fast as over whole arrays, read from memory each time."""
+        arrays = [a.reshape(-1) for a in [blob.mutable_cpu_data(), blob.mutable_cpu_diff()] +
+                  [h.mutable_cpu_data() for h in self.history[i::len(self.net.learnable_params)]]]
+        for start in range(0, blob.count, UPDATE_BLOCK):
+            data, diff, *history = (a[start:start + UPDATE_BLOCK] for a in arrays)
+            if self.param.iter_size > 1:
+                diff *= np.float32(1.0 / self.param.iter_size)
+            self.regularize_values(i, data, diff)
+            self.update_values(i, rate, diff, *history)
+            data -= diff
 
     def clip_gradients(self):
         clip = self.param.clip_gradients
@@ -70,37 +88,48 @@ class SGDSolver(Solver):
             for blob in self.net.learnable_params:
                 blob.scale_diff(factor)
 
-    def normalize(self, blob):
+    def normalize_on_device(self, blob):
         if self.param.iter_size > 1:
             blob.scale_diff(1.0 / self.param.iter_size)
 
-    def regularize(self, i, blob):
+    def _decay(self, i):
         decay = np.float32(self.param.weight_decay * self.net.params_weight_decay[i])
+        kind = self.param.regularization_type
+        if decay and kind not in ("L1", "L2"):
+            raise KaffeError(f"Unknown regularization type: '{kind}' (known: L1, L2)")
+        return decay
+
+    def regularize_on_device(self, i, blob):
+        decay = self._decay(i)
         if not decay:
             return
-        kind = self.param.regularization_type
-        if kind not in ("L1", "L2"):
-            raise KaffeError(f"Unknown regularization type: '{kind}' (known: L1, L2)")
-        if on_device():
-            if kind == "L2":
-                opencl.axpy(decay, blob.gpu_data(), blob.mutable_gpu_diff())
-            else:
-                opencl.add_scaled_sign(decay, blob.gpu_data(), blob.mutable_gpu_diff())
-            return
-        diff = blob.mutable_cpu_diff()
-        diff += decay * (blob.cpu_data() if kind == "L2" else np.sign(blob.cpu_data()))
+        if self.param.regularization_type == "L2":
+            opencl.axpy(decay, blob.gpu_data(), blob.mutable_gpu_diff())
+        else:
+            opencl.add_scaled_sign(decay, blob.gpu_data(), blob.mutable_gpu_diff())
 
-    def compute_update_value(self, i, blob, rate):
+    def _scratch(self, like):
+        """A reused host array shaped like `like`: temporaries of this size cost more to allocate than to fill."""
+        if getattr(self, "_scratch_values", None) is None or self._scratch_values.size < like.size:
+            self._scratch_values = np.empty(max(like.size, UPDATE_BLOCK), dtype=np.float32)
+        return self._scratch_values[:like.size]
+
+    def regularize_values(self, i, data, diff):
+        """diff += decay * (data for L2, sign(data) for L1), on host arrays."""
+        decay = self._decay(i)
+        if decay:
+            term = np.sign(data, out=self._scratch(data)) if self.param.regularization_type == "L1" else data
+            diff += np.multiply(term, decay, out=self._scratch(data))
+
+    def update_on_device(self, i, blob, rate):
         """h = lr * lr_mult * g + momentum * h; the parameter then moves by -h."""
-        local_rate = np.float32(rate * self.net.params_lr[i])
-        momentum = np.float32(self.param.momentum)
-        if on_device():
-            history = self.history[i].mutable_gpu_data()
-            opencl.axpby(local_rate, blob.gpu_diff(), momentum, history)
-            opencl.copy(history, blob.mutable_gpu_diff())
-            return
-        history = self.history[i].mutable_cpu_data()
-        diff = blob.mutable_cpu_diff()
-        history *= momentum
-        history += local_rate * diff
+        history = self.history[i].mutable_gpu_data()
+        opencl.axpby(np.float32(rate * self.net.params_lr[i]), blob.gpu_diff(), np.float32(self.param.momentum),
+                     history)
+        opencl.copy(history, blob.mutable_gpu_diff())
+
+    def update_values(self, i, rate, diff, history):
+        """update_on_device's rule on host arrays: the diff becomes the update value."""
+        history *= np.float32(self.param.momentum)
+        history += np.multiply(diff, np.float32(rate * self.net.params_lr[i]), out=self._scratch(diff))
         diff[...] = history

@@ -11,7 +11,7 @@ import kaffe as caffe
 from kaffe.engine import device
 from kaffe.engine.errors import KaffeError
 from kaffe.proto import caffe_pb2
-from kaffe.solvers import read_solver_param
+from kaffe.solvers import read_solver_param, sgd
 
 from gradient_check import opencl_available
 
@@ -154,7 +154,11 @@ def run_rule(rule, case, mode):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_rule_matches_float64_reference_cpu(rule, case):
+@pytest.mark.parametrize("block", [None, 5])
+def test_rule_matches_float64_reference_cpu(rule, case, block, monkeypatch):
+    """block 5: the host update runs in blocks (of 5 values here, so 12 weights make 5 + 5 + 2)."""
+    if block:
+        monkeypatch.setattr(sgd, "UPDATE_BLOCK", block)
     run_rule(rule, case, "cpu")
 
 
