@@ -496,16 +496,25 @@ class _DatumSource:
             cursor.close()
 
     def _read_batch(self, cursor, rng):
-        items, names, labels = [], [], np.empty(self.batch_size, dtype=np.float32)
-        for i in range(self.batch_size):
+        keys, datums = [], []
+        for _ in range(self.batch_size):
             key, value = cursor.item()
-            where = f"the record with key {key!r}"
-            datum = parse_datum(value, key, self.owner)
-            items.append(self.transformer.datum_array(datum, f" {key!r}"))
-            names.append(where)
-            labels[i] = datum.label
+            keys.append(key)
+            datums.append(parse_datum(value, key, self.owner))
             cursor.advance()
-        data = _transform_items(self.owner, self.transformer, items, names, rng)
+        labels = np.array([d.label for d in datums], dtype=np.float32)
+        first = datums[0]
+        shape = (first.channels, first.height, first.width)
+        size = shape[0] * shape[1] * shape[2]
+        if size and all(not d.encoded and len(d.data) == size and (d.channels, d.height, d.width) == shape
+                        for d in datums):
+            # the common case, raw 8-bit pixels of one size: the batch is one buffer, no per-item arrays
+            pixels = np.frombuffer(b"".join(d.data for d in datums), dtype=np.uint8).reshape((-1,) + shape)
+            data = self.transformer.transform(pixels, rng)
+        else:
+            items = [self.transformer.datum_array(d, f" {k!r}") for d, k in zip(datums, keys)]
+            data = _transform_items(self.owner, self.transformer, items,
+                                    [f"the record with key {k!r}" for k in keys], rng)
         return (data, labels) if self.labels else (data,)
 
     def close(self):
