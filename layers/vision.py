@@ -780,14 +780,14 @@ class PoolingLayer(Layer):
         num, channels, height, _ = x.shape
         # the max along each window row (w), then over the rows (h): long inner loops, unlike a max over the
         # kh*kw strided tiles of the input
-        cols = x.reshape(num, channels, height, ow, kw)
-        row_max = cols[..., 0] if kw == 1 else np.maximum(cols[..., 0], cols[..., 1])
+        row_cells = x.reshape(num, channels, height, ow, kw)
+        row_max = row_cells[..., 0] if kw == 1 else np.maximum(row_cells[..., 0], row_cells[..., 1])
         for j in range(2, kw):
-            np.maximum(row_max, cols[..., j], out=row_max)
-        rows = row_max.reshape(num, channels, oh, kh, ow)
-        np.copyto(y, rows[:, :, :, 0])
+            np.maximum(row_max, row_cells[..., j], out=row_max)
+        window_rows = row_max.reshape(num, channels, oh, kh, ow)
+        np.copyto(y, window_rows[:, :, :, 0])
         for i in range(1, kh):
-            np.maximum(y, rows[:, :, :, i], out=y)  # np.maximum passes a NaN on, to the check below
+            np.maximum(y, window_rows[:, :, :, i], out=y)  # np.maximum passes a NaN on, to the check below
         if not (y > -FLT_MAX).all():
             return False
         # index of the FIRST cell equal to the max (Caffe's tie rule), built from the last cell backwards:

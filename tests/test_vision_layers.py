@@ -531,6 +531,30 @@ def test_tiled_max_pooling_fast_path_equals_the_general_path():
             np.testing.assert_array_equal(fast, general)
 
 
+@pytest.mark.parametrize("geometry,kernel", [("kernel_size: 2 stride: 2", (2, 2)),
+                                             ("kernel_h: 2 kernel_w: 1 stride_h: 2 stride_w: 1", (2, 1)),
+                                             ("kernel_h: 1 kernel_w: 3 stride_h: 1 stride_w: 3", (1, 3))])
+def test_tiled_max_pooling_with_nan_and_infinite_values_follows_caffe(geometry, kernel):
+    """NaN never wins a window (Caffe's strict >), an all -inf window gives -FLT_MAX and mask -1: the tiled
+    path hands such inputs to the general one, whose results are Caffe's."""
+    x = np.random.default_rng(3).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan                     # one NaN cell in a window
+    x[1, 2, :kernel[0], :kernel[1]] = -np.inf  # a whole window of -inf
+    x[0, 1, 2:2 + kernel[0], 3:3 + kernel[1]] = -FLT_MAX
+    layer, bottom, top = run(f'type: "Pooling" pooling_param {{ pool: MAX {geometry} }}', x, num_top=2)
+    expected, mask = pool_ref(x, "MAX", kernel, kernel, (0, 0), top[0].shape[2:])
+    np.testing.assert_array_equal(top[0].data, expected.astype(np.float32))
+    np.testing.assert_array_equal(top[1].data, mask)
+    assert top[0].data[1, 2, 0, 0] == -FLT_MAX and top[1].data[1, 2, 0, 0] == -1
+    x[~(x > -FLT_MAX)] = 0  # no NaN, -inf or -FLT_MAX left: the tiled path takes it, same answers
+    bottom[0].data[...] = x
+    layer.forward(bottom, top)
+    assert layer.window_argmax is not None
+    expected, mask = pool_ref(x, "MAX", kernel, kernel, (0, 0), top[0].shape[2:])
+    np.testing.assert_array_equal(top[0].data, expected.astype(np.float32))
+    np.testing.assert_array_equal(top[1].data, mask)
+
+
 def test_convolution_backward_uses_the_current_bottom_after_a_change():
     """The forward's columns are reused by backward only while the bottom's data is unchanged."""
     rng = np.random.default_rng(5)
@@ -555,14 +579,16 @@ def test_convolution_backward_uses_the_current_bottom_after_a_change():
     np.testing.assert_allclose(layer.blobs[0].diff, fresh.blobs[0].diff, rtol=1e-5)
 
 
-@pytest.mark.parametrize("channels,num_output", [(1, 20), (20, 50), (3, 2)])
-def test_convolution_layouts_agree(channels, num_output):
+@pytest.mark.parametrize("kind", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("channels,num_output,group", [(1, 20, 1), (20, 50, 1), (3, 2, 1), (4, 6, 2)])
+def test_convolution_layouts_agree(kind, channels, num_output, group):
     """The CPU path picks the batch-innermost or batch-outer column layout by size; both give the same
     forward and backward (the layout is forced each way here)."""
-    text = (f'type: "Convolution" convolution_param {{ num_output: {num_output} kernel_size: 5 stride: 1 pad: 1 '
-            f'weight_filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}')
+    text = (f'type: "{kind}" convolution_param {{ num_output: {num_output} kernel_size: 5 stride: 1 pad: 1 '
+            f'group: {group} weight_filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}')
     x = rand(3, channels, 9, 8)
-    dy = rand(3, num_output, 7, 6, seed=2)
+    out_h, out_w = (11, 10) if kind == "Deconvolution" else (7, 6)
+    dy = rand(3, num_output, out_h, out_w, seed=2)
     results = []
     for batch_last in (True, False):
         device.set_random_seed(4)
@@ -577,4 +603,4 @@ def test_convolution_layouts_agree(channels, num_output):
         results.append((top[0].data.copy(), bottom[0].diff.copy(), layer.blobs[0].diff.copy(),
                         layer.blobs[1].diff.copy()))
     for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # float32 sums in different orders
