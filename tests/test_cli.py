@@ -1,4 +1,5 @@
 """The `kaffe` command: Caffe's flag spellings, log lines, and clear errors with a non-zero exit."""
+import json
 import os
 import re
 import signal
@@ -6,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import MNIST_RAW, REPO
 
 TINY_NET = """
 name: "tiny"
@@ -133,3 +135,16 @@ def test_sigint_stops_after_the_iteration_and_snapshots(tiny):
     assert "Optimization stopped early." in rest
     snapshots = list((tiny / "snap").glob("tiny_iter_*.caffemodel"))
     assert len(snapshots) == 1 and (tiny / "snap" / (snapshots[0].stem + ".solverstate")).exists()
+
+
+def test_benchmark_lenet_measures_kaffe_training_steps():
+    """The kaffe side of tools/benchmark_lenet (PyTorch is an optional extra): real LeNet SGD steps on MNIST."""
+    if not MNIST_RAW.exists():
+        pytest.skip(f"real MNIST not found at {MNIST_RAW}")
+    out = subprocess.run([sys.executable, "-m", "kaffe.tools.benchmark_lenet", "--child", "kaffe-memory",
+                          "--iterations", "3", "--warmup", "1"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "KAFFE_MNIST_DIR": str(MNIST_RAW)})
+    assert out.returncode == 0, out.stderr
+    tagged = [line for line in out.stdout.splitlines() if line.startswith("BENCHMARK_RESULT ")]
+    result = json.loads(tagged[0][len("BENCHMARK_RESULT "):])
+    assert result["ms_per_iter"] > 0 and result["numpy"] == np.__version__

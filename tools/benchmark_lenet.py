@@ -1,6 +1,6 @@
 """LeNet training speed: kaffe (CPU) against PyTorch (CPU) with the same architecture, in one run.
 
-    python -m kaffe.tools.benchmark_lenet [--iterations 200] [--threads 2]
+    python -m kaffe.tools.benchmark_lenet [--iterations 200] [--threads 2] [--repeats 3]
 
 Both run batch-64 SGD steps (forward, backward, momentum update) with `--threads` BLAS/intra-op threads,
 each in its own subprocess. kaffe's subprocesses run with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset:
@@ -126,6 +126,7 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the medians are compared")
     parser.add_argument("--child", choices=("kaffe-lmdb", "kaffe-memory", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child and args.child.startswith("kaffe-"):
@@ -134,17 +135,23 @@ def main(argv=None):
     if args.child == "torch":
         print(RESULT_TAG + json.dumps(measure_torch(args.iterations, args.warmup, args.threads)))
         return 0
-    memory = _run_child("kaffe-memory", args, drop_openblas_overrides=True)
-    lmdb = _run_child("kaffe-lmdb", args, drop_openblas_overrides=True)
-    torch = _run_child("torch", args, drop_openblas_overrides=False)
+    # the three measurements take turns, `--repeats` rounds: a slow spell of a shared machine then touches
+    # each of them, and the medians compare like with like
+    runs = {"kaffe-memory": [], "kaffe-lmdb": [], "torch": []}
+    for _ in range(args.repeats):
+        for which, times in runs.items():
+            times.append(_run_child(which, args, drop_openblas_overrides=which != "torch"))
+    median = {which: float(np.median([r["ms_per_iter"] for r in times])) for which, times in runs.items()}
     print(f"LeNet training step, batch 64, {args.threads} threads, {args.iterations} iterations after "
-          f"{args.warmup} warm-up (kaffe: numpy {memory['numpy']}, OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset)")
-    for label, result in (("kaffe, preloaded batches (MemoryData)", memory),
-                          ("kaffe, LMDB Data layer with prefetch thread", lmdb),
-                          (f"PyTorch {torch['torch']} CPU, preloaded batches", torch)):
-        print(f"  {label}: {result['ms_per_iter']:.2f} ms/iter ({1e3 / result['ms_per_iter']:.1f} iter/s)")
-    print(f"  ratio kaffe/PyTorch time per iteration: {memory['ms_per_iter'] / torch['ms_per_iter']:.2f} "
-          f"(same input path), {lmdb['ms_per_iter'] / torch['ms_per_iter']:.2f} (kaffe from LMDB)")
+          f"{args.warmup} warm-up, median of {args.repeats} alternating runs (kaffe: numpy "
+          f"{runs['kaffe-memory'][0]['numpy']}, OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset)")
+    for label, which in (("kaffe, preloaded batches (MemoryData)", "kaffe-memory"),
+                         ("kaffe, LMDB Data layer with prefetch thread", "kaffe-lmdb"),
+                         (f"PyTorch {runs['torch'][0]['torch']} CPU, preloaded batches", "torch")):
+        each = ", ".join(f"{r['ms_per_iter']:.2f}" for r in runs[which])
+        print(f"  {label}: {median[which]:.2f} ms/iter ({1e3 / median[which]:.1f} iter/s; runs: {each})")
+    print(f"  ratio kaffe/PyTorch time per iteration: {median['kaffe-memory'] / median['torch']:.2f} "
+          f"(same input path), {median['kaffe-lmdb'] / median['torch']:.2f} (kaffe from LMDB)")
     return 0
 
 
