@@ -420,6 +420,30 @@ class BaseConvolutionLayer(Layer):
         if self.bias_term and self.param_propagate_down[1]:
             channel_sum(top_diff, self.num, self.num_output, self.top_count, self.blobs[1].mutable_gpu_diff())
 
+    def backward_gpu(self, top, propagate_down, bottom):
+        """The weight gradient is rows @ col^T for both; the bottom diff is W^T @ rows folded by col2im for a
+        Convolution (its top diff is the rows side) and W @ col for a Deconvolution (its top diff is the image
+        side, whose columns im2col makes). The in-order queue runs each GEMM before the next step overwrites
+        the scratch it reads."""
+        if self.num_spatial > 2:
+            return super().backward_gpu(top, propagate_down, bottom)
+        want_weight = self.param_propagate_down[0]
+        for t, down, b in zip(top, propagate_down, bottom):
+            top_diff = t.gpu_diff()
+            self._add_bias_gradient_gpu(top_diff)
+            if not (want_weight or down):
+                continue
+            rows_side, image_side = (b.gpu_data(), top_diff) if self.transposed else (top_diff, b.gpu_data())
+            for first, samples in self._chunks():
+                rows = self._to_rows_gpu(rows_side, first, samples) if want_weight or not self.transposed else None
+                col = self._im2col_gpu(image_side, first, samples) if want_weight or self.transposed else None
+                if want_weight:
+                    self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff())
+                if down and self.transposed:
+                    self._rows_product_gpu(self.blobs[0].gpu_data(), col, b.mutable_gpu_diff(), first, samples, False)
+                elif down:
+                    self._columns_product_gpu(self.blobs[0].gpu_data(), rows, b.mutable_gpu_diff(), first, samples)
+
 
 @register_layer("Convolution")
 class ConvolutionLayer(BaseConvolutionLayer):
@@ -497,23 +521,6 @@ class ConvolutionLayer(BaseConvolutionLayer):
                 self._rows_product_gpu(weight, self._im2col_gpu(data, first, samples), out, first, samples,
                                        self.bias_term)
 
-    def backward_gpu(self, top, propagate_down, bottom):
-        if self.num_spatial > 2:
-            return super().backward_gpu(top, propagate_down, bottom)
-        want_weight = self.param_propagate_down[0]
-        for t, down, b in zip(top, propagate_down, bottom):
-            top_diff = t.gpu_diff()
-            self._add_bias_gradient_gpu(top_diff)
-            if not (want_weight or down):
-                continue
-            for first, samples in self._chunks():
-                rows = self._to_rows_gpu(top_diff, first, samples)
-                if want_weight:
-                    col = self._im2col_gpu(b.gpu_data(), first, samples)
-                    self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff())
-                if down:
-                    self._columns_product_gpu(self.blobs[0].gpu_data(), rows, b.mutable_gpu_diff(), first, samples)
-
 
 @register_layer("Deconvolution")
 class DeconvolutionLayer(BaseConvolutionLayer):
@@ -569,24 +576,6 @@ class DeconvolutionLayer(BaseConvolutionLayer):
             if self.bias_term:
                 run_kernel("add_bias", t.count, *opencl.device_args(out),
                            *opencl.device_args(self.blobs[1].gpu_data()), self.num_output, self.top_count)
-
-    def backward_gpu(self, top, propagate_down, bottom):
-        if self.num_spatial > 2:
-            return super().backward_gpu(top, propagate_down, bottom)
-        want_weight = self.param_propagate_down[0]
-        for t, down, b in zip(top, propagate_down, bottom):
-            top_diff = t.gpu_diff()
-            self._add_bias_gradient_gpu(top_diff)
-            if not (want_weight or down):
-                continue
-            for first, samples in self._chunks():
-                col = self._im2col_gpu(top_diff, first, samples)
-                if want_weight:
-                    rows = self._to_rows_gpu(b.gpu_data(), first, samples)
-                    self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff())
-                if down:
-                    # the in-order queue has run the weight GEMM before this overwrites the rows scratch
-                    self._rows_product_gpu(self.blobs[0].gpu_data(), col, b.mutable_gpu_diff(), first, samples, False)
 
 
 @register_layer("Im2col")

@@ -175,3 +175,34 @@ def test_conv_pool_ip_chain_stays_on_device(gpu_mode):
         for param in layer.blobs:
             assert param._diff.head == HEAD_AT_GPU
     assert blobs[0]._diff.head == HEAD_AT_GPU
+
+
+@pytest.mark.parametrize("kind", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("want_weight,want_bottom", [(True, False), (False, True), (True, True)])
+def test_convolution_backward_branches_match_the_cpu(kind, want_weight, want_bottom):
+    """Only the weight gradient, only the bottom diff, or both: each device computes just what is asked, and
+    the same values (with groups, stride and pad; the bias gradient in every case)."""
+    from kaffe.engine import device
+    text = (f'type: "{kind}" convolution_param {{ num_output: 6 kernel_size: 3 stride: 2 pad: 1 group: 2 '
+            f'weight_filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}')
+    x = np.random.default_rng(4).standard_normal((2, 4, 7, 6)).astype(np.float32)
+    results = []
+    for mode in (device.set_mode_cpu, device.set_mode_gpu):
+        mode()
+        try:
+            device.set_random_seed(2)
+            layer = make_layer(text)
+            bottom = blobs_from(x)
+            top = setup_layer(layer, bottom)
+            layer.forward(bottom, top)
+            top[0].diff[...] = np.random.default_rng(5).standard_normal(top[0].shape)
+            layer.param_propagate_down[0] = want_weight
+            bottom[0].diff[...] = 7  # must stay when the bottom diff is not asked for
+            layer.backward(top, [want_bottom], bottom)
+            results.append([bottom[0].diff.copy(), layer.blobs[0].diff.copy(), layer.blobs[1].diff.copy()])
+        finally:
+            device.set_mode_cpu()
+    (cpu_bottom, cpu_weight, cpu_bias), (gpu_bottom, gpu_weight, gpu_bias) = results
+    assert (cpu_bottom == 7).all() != want_bottom and (cpu_weight == 0).all() != want_weight
+    for a, b in ((cpu_bottom, gpu_bottom), (cpu_weight, gpu_weight), (cpu_bias, gpu_bias)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
