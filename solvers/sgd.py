@@ -36,6 +36,7 @@ class SGDSolver(Solver):
         self.history = []
         self.add_history_set()
         self.lr = 0.0
+        self._scratch_values = np.empty(0, dtype=np.float32)  # see _scratch
 
     def add_history_set(self):
         self.history += [Blob(p.shape) for p in self.net.learnable_params]
@@ -110,7 +111,7 @@ class SGDSolver(Solver):
 
     def _scratch(self, like):
         """A reused host array shaped like `like`: temporaries of this size cost more to allocate than to fill."""
-        if getattr(self, "_scratch_values", None) is None or self._scratch_values.size < like.size:
+        if self._scratch_values.size < like.size:
             self._scratch_values = np.empty(max(like.size, UPDATE_BLOCK), dtype=np.float32)
         return self._scratch_values[:like.size]
 
