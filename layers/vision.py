@@ -420,6 +420,24 @@ class BaseConvolutionLayer(Layer):
         if self.bias_term and self.param_propagate_down[1]:
             channel_sum(top_diff, self.num, self.num_output, self.top_count, self.blobs[1].mutable_gpu_diff())
 
+    def forward_gpu(self, bottom, top):
+        """Convolution: W @ im2col(bottom), the bias added as the rows are written into the top. Deconvolution:
+        W^T @ (bottom as rows) folded into the top by col2im, then the bias."""
+        if self.num_spatial > 2:
+            return super().forward_gpu(bottom, top)
+        weight = self.blobs[0].gpu_data()
+        for b, t in zip(bottom, top):
+            data, out = b.gpu_data(), t.mutable_gpu_data()
+            for first, samples in self._chunks():
+                if self.transposed:
+                    self._columns_product_gpu(weight, self._to_rows_gpu(data, first, samples), out, first, samples)
+                else:
+                    self._rows_product_gpu(weight, self._im2col_gpu(data, first, samples), out, first, samples,
+                                           self.bias_term)
+            if self.transposed and self.bias_term:
+                run_kernel("add_bias", t.count, *opencl.device_args(out),
+                           *opencl.device_args(self.blobs[1].gpu_data()), self.num_output, self.top_count)
+
     def backward_gpu(self, top, propagate_down, bottom):
         """The weight gradient is rows @ col^T for both; the bottom diff is W^T @ rows folded by col2im for a
         Convolution (its top diff is the rows side) and W @ col for a Deconvolution (its top diff is the image
@@ -511,16 +529,6 @@ class ConvolutionLayer(BaseConvolutionLayer):
             if down:
                 self._col2im(self._columns_product(rows), b.mutable_cpu_diff())
 
-    def forward_gpu(self, bottom, top):
-        if self.num_spatial > 2:
-            return super().forward_gpu(bottom, top)
-        weight = self.blobs[0].gpu_data()
-        for b, t in zip(bottom, top):
-            data, out = b.gpu_data(), t.mutable_gpu_data()
-            for first, samples in self._chunks():
-                self._rows_product_gpu(weight, self._im2col_gpu(data, first, samples), out, first, samples,
-                                       self.bias_term)
-
 
 @register_layer("Deconvolution")
 class DeconvolutionLayer(BaseConvolutionLayer):
@@ -564,18 +572,6 @@ class DeconvolutionLayer(BaseConvolutionLayer):
                     self._rows(b.cpu_data()), col).reshape(self.blobs[0].shape)
             if down:
                 self._rows_product(self._weights(), col, b.mutable_cpu_diff())
-
-    def forward_gpu(self, bottom, top):
-        if self.num_spatial > 2:
-            return super().forward_gpu(bottom, top)
-        weight = self.blobs[0].gpu_data()
-        for b, t in zip(bottom, top):
-            data, out = b.gpu_data(), t.mutable_gpu_data()
-            for first, samples in self._chunks():
-                self._columns_product_gpu(weight, self._to_rows_gpu(data, first, samples), out, first, samples)
-            if self.bias_term:
-                run_kernel("add_bias", t.count, *opencl.device_args(out),
-                           *opencl.device_args(self.blobs[1].gpu_data()), self.num_output, self.top_count)
 
 
 @register_layer("Im2col")

@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 
 from kaffe.engine.layer import layer_type_list
-from kaffe.engine.net import Net, read_net_param
-from kaffe.proto import caffe_pb2
+from kaffe.engine.net import read_net_param
+from kaffe.tools.benchmark_zoo import MODELS, build
 
 cv2 = pytest.importorskip("cv2")
 if not hasattr(cv2.dnn, "readNetFromCaffe"):
     pytest.skip("this OpenCV has no Caffe importer (it was removed in OpenCV 5); "
                 "install opencv-python-headless<5", allow_module_level=True)
 
-MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 DEPLOY_NETS = sorted(d for d in os.listdir(MODELS) if os.path.exists(os.path.join(MODELS, d, "deploy.prototxt")))
 SLOW = {"vgg16", "alexnet"}  # 553 and 244 MB .caffemodel files (CaffeNet covers the same layer types)
 
@@ -46,17 +45,6 @@ def randomize(net, seed=0):
                 bias.mutable_cpu_data()[...] = rng.normal(0, 0.1, bias.shape)
 
 
-def deploy_net(name, batch):
-    """The deploy net in TEST phase with its Input's batch size set to `batch`."""
-    param = read_net_param(deploy_path(name))
-    for layer in param.layer:
-        if layer.type == "Input":
-            for shape in layer.input_param.shape:
-                shape.dim[0] = batch
-    param.state.phase = caffe_pb2.TEST
-    return Net(param)
-
-
 def logits_layer(net):
     """The layer feeding the final Softmax (compared too, so that a saturated softmax cannot hide a mismatch)."""
     prob = net.layers[-1]
@@ -78,7 +66,7 @@ def test_deploy_net_matches_opencv(name, tmp_path):
     missing = missing_types(name)
     if missing:
         pytest.skip(f"layer types not implemented yet: {', '.join(missing)}")
-    net = deploy_net(name, batch=2)
+    net = build(name, batch=2)
     randomize(net)
     weights = tmp_path / f"{name}.caffemodel"
     net.save(str(weights))

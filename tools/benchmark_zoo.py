@@ -28,6 +28,7 @@ def deploy_nets():
 
 
 def build(name, batch):
+    """Zoo net `name`'s deploy net in the TEST phase with its Input's batch size set to `batch`."""
     param = read_net_param(os.path.join(MODELS, name, "deploy.prototxt"))
     for layer in param.layer:
         if layer.type == "Input":
