@@ -1,13 +1,18 @@
 """kaffe: a Caffe-compatible deep-learning engine in Python.
 
 `import kaffe as caffe` runs ordinary pycaffe scripts: Net, get_solver, SGDSolver, set_mode_cpu/gpu, ...
+pycaffe's submodules (`kaffe.io`, `kaffe.draw`, `kaffe.net_spec`, ...) are imported on first use;
+`kaffe.install_as_caffe()` makes unchanged `import caffe` scripts run on kaffe.
 """
+import importlib
+
 from .engine.blob import Blob
 from .engine.device import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from .engine.errors import KaffeError
 from .engine.layer import Layer, layer_type_list
 from .engine.log import init_log
 from .engine.net import Net
+from .engine.pycaffe_modules import SUBMODULES as _PYCAFFE_SUBMODULES, install_as_caffe, install_submodules
 from .proto import caffe_pb2
 from .solvers import AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver, SGDSolver, get_solver
 
@@ -17,3 +22,10 @@ TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
 
 init_log()
+install_submodules()
+
+
+def __getattr__(name):
+    if name in _PYCAFFE_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'kaffe' has no attribute '{name}'")
