@@ -75,6 +75,9 @@ class Layer:
             self.blobs.append(blob)
         self.param_propagate_down = [True] * len(self.blobs)
         self.loss_weights = []
+        # False once a Net has found that it never runs this layer's backward: forward may then skip what
+        # only backward reads (e.g. max pooling's argmax)
+        self.needs_backward = True
 
     # -- what subclasses implement ------------------------------------------------------------
     def layer_setup(self, bottom, top):

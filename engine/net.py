@@ -179,6 +179,8 @@ class Net:
                 for blob_id in self.top_ids[layer_id]:
                     self._blob_need_backward[blob_id] = True
         self._infer_backward(param)
+        for layer, need in zip(self.layers, self.layer_need_backward):
+            layer.needs_backward = need
         self._output_ids = [blob_index[name] for name in sorted(available)]
         for name in sorted(available):
             logger.info(f"This network produces output {name}")

@@ -685,7 +685,7 @@ class PoolingLayer(Layer):
         p = self.layer_param.pooling_param
         where = f"{self.type} layer '{self.name}'"
         self.method = p.pool
-        self.window_argmax = None  # set by the tiled MAX fast path
+        self.window_argmax = None  # set by the MAX fast path: the tap index of each window's maximum
         self._geometry_for = None  # the bottom shape the window geometry was computed for
         self.global_pooling = p.global_pooling
         self.ceil_mode = p.round_mode == caffe_pb2.PoolingParameter.CEIL
@@ -744,6 +744,11 @@ class PoolingLayer(Layer):
                              f"input {bottom.shape_string()}")
         self.taps = list(_tap_spans(self.in_spatial, self.out_spatial, self.kernel, self.stride, self.pad,
                                     (1, 1)))
+        # per axis, (output slice, input slice) of each kernel row / column that reads real input: MAX and AVE
+        # are separable, so the fast paths reduce along the rows of the windows, then along their columns
+        self.axis_taps = [[span for span in (tap_span(n, o, i, s, p) for i in range(k)) if span]
+                          for n, o, k, s, p in zip(self.in_spatial, self.out_spatial, self.kernel, self.stride,
+                                                   self.pad)]
         # windows that tile the input exactly (LeNet's 2x2/2) take a reshape-based fast path
         self.tiled = (self.stride == self.kernel and not any(self.pad) and
                       all(o * k == n for o, k, n in zip(self.out_spatial, self.kernel, self.in_spatial)))
@@ -752,46 +757,68 @@ class PoolingLayer(Layer):
                 *(ave_pool_divisors(n, o, k, s, p) for n, o, k, s, p in
                   zip(self.in_spatial, self.out_spatial, self.kernel, self.stride, self.pad))).astype(np.float32)
 
-    def _tiles(self, array):
-        """The kh*kw strided views of a tiled input, one per window cell, in row-major cell order."""
-        kh, kw = self.kernel
-        return [array[..., i::kh, j::kw] for i in range(kh) for j in range(kw)]
-
-    def _forward_max_tiled(self, x, y, top):
-        """MAX over windows that tile the input exactly. Returns False (use the general path) when an output is
-        NaN, -inf or -FLT_MAX: Caffe's semantics for those (NaN never wins; -FLT_MAX is the start value that
-        only a greater cell replaces) are the general path's."""
+    def _forward_max_fast(self, x, y, top):
+        """MAX reduced along the window rows, then along the window columns. Returns False (use the general
+        path) when an output is NaN, -inf or -FLT_MAX: Caffe's semantics for those (NaN never wins; -FLT_MAX is
+        the start value that only a greater cell replaces) are the general path's. Windows that tile the input
+        (LeNet's 2x2/2) take reshapes instead of strided views."""
         (kh, kw), (oh, ow) = self.kernel, self.out_spatial
         num, channels, height, _ = x.shape
-        # the max along each window row (w), then over the rows (h): long inner loops, unlike a max over the
-        # kh*kw strided tiles of the input
-        row_cells = x.reshape(num, channels, height, ow, kw)
-        row_max = row_cells[..., 0] if kw == 1 else np.maximum(row_cells[..., 0], row_cells[..., 1])
-        for j in range(2, kw):
-            np.maximum(row_max, row_cells[..., j], out=row_max)
-        window_rows = row_max.reshape(num, channels, oh, kh, ow)
-        np.copyto(y, window_rows[:, :, :, 0])
-        for i in range(1, kh):
-            np.maximum(y, window_rows[:, :, :, i], out=y)  # np.maximum passes a NaN on, to the check below
+        if self.tiled:
+            row_cells = x.reshape(num, channels, height, ow, kw)
+            row_max = row_cells[..., 0] if kw == 1 else np.maximum(row_cells[..., 0], row_cells[..., 1])
+            for j in range(2, kw):
+                np.maximum(row_max, row_cells[..., j], out=row_max)
+            window_rows = row_max.reshape(num, channels, oh, kh, ow)
+            np.copyto(y, window_rows[:, :, :, 0])
+            for i in range(1, kh):
+                np.maximum(y, window_rows[:, :, :, i], out=y)  # np.maximum passes a NaN on, to the check below
+        else:  # fmax skips a NaN cell, as Caffe's `>` does; windows of NaN only stay -inf for the check below
+            taps_h, taps_w = self.axis_taps
+            row_max = np.full((num, channels, height, ow), -np.inf, dtype=np.float32)
+            for out_s, in_s in taps_w:
+                np.fmax(row_max[..., out_s], x[..., in_s], out=row_max[..., out_s])
+            y[...] = -np.inf
+            for out_s, in_s in taps_h:
+                np.fmax(y[..., out_s, :], row_max[..., in_s, :], out=y[..., out_s, :])
         if not (y > -FLT_MAX).all():
             return False
-        # index of the FIRST cell equal to the max (Caffe's tie rule), built from the last cell backwards:
-        # local = (local + 1) * (cell_k != max) leaves k where cell k is the first maximum
-        tiles = self._tiles(x)
-        local = np.zeros(y.shape, dtype=np.uint8 if len(tiles) < 256 else np.int32)
-        for tile in reversed(tiles[:-1]):
-            local += 1
-            local *= np.not_equal(tile, y)
-        self.window_argmax = local
-        if len(top) > 1:
-            rows = np.arange(oh)[:, None] * kh + local // kw
-            cols = np.arange(ow)[None, :] * kw + local % kw
-            top[1].mutable_cpu_data()[...] = rows * self.in_spatial[1] + cols
+        self.window_argmax = None
+        if self.needs_backward or len(top) > 1:
+            self._find_window_argmax(x, y, top)
         return True
 
-    def _backward_max_tiled(self, dy, dx):
-        for k, tile in enumerate(self._tiles(dx)):
-            np.multiply(dy, self.window_argmax == k, out=tile)
+    def _find_window_argmax(self, x, y, top):
+        """The row-major tap index of the FIRST cell equal to each window's max (Caffe's tie rule), built from
+        the last tap backwards: local = (local + 1) * (cell_k != max) leaves k where tap k is the first maximum
+        (a tap that does not reach an output, being in the padding, counts as unequal there)."""
+        kh, kw = self.kernel
+        local = np.zeros(y.shape, dtype=np.uint8 if kh * kw < 256 else np.int32)
+        spans = {taps: (out_s, in_s) for taps, out_s, in_s in self.taps}
+        for k in range(kh * kw - 2, -1, -1):
+            local += 1
+            span = spans.get(divmod(k, kw))
+            if span:
+                window = (Ellipsis,) + span[0]
+                local[window] *= np.not_equal(x[(Ellipsis,) + span[1]], y[window])
+        self.window_argmax = local
+        if len(top) > 1:
+            (oh, ow), (sh, sw), (ph, pw) = self.out_spatial, self.stride, self.pad
+            rows = (np.arange(oh) * sh - ph)[:, None] + local // kw
+            cols = (np.arange(ow) * sw - pw)[None, :] + local % kw
+            top[1].mutable_cpu_data()[...] = rows * self.in_spatial[1] + cols
+
+    def _backward_max_fast(self, dy, dx):
+        kw = self.kernel[1]
+        if not self.tiled:
+            dx[...] = 0
+        for taps, out_s, in_s in self.taps:
+            k = taps[0] * kw + taps[1]
+            window = (Ellipsis,) + out_s
+            if self.tiled:  # every input cell is in exactly one window
+                np.multiply(dy, self.window_argmax == k, out=dx[(Ellipsis,) + in_s])
+            else:
+                dx[(Ellipsis,) + in_s] += dy[window] * (self.window_argmax[window] == k)
 
     # -- STOCHASTIC: the windows have no padding, so self.taps covers each window's elements in row-major order --
     def _draw_seed(self):
@@ -838,7 +865,7 @@ class PoolingLayer(Layer):
     def forward_cpu(self, bottom, top):
         x = bottom[0].cpu_data()
         y = top[0].mutable_cpu_data()
-        if self.method == caffe_pb2.PoolingParameter.MAX and self.tiled and self._forward_max_tiled(x, y, top):
+        if self.method == caffe_pb2.PoolingParameter.MAX and self._forward_max_fast(x, y, top):
             return
         if self.method == caffe_pb2.PoolingParameter.MAX:
             self.window_argmax = None
@@ -857,10 +884,14 @@ class PoolingLayer(Layer):
                 better = candidate > y[window]
                 np.fmax(y[window], candidate, out=y[window])
                 mask[window] = np.where(better, flat_index[in_s], mask[window])
-        elif self.method == caffe_pb2.PoolingParameter.AVE:
+        elif self.method == caffe_pb2.PoolingParameter.AVE:  # window sums along the rows, then the columns
+            taps_h, taps_w = self.axis_taps
+            row_sum = np.zeros(x.shape[:3] + y.shape[3:], dtype=np.float32)
+            for out_s, in_s in taps_w:
+                row_sum[..., out_s] += x[..., in_s]
             y[...] = 0
-            for _, out_s, in_s in self.taps:
-                y[(Ellipsis,) + out_s] += x[(Ellipsis,) + in_s]
+            for out_s, in_s in taps_h:
+                y[..., out_s, :] += row_sum[..., in_s, :]
             y /= self.divisors
         elif self._stochastic_train():
             self._draw_seed()
@@ -913,7 +944,7 @@ class PoolingLayer(Layer):
         dy = top[0].cpu_diff()
         dx = bottom[0].mutable_cpu_diff()
         if self.method == caffe_pb2.PoolingParameter.MAX and self.window_argmax is not None:
-            self._backward_max_tiled(dy, dx)  # writes every cell
+            self._backward_max_fast(dy, dx)
             return
         dx[...] = 0
         if self.method == caffe_pb2.PoolingParameter.MAX or self._stochastic_train():
@@ -922,10 +953,14 @@ class PoolingLayer(Layer):
             for _, out_s, in_s in self.taps:
                 window = (Ellipsis,) + out_s
                 dx[(Ellipsis,) + in_s] += np.where(mask[window] == flat_index[in_s], dy[window], 0)
-        elif self.method == caffe_pb2.PoolingParameter.AVE:
+        elif self.method == caffe_pb2.PoolingParameter.AVE:  # spread over the columns, then along the rows
+            taps_h, taps_w = self.axis_taps
             share = dy / self.divisors
-            for _, out_s, in_s in self.taps:
-                dx[(Ellipsis,) + in_s] += share[(Ellipsis,) + out_s]
+            row_diff = np.zeros(dx.shape[:3] + dy.shape[3:], dtype=np.float32)
+            for out_s, in_s in taps_h:
+                row_diff[..., in_s, :] += share[..., out_s, :]
+            for out_s, in_s in taps_w:
+                dx[..., in_s] += row_diff[..., out_s]
         else:  # d(sum x^2 / sum x)/dx_j = (2 x_j - y) / sum x
             x, y = bottom[0].cpu_data(), top[0].cpu_data()
             share = dy / self.window_sum

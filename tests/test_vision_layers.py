@@ -508,49 +508,55 @@ def test_blob_shapes_are_caffes():
     assert caffe_pb2.PoolingParameter().round_mode == caffe_pb2.PoolingParameter.CEIL
 
 
-def test_tiled_max_pooling_fast_path_equals_the_general_path():
-    """2x2/2 and 3x3/3 windows that tile the input take a reshape path; it must agree with the tap loop,
+@pytest.mark.parametrize("geometry,shape", [
+    ("kernel_size: 2 stride: 2", (3, 4, 8, 6)),            # tiled: the reshape path
+    ("kernel_size: 3 stride: 3", (2, 3, 9, 6)),
+    ("kernel_size: 3 stride: 2", (2, 3, 9, 8)),            # overlapping windows (CIFAR-10, AlexNet)
+    ("kernel_size: 3 stride: 2 pad: 1", (2, 3, 8, 7)),     # padded and clipped windows (GoogLeNet)
+    ("kernel_size: 3 stride: 1 pad: 1", (1, 2, 5, 6)),
+    ("kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2", (2, 2, 5, 7))])
+def test_max_pooling_fast_path_equals_the_general_path(geometry, shape):
+    """The separable fast path (rows, then columns; reshapes for tiling windows) must agree with the tap loop,
     ties (first maximum wins), mask top and backward included."""
     rng = np.random.default_rng(11)
-    for k, shape in ((2, (3, 4, 8, 6)), (3, (2, 3, 9, 6))):
-        x = rng.integers(0, 4, size=shape).astype(np.float32)   # many ties
-        dy = rng.standard_normal((shape[0], shape[1], shape[2] // k, shape[3] // k)).astype(np.float32)
-        results = []
-        for tiled in (True, False):
-            layer = make_layer(f'type: "Pooling" pooling_param {{ pool: MAX kernel_size: {k} stride: {k} }}')
-            bottom = blobs_from(x)
-            top = setup_layer(layer, bottom, num_top=2)
-            if not tiled:
-                layer._forward_max_tiled = lambda *args: False   # decline the fast path
-            layer.forward(bottom, top)
-            assert (layer.window_argmax is not None) == tiled
-            top[0].diff[...] = dy
-            layer.backward(top, [True], bottom)
-            results.append((top[0].data.copy(), top[1].data.copy(), bottom[0].diff.copy()))
-        for fast, general in zip(*results):
-            np.testing.assert_array_equal(fast, general)
+    x = rng.integers(0, 4, size=shape).astype(np.float32)   # many ties
+    results = []
+    for fast in (True, False):
+        layer = make_layer(f'type: "Pooling" pooling_param {{ pool: MAX {geometry} }}')
+        bottom = blobs_from(x)
+        top = setup_layer(layer, bottom, num_top=2)
+        if not fast:
+            layer._forward_max_fast = lambda *args: False   # decline the fast path
+        layer.forward(bottom, top)
+        assert (layer.window_argmax is not None) == fast
+        top[0].diff[...] = np.random.default_rng(12).standard_normal(top[0].shape).astype(np.float32)
+        layer.backward(top, [True], bottom)
+        results.append((top[0].data.copy(), top[1].data.copy(), bottom[0].diff.copy()))
+    for fast, general in zip(*results):
+        np.testing.assert_array_equal(fast, general)
 
 
-@pytest.mark.parametrize("geometry,kernel", [("kernel_size: 2 stride: 2", (2, 2)),
-                                             ("kernel_h: 2 kernel_w: 1 stride_h: 2 stride_w: 1", (2, 1)),
-                                             ("kernel_h: 1 kernel_w: 3 stride_h: 1 stride_w: 3", (1, 3))])
-def test_tiled_max_pooling_with_nan_and_infinite_values_follows_caffe(geometry, kernel):
-    """NaN never wins a window (Caffe's strict >), an all -inf window gives -FLT_MAX and mask -1: the tiled
+@pytest.mark.parametrize("geometry,kernel,stride", [("kernel_size: 2 stride: 2", (2, 2), (2, 2)),
+                                                    ("kernel_h: 2 kernel_w: 1 stride_h: 2 stride_w: 1", (2, 1), (2, 1)),
+                                                    ("kernel_h: 1 kernel_w: 3 stride_h: 1 stride_w: 3", (1, 3), (1, 3)),
+                                                    ("kernel_size: 3 stride: 2", (3, 3), (2, 2))])
+def test_max_pooling_with_nan_and_infinite_values_follows_caffe(geometry, kernel, stride):
+    """NaN never wins a window (Caffe's strict >), an all -inf window gives -FLT_MAX and mask -1: the fast
     path hands such inputs to the general one, whose results are Caffe's."""
     x = np.random.default_rng(3).standard_normal((2, 3, 6, 6)).astype(np.float32)
     x[0, 0, 0, 0] = np.nan                     # one NaN cell in a window
     x[1, 2, :kernel[0], :kernel[1]] = -np.inf  # a whole window of -inf
     x[0, 1, 2:2 + kernel[0], 3:3 + kernel[1]] = -FLT_MAX
     layer, bottom, top = run(f'type: "Pooling" pooling_param {{ pool: MAX {geometry} }}', x, num_top=2)
-    expected, mask = pool_ref(x, "MAX", kernel, kernel, (0, 0), top[0].shape[2:])
+    expected, mask = pool_ref(x, "MAX", kernel, stride, (0, 0), top[0].shape[2:])
     np.testing.assert_array_equal(top[0].data, expected.astype(np.float32))
     np.testing.assert_array_equal(top[1].data, mask)
     assert top[0].data[1, 2, 0, 0] == -FLT_MAX and top[1].data[1, 2, 0, 0] == -1
-    x[~(x > -FLT_MAX)] = 0  # no NaN, -inf or -FLT_MAX left: the tiled path takes it, same answers
+    x[~(x > -FLT_MAX)] = 0  # no NaN, -inf or -FLT_MAX left: the fast path takes it, same answers
     bottom[0].data[...] = x
     layer.forward(bottom, top)
     assert layer.window_argmax is not None
-    expected, mask = pool_ref(x, "MAX", kernel, kernel, (0, 0), top[0].shape[2:])
+    expected, mask = pool_ref(x, "MAX", kernel, stride, (0, 0), top[0].shape[2:])
     np.testing.assert_array_equal(top[0].data, expected.astype(np.float32))
     np.testing.assert_array_equal(top[1].data, mask)
 
