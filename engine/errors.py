@@ -34,3 +34,11 @@ class KaffeKeyError(KaffeError, KeyError):
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""
+
+
+class StorageError(KaffeError, OSError):
+    """A file could not be written (a full disk, `ulimit -f`, a read-only or missing folder); `errno` says why."""
+
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno

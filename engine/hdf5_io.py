@@ -136,6 +136,18 @@ def load_net(net, path):
             logger.info(f"Layers not in the weights (keep their initialization): {', '.join(missing)}")
 
 
+def check_weights(path):
+    """Raise a KaffeError unless `path` is a readable .caffemodel.h5 (its `data` group and every dataset)."""
+    with _open(path, "HDF5 weights (.caffemodel.h5)") as f:
+        if not isinstance(f.get("data"), h5py.Group):
+            raise KaffeError(f"{path}: Error reading weights: no 'data' group (not a .caffemodel.h5 file)")
+        for layer in f["data"].values():
+            if not isinstance(layer, h5py.Group):
+                raise KaffeError(f"{path}: {layer.name} is not a group of parameter blobs")
+            for dataset in layer.values():
+                _dataset_array(dataset, path)
+
+
 # -- solver state ------------------------------------------------------------------------------------------
 def write_solver_state(path, iteration, learned_net, current_step, history, resume_state=None):
     """SGDSolver::SnapshotSolverStateToHDF5, plus kaffe's resume extras (a JSON string) when given."""
@@ -148,6 +160,16 @@ def write_solver_state(path, iteration, learned_net, current_step, history, resu
             group.create_dataset(str(i), data=blob.cpu_data())
         if resume_state is not None:
             _save_string(f, RESUME_STATE, resume_state)
+
+
+def read_learned_net(path):
+    """The weights file a .solverstate.h5 names (or None), after checking that its fields are there."""
+    with _open(path, "HDF5 solver state (.solverstate.h5)") as f:
+        _load_int(f, "iter", path)
+        _load_int(f, "current_step", path)
+        if not isinstance(f.get("history"), h5py.Group):
+            raise KaffeError(f"{path}: Error reading history: no 'history' group")
+        return _load_string(f, "learned_net") if isinstance(f.get("learned_net"), h5py.Dataset) else None
 
 
 def read_solver_state(path, history):

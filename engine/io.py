@@ -11,7 +11,7 @@ import tempfile
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
-from .errors import KaffeError
+from .errors import KaffeError, StorageError
 from .upgrade import rewrite_fork_spellings, unknown_field_hint
 
 _UNKNOWN_FIELD = re.compile(r'has no field named "(\w+)"')
@@ -72,24 +72,45 @@ def read_binary_proto(path, message):
     return message
 
 
+TEMP_PREFIX = ".tmp-"
+
+
+def temporary_prefix(path):
+    """The name prefix of the temporary files that atomic_path makes for `path` (found again after a crash)."""
+    return f"{TEMP_PREFIX}{os.path.basename(path)}."
+
+
+def _fsync(path, flags=os.O_RDONLY):
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=""):
-    """A temporary path beside `path` to write; on success it is synced and renamed onto `path`, on failure
-    removed, so an interrupted write never leaves a partial file where an earlier one was."""
+    """A temporary path beside `path` to write; on success it is flushed to disk and renamed onto `path` (and the
+    folder synced, so the rename survives a power cut), on failure removed: at every instant `path` is either
+    the earlier file or the complete new one. A failed write (a full disk, `ulimit -f`) is a StorageError."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=suffix, dir=directory)
     except OSError as e:
-        raise KaffeError(f"cannot write {path}: {e.strerror}") from None
+        raise StorageError(f"cannot write {path}: {e.strerror}", e.errno) from None
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except BaseException as error:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and not isinstance(error, KaffeError):
+            reason = error.strerror or str(error)
+            raise StorageError(f"cannot write {path}: {reason} (the partial file was removed)",
+                               error.errno) from None
         raise
 
 
