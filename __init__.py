@@ -10,8 +10,8 @@ from .engine.blob import Blob
 from .engine.device import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from .engine.errors import KaffeError
 from .engine.layer import Layer, layer_type_list
-from .engine.log import init_log
 from .engine.net import Net
+from .engine.pycaffe import Timer, init_log, log
 from .engine.pycaffe_modules import SUBMODULES as _PYCAFFE_SUBMODULES, install_as_caffe, install_submodules
 from .proto import caffe_pb2
 from .solvers import AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver, SGDSolver, get_solver

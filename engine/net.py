@@ -6,11 +6,13 @@ import numpy as np
 
 from ..proto import caffe_pb2
 from .blob import Blob, proto_shape
-from .errors import KaffeError
+from .errors import KaffeError, KaffeIndexError, KaffeValueError
 from .graph import filter_net, insert_splits
 from .io import read_binary_proto, read_text_proto
 from .layer import create_layer
 from .log import logger
+from .pycaffe import NetBatches
+from .memory_limits import BlobShapeError, check_total
 from .upgrade import check_layer_types, upgrade_net_param
 
 AUTOMATIC_TOP = "(automatic)"
@@ -48,7 +50,7 @@ def _format_number(value):
     return format(float(value), ".6g")
 
 
-class Net:
+class Net(NetBatches):
     """Net(model, phase) / Net(model, weights, phase) / Net(model, phase=TEST, weights=..., level=, stages=).
 
     `model` is a prototxt path or a NetParameter. The Caffe names are kept: blobs, params, layers, inputs,
@@ -97,7 +99,7 @@ class Net:
         self.bottom_ids, self.top_ids = [], []
         self.bottom_need_backward = []
         self.layer_need_backward = []
-        self.blob_loss_weights = []
+        self._blob_loss_weights = []
         self._input_ids = []
         self._params = []            # every parameter blob, in layer order
         self._param_owners = []      # -1, or the index of the blob it shares
@@ -150,13 +152,17 @@ class Net:
                 needed = max(layer.min_top_blobs or 0, layer.exact_num_top_blobs or 0)
                 for top_id in range(len(layer_param.top), needed):
                     self._append_top(layer_id, top_id, AUTOMATIC_TOP, None, None)
-            layer.setup(self.bottom_vecs[layer_id], self.top_vecs[layer_id])
+            try:  # a shape that cannot be allocated is refused here, before anything is allocated
+                layer.setup(self.bottom_vecs[layer_id], self.top_vecs[layer_id])
+                check_total(self._blobs + [b for each in self.layers for b in each.blobs], "the net's blobs")
+            except BlobShapeError as e:
+                raise KaffeError(f"{layer_param.type} layer '{layer_param.name}': {e}") from None
             logger.info(f"Setting up {layer_param.name}")
             for top_id, blob in enumerate(self.top_vecs[layer_id]):
                 blob_id = self.top_ids[layer_id][top_id]
-                while len(self.blob_loss_weights) <= blob_id:
-                    self.blob_loss_weights.append(0.0)
-                self.blob_loss_weights[blob_id] = layer.loss(top_id)
+                while len(self._blob_loss_weights) <= blob_id:
+                    self._blob_loss_weights.append(0.0)
+                self._blob_loss_weights[blob_id] = layer.loss(top_id)
                 logger.info(f"Top shape: {blob.shape_string()}")
                 if layer.loss(top_id):
                     logger.info(f"    with loss weight {_format_number(layer.loss(top_id))}")
@@ -188,6 +194,8 @@ class Net:
         self._layer_index = {name: i for i, name in enumerate(self._layer_names)}
         self._share_weights()
         self.debug_info = param.debug_info
+        # pycaffe's before_forward/after_forward/before_backward/after_backward: callables run(layer_index)
+        self._hooks = {"before_forward": [], "after_forward": [], "before_backward": [], "after_backward": []}
         logger.info("Network initialization done.")
 
     def _append_top(self, layer_id, top_id, blob_name, blob_index, available):
@@ -314,23 +322,57 @@ class Net:
         try:
             return self._layer_index[name]
         except KeyError:
-            raise KaffeError(f"net '{self.name}' has no layer named '{name}'") from None
+            raise KaffeValueError(f"net '{self.name}' has no layer named '{name}'") from None
+
+    def _check_layer_range(self, first, last):
+        if not (0 <= first < len(self.layers) and 0 <= last < len(self.layers)):
+            raise KaffeIndexError(f"layer indices {first}..{last} out of range: net '{self.name}' has "
+                                  f"{len(self.layers)} layers (0..{len(self.layers) - 1})")
 
     def forward_from_to(self, start, end):
-        """Forward layers start..end (inclusive); returns the summed weighted loss."""
+        """Forward layers start..end (inclusive); returns the summed weighted loss (pycaffe's _forward)."""
+        self._check_layer_range(start, end)
+        before, after = self._hooks["before_forward"], self._hooks["after_forward"]
         loss = 0.0
         for i in range(start, end + 1):
+            for run in before:
+                run(i)
             loss += self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
             if self.debug_info:
                 self._debug_forward(i)
+            for run in after:
+                run(i)
         return loss
 
     def backward_from_to(self, start, end):
+        """Backward layers start down to end (inclusive) (pycaffe's _backward)."""
+        self._check_layer_range(end, start)
+        before, after = self._hooks["before_backward"], self._hooks["after_backward"]
         for i in range(start, end - 1, -1):
+            for run in before:
+                run(i)
             if self.layer_need_backward[i]:
                 self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
                 if self.debug_info:
                     self._debug_backward(i)
+            for run in after:
+                run(i)
+
+    _forward = forward_from_to
+    _backward = backward_from_to
+
+    def before_forward(self, run):
+        """Call run(layer_index) before each layer's forward (Caffe's Net callbacks, as pycaffe adds them)."""
+        self._hooks["before_forward"].append(run)
+
+    def after_forward(self, run):
+        self._hooks["after_forward"].append(run)
+
+    def before_backward(self, run):
+        self._hooks["before_backward"].append(run)
+
+    def after_backward(self, run):
+        self._hooks["after_backward"].append(run)
 
     def forward_backward(self):
         loss = self.forward_from_to(0, len(self.layers) - 1)
@@ -529,7 +571,7 @@ class Net:
 
     @property
     def output_loss_weights(self):
-        return [self.blob_loss_weights[i] for i in self._output_ids]
+        return [self._blob_loss_weights[i] for i in self._output_ids]
 
     @property
     def top_names(self):
@@ -548,6 +590,26 @@ class Net:
     @property
     def blob_names(self):
         return list(self._blob_names)
+
+    @property
+    def blob_loss_weights(self):
+        """{blob name: loss weight} (pycaffe's OrderedDict; `_blob_loss_weights` is Caffe's list by blob index)."""
+        return collections.OrderedDict(zip(self._blob_names, self._blob_loss_weights))
+
+    # Caffe's index views, under _caffe.cpp's names
+    @property
+    def _inputs(self):
+        return list(self._input_ids)
+
+    @property
+    def _outputs(self):
+        return list(self._output_ids)
+
+    def _top_ids(self, layer_id):
+        return list(self.top_ids[layer_id])
+
+    def _bottom_ids(self, layer_id):
+        return list(self.bottom_ids[layer_id])
 
     def resume_state(self):
         """Per-layer extra state (data cursors, private RNGs) for exact resumes."""

@@ -35,7 +35,6 @@ class SGDSolver(Solver):
         # it after the first, Caffe's order in the .solverstate
         self.history = []
         self.add_history_set()
-        self.lr = 0.0
         self._scratch_values = np.empty(0, dtype=np.float32)  # see _scratch
 
     def add_history_set(self):
@@ -48,9 +47,13 @@ class SGDSolver(Solver):
         rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
         return rate
 
+    @property
+    def lr(self):
+        """pycaffe's `lr`: the learning rate of the current iteration (Caffe's GetLearningRate)."""
+        return self.learning_rate()
+
     def apply_update(self):
         rate = self.learning_rate()
-        self.lr = rate
         if self.param.display and self.iter % self.param.display == 0:
             logger.info(f"Iteration {self.iter}, lr = {format(rate, '.6g')}")
         self.clip_gradients()
@@ -62,6 +65,7 @@ class SGDSolver(Solver):
                 blob.update()
             else:
                 self.update_on_host(i, blob, rate)
+        self.iter += 1  # as Caffe: `iter` counts the updates of the weights
 
     def update_on_host(self, i, blob, rate):
         """Normalise, regularise, turn the gradient into the update value (left in the diff, as in Caffe) and

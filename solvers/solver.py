@@ -1,4 +1,5 @@
 """The Solver loop shared by every update rule: nets, testing, display, snapshots, restore, signals."""
+import contextlib
 import json
 import math
 import os
@@ -8,17 +9,19 @@ import time
 import numpy as np
 
 from ..engine import device, hdf5_io
-from ..engine.errors import KaffeError
+from ..engine.errors import KaffeError, StorageError
 from ..engine.io import read_binary_proto, read_text_proto, write_binary_proto
 from ..engine.log import logger
 from ..engine.net import Net, read_net_param
 from ..engine.upgrade import upgrade_solver_param
 from ..proto import caffe_pb2
 from .lr_policy import check_policy
+from .snapshot_files import check_writable, weights_file
 
 SOLVER_TYPES = {}
 
 NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
+SNAPSHOT_FAILURES = ("stop", "continue")   # what a snapshot that cannot be written does
 
 
 def register_solver(type_name):
@@ -61,6 +64,16 @@ def _resolve(net_path, solver_path):
     return net_path
 
 
+@contextlib.contextmanager
+def _removed_on_failure(path):
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+
+
 def get_solver(solver):
     """pycaffe's get_solver: a solver of the class that the file's `type` names."""
     param = solver if isinstance(solver, caffe_pb2.SolverParameter) else read_solver_param(os.fspath(solver))
@@ -80,6 +93,9 @@ class Solver:
             param = read_solver_param(os.fspath(param))
         self.param = param
         self._check_param()
+        if param.snapshot:
+            check_writable(param.snapshot_prefix, 0)
+        self.snapshot_failure = "stop"
         if param.random_seed >= 0:
             device.set_random_seed(param.random_seed)
         self.iter = 0
@@ -89,6 +105,7 @@ class Solver:
         self.requested_early_exit = False
         self.action_request = None   # a function returning NONE/STOP/SNAPSHOT (set by signal handlers)
         self._pending_actions = []
+        self._callbacks = []         # (on_start, on_gradients_ready) pairs of add_callback
         self.net = self._init_train_net()
         self.test_nets = self._init_test_nets()
         for weights in self.param.weights:  # fine-tuning: `weights` in the solver or --weights
@@ -209,6 +226,8 @@ class Solver:
                 self.test_all()
                 if self.requested_early_exit:
                     break
+            for on_start, _ in self._callbacks:
+                on_start()
             display = p.display and self.iter % p.display == 0
             self.net.debug_info = bool(display and p.debug_info)
             loss = 0.0
@@ -227,8 +246,9 @@ class Solver:
                 timer = time.perf_counter()
                 iterations_last = self.iter
                 self._log_outputs("Train", self.net, [b.cpu_data().ravel() for b in self.net.output_blobs])
+            for _, on_gradients_ready in self._callbacks:
+                on_gradients_ready()
             self.apply_update()
-            self.iter += 1
             request = self._requested_action()
             if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
                 self.snapshot()
@@ -291,8 +311,18 @@ class Solver:
         self._log_outputs("Test", net, means)
         return dict(zip(net.outputs, means))
 
+    def add_callback(self, on_start, on_gradients_ready):
+        """pycaffe's add_callback: on_start() runs before each iteration's forward/backward passes,
+        on_gradients_ready() after them, before the update."""
+        self._callbacks.append((on_start, on_gradients_ready))
+
+    def share_weights(self, net):
+        """pycaffe's share_weights: make `net`'s parameters views of the train net's, by layer name."""
+        net.share_trained_layers_with(self.net)
+
     # -- updates (the update rules implement these) ---------------------------------------------
     def apply_update(self):
+        """Update the weights from their diffs and count the iteration (`iter` += 1), as Caffe's ApplyUpdate."""
         raise NotImplementedError
 
     def history_blobs(self):
@@ -327,7 +357,24 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self):
-        """Write the weights and the solver state in snapshot_format (atomically); returns both paths.
+        """Write a snapshot pair; returns both paths. A write that fails (a full disk, `ulimit -f`) leaves the
+        previous snapshots as they were and stops training, or, with snapshot_failure "continue", is logged and
+        training goes on (returns None)."""
+        try:
+            return self._write_snapshot()
+        except StorageError as e:
+            message = f"Snapshot at iteration {self.iter} failed: {e}. The previous snapshots are intact"
+            if self.snapshot_failure != "continue":
+                raise KaffeError(f"{message}; free some space (or fix snapshot_prefix) and resume with "
+                                 f"--snapshot auto, or train on without snapshots that fail with "
+                                 f"--snapshot_failure continue") from None
+            logger.warning(f"{message}; training goes on (--snapshot_failure continue)")
+            return None
+
+    def _write_snapshot(self):
+        """Write the weights, then the solver state that names them, in snapshot_format, each atomically: at
+        every instant the newest state on disk and its weights are complete. Without the state, the new
+        weights are removed again.
 
         BINARYPROTO: <prefix>_iter_N.caffemodel + .solverstate; HDF5: .caffemodel.h5 + .solverstate.h5.
         """
@@ -338,8 +385,9 @@ class Solver:
             self.net.save_hdf5(model_file, self.param.snapshot_diff)
             state_file = self.snapshot_filename(".solverstate.h5")
             logger.info(f"Snapshotting solver state to HDF5 file {state_file}")
-            hdf5_io.write_solver_state(state_file, self.iter, model_file, self.current_step, self.history_blobs(),
-                                       resume_state)
+            with _removed_on_failure(model_file):
+                hdf5_io.write_solver_state(state_file, self.iter, model_file, self.current_step,
+                                           self.history_blobs(), resume_state)
             return model_file, state_file
         model_file = self.snapshot_filename(".caffemodel")
         logger.info(f"Snapshotting to binary proto file {model_file}")
@@ -350,7 +398,8 @@ class Solver:
         state.kaffe_resume_state = resume_state
         state_file = self.snapshot_filename(".solverstate")
         logger.info(f"Snapshotting solver state to binary proto file {state_file}")
-        write_binary_proto(state, state_file)
+        with _removed_on_failure(model_file):
+            write_binary_proto(state, state_file)
         return model_file, state_file
 
     def _resume_state(self):
@@ -374,10 +423,8 @@ class Solver:
             self.iter, self.current_step = state.iter, state.current_step
             weights = state.learned_net if state.HasField("learned_net") else None
             extra = state.kaffe_resume_state or None
+        weights = weights_file(weights, state_file)
         if weights:
-            if not os.path.exists(weights):
-                beside = os.path.join(os.path.dirname(state_file), os.path.basename(weights))
-                weights = beside if os.path.exists(beside) else weights
             self.net.copy_from(weights)
         if extra:
             extra = json.loads(extra)

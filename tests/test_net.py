@@ -54,7 +54,7 @@ def test_phase_filtering_split_insertion_and_outputs(tmp_path):
     assert train.outputs == ["loss"] and test.outputs == ["acc", "loss"]   # sorted, as Caffe's std::set
     assert "ip_relu_0_split_0" in test.blobs and "label_data_1_split_1" in test.blobs
     assert "ip_relu_0_split_0" not in train.blobs
-    assert train.blob_loss_weights[train.blob_names.index("loss")] == 1.0
+    assert train.blob_loss_weights["loss"] == 1.0 and train._blob_loss_weights[train._blob_names.index("loss")] == 1.0
 
 
 def test_forward_returns_outputs_and_loss_matches_numpy(tmp_path):
