@@ -5,6 +5,7 @@ import numpy as np
 
 from . import device, opencl
 from .errors import KaffeError
+from .memory_limits import BlobShapeError, check_count
 from .syncedmem import HEAD_AT_GPU, SyncedMemory
 
 MAX_BLOB_AXES = 32
@@ -30,10 +31,10 @@ class Blob:
         if shape == self._shape and self._data is not None:
             return  # layers reshape their tops on every forward, as in Caffe: mostly to the same shape
         if len(shape) > MAX_BLOB_AXES:
-            raise KaffeError(f"blob shape {shape} has more than {MAX_BLOB_AXES} axes")
+            raise BlobShapeError(f"blob shape {shape} has more than {MAX_BLOB_AXES} axes")
         if any(d < 0 for d in shape):
-            raise KaffeError(f"blob shape {shape} has a negative dimension")
-        count = math.prod(shape)
+            raise BlobShapeError(f"blob shape {shape} has a negative dimension")
+        count = check_count(shape)  # refused here, before anything is allocated
         self._shape = shape
         self._count = count
         # memory is kept when it is big enough, as Caffe keeps its capacity
