@@ -14,6 +14,7 @@ import weakref
 import numpy as np
 
 from ..engine import device
+from ..engine.bad_records import RecordChecker
 from ..engine.errors import KaffeError
 from ..engine.filler import fill
 from ..engine.layer import Layer, register_layer
@@ -477,6 +478,7 @@ class _DatumSource:
     def __init__(self, owner, db, transformer, batch_size, labels):
         self.owner, self.db, self.transformer = owner, db, transformer
         self.batch_size, self.labels = batch_size, labels
+        self.checker = RecordChecker(f"data source {db.path}", db.count)
 
     def check_state(self, state):
         bytes.fromhex(state["key"])
@@ -495,13 +497,28 @@ class _DatumSource:
         finally:
             cursor.close()
 
+    def _read_record(self, key, value):
+        """The Datum and its pixels (decoded when encoded), or a KaffeError naming the source, key and reason."""
+        try:
+            datum = parse_datum(value, key, self.owner)
+            return datum, self.transformer.datum_array(datum, f" {key!r}")
+        except KaffeError as e:
+            raise KaffeError(f"{e} (data source {self.db.path})") from None
+
     def _read_batch(self, cursor, rng):
-        keys, datums = [], []
-        for _ in range(self.batch_size):
+        keys, datums, items = [], [], []
+        while len(datums) < self.batch_size:
             key, value = cursor.item()
-            keys.append(key)
-            datums.append(parse_datum(value, key, self.owner))
             cursor.advance()
+            try:
+                datum, item = self._read_record(key, value)
+            except KaffeError as e:
+                self.checker.bad(e)
+                continue
+            self.checker.good()
+            keys.append(key)
+            datums.append(datum)
+            items.append(item)
         labels = np.array([d.label for d in datums], dtype=np.float32)
         first = datums[0]
         shape = (first.channels, first.height, first.width)
@@ -512,7 +529,6 @@ class _DatumSource:
             pixels = np.frombuffer(b"".join(d.data for d in datums), dtype=np.uint8).reshape((-1,) + shape)
             data = self.transformer.transform(pixels, rng)
         else:
-            items = [self.transformer.datum_array(d, f" {k!r}") for d, k in zip(datums, keys)]
             data = _transform_items(self.owner, self.transformer, items,
                                     [f"the record with key {k!r}" for k in keys], rng)
         return (data, labels) if self.labels else (data,)
@@ -600,6 +616,7 @@ class _ImageListSource:
         self.owner, self.list_path, self.entries, self.root = owner, list_path, entries, root
         self.height, self.width, self.is_color, self.shuffle = height, width, is_color, shuffle
         self.transformer, self.batch_size = transformer, batch_size
+        self.checker = RecordChecker(f"image list {list_path}", lambda: len(entries))
 
     def load(self, entry):
         name, _, number = entry
@@ -633,11 +650,18 @@ class _ImageListSource:
         order, shuffler = self.order(order_state)
         while True:
             items, names, labels = [], [], np.empty(self.batch_size, dtype=np.float32)
-            for i in range(self.batch_size):
+            while len(items) < self.batch_size:
                 entry = self.entries[order[index]]
-                items.append(self.load(entry))
-                names.append(f"image {self.root + entry[0]} ({self.list_path}:{entry[2]})")
-                labels[i] = entry[1]
+                try:
+                    item = self.load(entry)
+                    self.checker.good()
+                except KaffeError as e:
+                    self.checker.bad(e)
+                    item = None
+                if item is not None:
+                    labels[len(items)] = entry[1]
+                    items.append(item)
+                    names.append(f"image {self.root + entry[0]} ({self.list_path}:{entry[2]})")
                 index += 1
                 if index == len(self.entries):  # an epoch ends: start again, in a new order if shuffling
                     index = 0

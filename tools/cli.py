@@ -1,12 +1,14 @@
 """`kaffe`: the command-line tool, with Caffe's commands and flags (`-solver x`, `--solver=x`, `--solver x`)."""
 import argparse
 import importlib
+import signal
 import sys
 import time
 
 import numpy as np
 
 from ..engine import device, opencl
+from ..engine.bad_records import set_skip_bad_records
 from ..engine.errors import KaffeError
 from ..engine.log import init_log, logger
 from ..proto import caffe_pb2
@@ -34,7 +36,12 @@ def _build_parser():
 
     train = commands.add_parser("train", help="train or fine-tune a model")
     _flag(train, "solver", default="", help="solver prototxt")
-    _flag(train, "snapshot", default="", help=".solverstate to resume training from")
+    _flag(train, "snapshot", default="", help=".solverstate to resume training from; 'auto': the newest complete "
+                                              "snapshot of the solver's snapshot_prefix, or a fresh start")
+    _flag(train, "snapshot_failure", default="stop", choices=("stop", "continue"),
+          help="what a snapshot that cannot be written (full disk) does: stop, or warn and train on")
+    _flag(train, "skip_bad_records", action="store_true",
+          help="skip data records that do not decode (counted in the log) instead of stopping")
     _flag(train, "weights", default="", help="comma-separated .caffemodel files to fine-tune from")
     _flag(train, "sigint_effect", default="stop", choices=SIGNAL_EFFECTS, help="what Ctrl-C does")
     _flag(train, "sighup_effect", default="snapshot", choices=SIGNAL_EFFECTS, help="what SIGHUP does")
@@ -87,11 +94,14 @@ def _stages(flag):
 
 def train(args):
     from ..solvers import get_solver, read_solver_param
+    from ..solvers.snapshot_files import auto_resume
     if not args.solver:
         raise KaffeError("Need a solver definition to train (--solver).")
-    if args.snapshot and args.weights:
+    if args.snapshot and args.snapshot != "auto" and args.weights:
         raise KaffeError("Give a snapshot to resume training or weights to finetune but not both.")
     param = read_solver_param(args.solver)
+    if args.snapshot == "auto":   # --weights then apply only to a fresh start
+        args.snapshot = auto_resume(param.snapshot_prefix) or ""
     param.train_state.level = args.level
     param.train_state.stage.extend(_stages(args.stage))
     if args.iterations is not None:
@@ -105,7 +115,11 @@ def train(args):
     elif args.weights:
         del param.weights[:]
         param.weights.append(args.weights)
+    set_skip_bad_records(args.skip_bad_records)
     solver = get_solver(param)
+    solver.snapshot_failure = args.snapshot_failure
+    # over `ulimit -f`, a write fails with EFBIG (a clear message, partial files removed) instead of a kill
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     restore_signals = solver.handle_signals(args.sigint_effect, args.sighup_effect)
     try:
         if args.snapshot:
