@@ -238,6 +238,9 @@ class BaseConvolutionLayer(Layer):
             specs.append(((self.num_output,), p.bias_filler))
         self.init_params(*specs)
         self.kernel_dim = self.blobs[0].count // self.conv_out_channels  # column rows per group
+        # a 1x1 convolution with stride 1 and no padding is its own column matrix: a GEMM on the NCHW data
+        self.pointwise = (not self.transposed and all(k == 1 for k in self.kernel) and
+                          all(s == 1 for s in self.stride) and not any(self.pad))
 
     def top_spatial(self, spatial, where):
         """The top's spatial shape for a bottom's (checked)."""
@@ -264,7 +267,7 @@ class BaseConvolutionLayer(Layer):
         self.column_count = math.prod(self.column_spatial)
         # CPU layout: the batch innermost when the columns (C * kernel rows) outweigh the rows (conv_out
         # channels) the GEMM turns them into: the column copies then dominate, and they run faster that way
-        self.batch_last = self.kernel_dim * self.group >= 4 * self.conv_out_channels
+        self.batch_last = self.kernel_dim * self.group >= 4 * self.conv_out_channels and not self.pointwise
         self.top_count = math.prod(out_spatial)
         top_shape = first.shape[:self.channel_axis] + (self.num_output,) + out_spatial
         for t in top:
@@ -281,11 +284,14 @@ class BaseConvolutionLayer(Layer):
         """The bias broadcast over (num, num_output, positions), or None."""
         return self.blobs[1].cpu_data().reshape(1, -1, 1) if self.bias_term else None
 
-    def _im2col(self, image, extra_rows=0):
+    def _im2col(self, image, extra_rows=0, reuse=None):
         """(group, C/group * prod(kernel), positions * num): the columns of an image-side array. With extra_rows
-        (group 1 only) they come as the first rows of a taller, otherwise uninitialised array."""
+        (group 1 only) they come as the first rows of a taller, otherwise uninitialised array. `reuse`: an
+        earlier result of the same shape to overwrite (a fresh array of this size page-faults on every touch)."""
         rows = self.kernel_dim * self.group
-        col = np.empty((rows + extra_rows, self.column_count * self.num), dtype=np.float32)
+        shape = (rows + extra_rows, self.column_count * self.num)
+        col = reuse.reshape(shape) if reuse is not None and reuse.size == math.prod(shape) else \
+            np.empty(shape, dtype=np.float32)
         im2col(image.reshape(self._image_shape()), self.kernel, self.stride, self.pad, self.dilation,
                self.batch_last, out=col[:rows])
         return col.reshape(self.group, -1, self.column_count * self.num)
@@ -295,7 +301,10 @@ class BaseConvolutionLayer(Layer):
                out=image.reshape(self._image_shape()), batch_last=self.batch_last)
 
     def _columns_by_sample(self, col):
-        """Batch-outer columns (group, rows, num * positions) as (num, group, rows, positions)."""
+        """Batch-outer columns (group, rows, num * positions) as (num, group, rows, positions); a pointwise
+        layer's columns come in that shape already."""
+        if col.ndim == 4:
+            return col
         return col.reshape(self.group, -1, self.num, self.column_count).transpose(2, 0, 1, 3)
 
     def _rows(self, x):
@@ -475,7 +484,7 @@ class ConvolutionLayer(BaseConvolutionLayer):
         self._cached_columns = {}
         # CPU, group 1: the bias rides in the GEMMs, as the weights' last column times a row of ones under
         # the columns; that saves a pass over the top in forward and over its diff for the bias gradient
-        self.fold_bias = self.bias_term and self.group == 1
+        self.fold_bias = self.bias_term and self.group == 1 and not self.pointwise
 
     def top_spatial(self, spatial, where):
         out = tuple(conv_out_size(n, k, s, p, d) for n, k, s, p, d in
@@ -492,11 +501,14 @@ class ConvolutionLayer(BaseConvolutionLayer):
         Columns of at most COLUMN_BUFFER_LIMIT floats are kept for the backward pass, which reuses them
         while the bottom's data is unchanged (Caffe recomputes them; keeping them saves a third of the work).
         """
+        if self.pointwise:
+            return blob.cpu_data().reshape(self.num, self.group, self.kernel_dim, self.column_count)
         key = (id(blob), blob.data_version())
         cached = self._cached_columns.get(id(blob))
         if cached is not None and cached[0] == key:
             return cached[1]
-        col = self._im2col(blob.cpu_data(), extra_rows=int(self.fold_bias))
+        col = self._im2col(blob.cpu_data(), extra_rows=int(self.fold_bias),
+                           reuse=cached[1] if cached is not None else None)
         if self.fold_bias:
             col[0, -1] = 1
         if col.size <= COLUMN_BUFFER_LIMIT:
@@ -526,7 +538,10 @@ class ConvolutionLayer(BaseConvolutionLayer):
                     self.blobs[1].mutable_cpu_diff()[...] += gradient[0, :, -1]
             if want_bias and not (self.fold_bias and want_weight):
                 self._add_bias_gradient(top_diff)
-            if down:
+            if down and self.pointwise:
+                np.matmul(self._weights().transpose(0, 2, 1), rows,
+                          out=b.mutable_cpu_diff().reshape(self.num, self.group, self.kernel_dim, -1))
+            elif down:
                 self._col2im(self._columns_product(rows), b.mutable_cpu_diff())
 
 

@@ -109,6 +109,10 @@ CONV_CASES = [
     ((2, 3, 7, 8), 4, "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 2 pad_w: 1", 1, (2, 3), (2, 1), (1, 1)),
     ((1, 6, 9, 7), 3, "kernel_size: 3 dilation: 2 pad: 1", 3, (1, 1), (1, 1), (2, 2)),
     ((2, 2, 5, 6), 4, "kernel_size: 1", 1, (1, 1), (0, 0), (1, 1)),
+    ((2, 4, 3, 5), 6, "kernel_size: 1", 2, (1, 1), (0, 0), (1, 1)),           # pointwise with groups
+    ((2, 4, 6, 5), 4, "kernel_size: 3 pad: 1", 4, (1, 1), (1, 1), (1, 1)),    # depthwise (MobileNet)
+    ((2, 3, 7, 8), 3, "kernel_size: 3 stride: 2 pad: 1 dilation: 2", 3, (2, 2), (1, 1), (2, 2)),
+    ((2, 3, 9), 3, "kernel_size: 4 stride: 2 pad: 2", 3, (2,), (2,), (1,)),   # depthwise 1-D, overhang
     ((2, 3, 9), 4, "kernel_size: 3 stride: 2 pad: 1", 1, (2,), (1,), (1,)),
     ((2, 4, 4, 5, 3), 4, "kernel_size: 2 kernel_size: 3 kernel_size: 2 stride: 1 stride: 2 stride: 1 "
                          "pad: 1 pad: 0 pad: 1 dilation: 2 dilation: 1 dilation: 1",
