@@ -29,11 +29,36 @@ class KaffeIndexError(KaffeError, IndexError):
     """An index out of range where pycaffe raises IndexError (a layer index of net._forward)."""
 
 
+class KaffeOSError(KaffeError, OSError):
+    """A file that cannot be read where pycaffe raises OSError (caffe.io.load_image of a file that is no image)."""
+
+
+class KaffeFileNotFoundError(KaffeOSError, FileNotFoundError):
+    """A missing file where pycaffe raises FileNotFoundError (caffe.io.load_image of a missing image)."""
+
+
 class KaffeKeyError(KaffeError, KeyError):
     """A missing name where pycaffe raises KeyError; shows its message as plain text, not as a quoted key."""
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""
+
+
+class KaffeAttributeError(KaffeError, AttributeError):
+    """An unknown name where pycaffe raises AttributeError (a NetSpec layer field that the schema does not have)."""
+
+
+class KaffeMissingAttributeKeyError(KaffeKeyError, AttributeError):
+    """A missing name that pycaffe reports as KeyError from attribute access (NetSpec's `n.missing`); being an
+    AttributeError too keeps hasattr(), getattr(n, name, default) and copy working."""
+
+
+class KaffeRuntimeError(KaffeError, RuntimeError):
+    """A failure where pycaffe raises RuntimeError (coord_map between tops that no spatial layers connect)."""
+
+
+class KaffeAssertionError(KaffeError, AssertionError):
+    """A failed check where pycaffe asserts (coord_map.crop of a scale mismatch or a negative offset)."""
 
 
 class StorageError(KaffeError, OSError):
