@@ -9,8 +9,9 @@ A model's README.md starts with a YAML front matter, as Caffe's model zoo readme
     sha1: (or sha256:) checksum of the file
     ---
 
-`fetch` downloads the weights into the cache (~/.cache/kaffe/models/<name>/, or $KAFFE_CACHE/<name>/) and checks
-the checksum, as Caffe's scripts/download_model_binary.py does.
+`fetch` downloads the weights into the cache (~/.cache/kaffe/models/<name>/, or $KAFFE_CACHE/<name>/), checking the
+checksum (as Caffe's scripts/download_model_binary.py does) before the file takes its name there; model and file
+names that would lead outside the cache (`..`, absolute paths) are refused.
 """
 import argparse
 import hashlib
@@ -19,6 +20,8 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+
+import yaml
 
 from ..engine.errors import KaffeError
 
@@ -32,25 +35,24 @@ def cache_dir():
 
 
 def read_front_matter(path):
-    """The `key: value` lines between the leading `---` lines of a README (a YAML front matter of scalars)."""
+    """The YAML front matter of a README (the mapping between its leading `---` lines; every value read as a
+    string, so that a checksum of digits stays as written) and the text after it."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     if not lines or lines[0].strip() != "---":
         return {}, "\n".join(lines)
-    fields = {}
-    for n, line in enumerate(lines[1:], start=1):
-        if line.strip() == "---":
-            return fields, "\n".join(lines[n + 1:]).strip()
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        key, sep, value = line.partition(":")
-        if not sep:
-            raise KaffeError(f"{path}:{n + 1}: front matter line is not 'key: value': {line!r}")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        fields[key.strip()] = value
-    raise KaffeError(f"{path}: the front matter opened by '---' on line 1 is never closed")
+    end = next((n for n, line in enumerate(lines[1:], start=1) if line.strip() == "---"), None)
+    if end is None:
+        raise KaffeError(f"{path}: the front matter opened by '---' on line 1 is never closed")
+    try:
+        fields = yaml.load("\n".join(lines[1:end]), Loader=yaml.BaseLoader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 2}" if mark is not None else path
+        raise KaffeError(f"{where}: the front matter is not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+        raise KaffeError(f"{path}: the front matter must be `key: value` lines with one value each")
+    return fields, "\n".join(lines[end + 1:]).strip()
 
 
 def model_names():
@@ -58,8 +60,16 @@ def model_names():
                   if os.path.isdir(os.path.join(MODELS, d)) and not d.startswith(("_", ".")))
 
 
+def _plain_name(value, what):
+    """`value` as one path component: a name from the command line or a README never leads outside its folder."""
+    if not value or value in (".", "..") or os.path.isabs(value) or "/" in value or "\\" in value or "\0" in value:
+        raise KaffeError(f"refusing the {what} {value!r}: it must be a plain name (no '..', no absolute path, "
+                         f"no '/')")
+    return value
+
+
 def model_info(name):
-    folder = os.path.join(MODELS, name)
+    folder = os.path.join(MODELS, _plain_name(name, "model name"))
     if not os.path.isdir(folder):
         raise KaffeError(f"no model named '{name}' in the zoo (known: {', '.join(model_names())})")
     readme = os.path.join(folder, "README.md")
@@ -69,7 +79,8 @@ def model_info(name):
 
 
 def weights_path(name, fields):
-    return os.path.join(cache_dir(), name, fields["caffemodel"])
+    return os.path.join(cache_dir(), _plain_name(name, "model name"),
+                        _plain_name(fields["caffemodel"], "caffemodel file name"))
 
 
 def _checksum(fields):
@@ -121,7 +132,7 @@ def show_model(name, out):
 
 
 def _download(url, destination, algorithm, progress):
-    """Stream `url` into `destination` (via a temporary file); returns the hex digest of what was written."""
+    """Stream `url` into a temporary file beside `destination`; returns its path and the hex digest."""
     tmp = destination + ".part"
     h = hashlib.new(algorithm or "sha1")
     try:
@@ -142,8 +153,7 @@ def _download(url, destination, algorithm, progress):
         reason = getattr(e, "reason", None) or e
         raise KaffeError(f"cannot download {url}: {reason}. Are you offline? Download the file by other means and "
                          f"put it at {destination}") from None
-    os.replace(tmp, destination)
-    return h.hexdigest()
+    return tmp, h.hexdigest()
 
 
 def fetch_model(name, out, force=False):
@@ -159,13 +169,14 @@ def fetch_model(name, out, force=False):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     print(f"Downloading {fields['caffemodel_url']} to {path}", file=out)
-    digest = _download(fields["caffemodel_url"], path, algorithm, out)
-    if expected is None:
-        print(f"warning: the README publishes no checksum; the file was not verified (sha1 {digest})", file=out)
-    elif digest != expected:
-        os.unlink(path)
+    tmp, digest = _download(fields["caffemodel_url"], path, algorithm, out)
+    if expected is not None and digest != expected:   # checked before the file enters the cache
+        os.unlink(tmp)
         raise KaffeError(f"model '{name}' did not download correctly: {algorithm} is {digest}, the README says "
                          f"{expected}. Run this again (the bad file was removed)")
+    os.replace(tmp, path)
+    if expected is None:
+        print(f"warning: the README publishes no checksum; the file was not verified (sha1 {digest})", file=out)
     else:
         print(f"Checked {algorithm}: {digest}", file=out)
     print(f"Weights: {path}", file=out)
