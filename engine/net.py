@@ -84,6 +84,15 @@ class Net(NetBatches):
         if weights:
             self.copy_from(weights)
 
+    @classmethod
+    def from_onnx(cls, model, phase, batch=None):
+        """A net with its weights from an ONNX model (a path or onnx.ModelProto); see engine/onnx_import.py."""
+        from .onnx_import import import_onnx
+        param, weights = import_onnx(model, batch=batch)
+        net = cls(param, phase)
+        net.copy_trained_layers_from(weights)
+        return net
+
     # -- construction (Caffe's Net::Init) ------------------------------------------------------
     def _init(self, in_param):
         self.phase = in_param.state.phase

@@ -220,6 +220,7 @@ TOOL_COMMANDS = {
     "upgrade_net_proto_binary": ("upgrade", ["upgrade_net_proto_binary"], "upgrade an old binary net (weights)"),
     "upgrade_solver_proto_text": ("upgrade", ["upgrade_solver_proto_text"], "upgrade an old solver prototxt"),
     "zoo": ("zoo", [], "our model zoo: kaffe zoo list|show NAME|fetch NAME"),
+    "import": ("import_model", [], "an ONNX model -> net prototxt + .caffemodel: kaffe import onnx --help"),
     "run": ("run", [], "run an unchanged pycaffe script (import caffe) on kaffe: kaffe run SCRIPT.py [ARGS]"),
 }
 
