@@ -57,7 +57,7 @@ class Net(NetBatches):
     outputs, forward, backward, copy_from, save, reshape.
     """
 
-    def __init__(self, model, *args, phase=None, weights=None, level=0, stages=None):
+    def __init__(self, model, *args, phase=None, weights=None, level=0, stages=None, allow_python_layers=True):
         if len(args) == 2:          # legacy pycaffe form: Net(model, weights, phase)
             weights, phase = args
         elif len(args) == 1:
@@ -80,6 +80,9 @@ class Net(NetBatches):
             param.state.level = level
             for stage in stages or ():
                 param.state.stage.append(stage)
+        if not allow_python_layers:   # for model files from strangers: a Python layer would run their code
+            from ..layers.python_layer import refuse_python_layers
+            refuse_python_layers(param, model if isinstance(model, (str, os.PathLike)) else f"net '{param.name}'")
         self._init(param)
         if weights:
             self.copy_from(weights)

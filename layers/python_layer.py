@@ -1,6 +1,9 @@
 """`type: "Python"`: a layer written by the user in Python, as pycaffe's Python layer.
 
-python_param names the module (imported from sys.path / PYTHONPATH) and the class in it; the class subclasses
+python_param names the module and the class in it. The module is imported by its dotted name from sys.path only
+(PYTHONPATH, `kaffe ... --python-path DIR`), never from the model file's folder, and `Net(...,
+allow_python_layers=False)` (`kaffe test/time --no-python-layers`) refuses Python layers: loading a model runs no
+other code. The class subclasses
 kaffe.Layer (caffe.Layer under `import kaffe as caffe`) and defines pycaffe's methods:
 setup(bottom, top), reshape(bottom, top), forward(bottom, top), backward(top, propagate_down, bottom).
 It is instantiated with the LayerParameter; before setup it gets `param_str` and `phase`, and `blobs`, a list
@@ -56,6 +59,9 @@ class PythonLayer(Layer):
         return f"{self.module_name}.{self.class_name}"
 
     def _import(self):
+        if not all(part.isidentifier() for part in self.module_name.split(".")):
+            raise KaffeError(f"Python layer '{self.name}': module '{self.module_name}' is not a module name (a "
+                             f"dotted name found on sys.path, not a file path)")
         try:
             return importlib.import_module(self.module_name)
         except Exception as error:  # ImportError, or any error raised while the module runs
@@ -123,6 +129,16 @@ class PythonLayer(Layer):
 
     def backward_gpu(self, top, propagate_down, bottom):
         self.backward_cpu(top, propagate_down, bottom)
+
+
+def refuse_python_layers(param, source):
+    """Raise a KaffeError naming the first Python layer of a NetParameter (V1 nets have no Python type)."""
+    for layer in param.layer:
+        if layer.type == "Python":
+            raise KaffeError(f"{source}: layer '{layer.name}' is a Python layer (module "
+                             f"'{layer.python_param.module}'), and Python layers are not allowed here "
+                             f"(allow_python_layers=False, --no-python-layers): it would run code from outside "
+                             f"the model files")
 
 
 def _describe(error):

@@ -1,6 +1,7 @@
 """`kaffe`: the command-line tool, with Caffe's commands and flags (`-solver x`, `--solver=x`, `--solver x`)."""
 import argparse
 import importlib
+import os
 import signal
 import sys
 import time
@@ -22,6 +23,8 @@ def _flag(parser, name, **kwargs):
 
 
 def _add_common(parser, iterations=True):
+    _flag(parser, "python-path", default="", help=f"folders ('{os.pathsep}'-separated) to import Python layer "
+                                                  f"modules from, besides sys.path")
     _flag(parser, "gpu", default="", help="OpenCL device id(s): '0', '0,1' or 'all'; empty = CPU "
                                           "(unless the solver says solver_mode: GPU)")
     _flag(parser, "level", type=int, default=0, help="NetState level")
@@ -51,11 +54,14 @@ def _build_parser():
     test = commands.add_parser("test", help="score a model")
     _flag(test, "model", default="", help="net prototxt")
     _flag(test, "weights", default="", help="comma-separated .caffemodel files")
+    _flag(test, "no-python-layers", action="store_true", help="refuse Python layers (for model files from strangers)")
     _add_common(test)
 
     timing = commands.add_parser("time", help="benchmark a model's execution time")
     _flag(timing, "model", default="", help="net prototxt")
     _flag(timing, "phase", default="TRAIN", choices=("TRAIN", "TEST"), help="net phase")
+    _flag(timing, "no-python-layers", action="store_true", help="refuse Python layers (for model files from "
+                                                                 "strangers)")
     _add_common(timing)
 
     query = commands.add_parser("device_query", help="show the OpenCL devices (all, or --gpu N)")
@@ -137,7 +143,8 @@ def test(args):
     if not args.weights:
         raise KaffeError("Need model weights to score (--weights).")
     _select_mode(_gpus(args.gpu))
-    net = Net(args.model, caffe_pb2.TEST, level=args.level, stages=_stages(args.stage))
+    net = Net(args.model, caffe_pb2.TEST, level=args.level, stages=_stages(args.stage),
+              allow_python_layers=not args.no_python_layers)
     net.copy_from(args.weights)
     logger.info(f"Running for {args.iterations} iterations.")
     totals, loss = None, 0.0
@@ -161,7 +168,8 @@ def time_model(args):
         raise KaffeError("Need a model definition to time (--model).")
     _select_mode(_gpus(args.gpu))
     phase = caffe_pb2.Phase.Value(args.phase)
-    net = Net(args.model, phase, level=args.level, stages=_stages(args.stage))
+    net = Net(args.model, phase, level=args.level, stages=_stages(args.stage),
+              allow_python_layers=not args.no_python_layers)
     logger.info("Performing Forward")
     loss = net.forward_from_to(0, len(net.layers) - 1)
     logger.info(f"Initial loss: {format(loss, '.6g')}")
@@ -244,6 +252,9 @@ def main(argv=None):
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
+    for folder in reversed(getattr(args, "python_path", "").split(os.pathsep)):
+        if folder:
+            sys.path.insert(0, os.path.abspath(folder))
     try:
         COMMANDS[args.command](args)
     except KaffeError as e:
@@ -256,4 +267,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # `python -m` puts the working directory first on sys.path; a model's folder must not provide Python layer
+    # modules unless --python-path names it (the `kaffe` script has its own folder there instead)
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
     sys.exit(main())
