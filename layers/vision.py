@@ -495,17 +495,19 @@ class ConvolutionLayer(BaseConvolutionLayer):
                              f"(pad {_shape(self.pad)})")
         return out
 
-    def _columns(self, blob):
+    def _columns(self, blob, forward=False):
         """The columns of a bottom's data (with the ones row when fold_bias).
 
         Columns of at most COLUMN_BUFFER_LIMIT floats are kept for the backward pass, which reuses them
         while the bottom's data is unchanged (Caffe recomputes them; keeping them saves a third of the work).
+        Forward always makes them anew: a caller may have written the data through an array it kept
+        (`d = net.blobs['data'].data`), which the data version does not see.
         """
         if self.pointwise:
             return blob.cpu_data().reshape(self.num, self.group, self.kernel_dim, self.column_count)
         key = (id(blob), blob.data_version())
         cached = self._cached_columns.get(id(blob))
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and not forward:
             return cached[1]
         col = self._im2col(blob.cpu_data(), extra_rows=int(self.fold_bias),
                            reuse=cached[1] if cached is not None else None)
@@ -521,7 +523,7 @@ class ConvolutionLayer(BaseConvolutionLayer):
             weight = np.concatenate((weight, self.blobs[1].cpu_data().reshape(1, -1, 1)), axis=2)
         for b, t in zip(bottom, top):
             out = t.mutable_cpu_data()
-            self._rows_product(weight, self._columns(b), out)
+            self._rows_product(weight, self._columns(b, forward=True), out)
             if self.bias_term and not self.fold_bias:
                 out.reshape(self.num, self.num_output, -1)[...] += self._bias()
 

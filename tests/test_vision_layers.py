@@ -589,6 +589,18 @@ def test_convolution_backward_uses_the_current_bottom_after_a_change():
     np.testing.assert_allclose(layer.blobs[0].diff, fresh.blobs[0].diff, rtol=1e-5)
 
 
+def test_convolution_forward_sees_data_written_through_a_kept_array():
+    """pycaffe scripts keep `d = net.blobs['data'].data` and write new images into it between forwards: the
+    data version does not change then, and forward must still use the new data."""
+    rng = np.random.default_rng(6)
+    layer, bottom, top = run(conv_text(3, "kernel_size: 3"), rng.standard_normal((2, 2, 5, 5)))
+    kept = bottom[0].data
+    kept[...] = rng.standard_normal(kept.shape)
+    layer.forward(bottom, top)
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    np.testing.assert_allclose(top[0].data, conv_ref(kept, w, b, (1, 1), (0, 0), (1, 1), 1), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["Convolution", "Deconvolution"])
 @pytest.mark.parametrize("channels,num_output,group", [(1, 20, 1), (20, 50, 1), (3, 2, 1), (4, 6, 2)])
 def test_convolution_layouts_agree(kind, channels, num_output, group):
