@@ -595,6 +595,7 @@ def test_convolution_forward_sees_data_written_through_a_kept_array():
     rng = np.random.default_rng(6)
     layer, bottom, top = run(conv_text(3, "kernel_size: 3"), rng.standard_normal((2, 2, 5, 5)))
     kept = bottom[0].data
+    layer.forward(bottom, top)
     kept[...] = rng.standard_normal(kept.shape)
     layer.forward(bottom, top)
     w, b = layer.blobs[0].data, layer.blobs[1].data
