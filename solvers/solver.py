@@ -311,9 +311,12 @@ class Solver:
         self._log_outputs("Test", net, means)
         return dict(zip(net.outputs, means))
 
-    def add_callback(self, on_start, on_gradients_ready):
+    def add_callback(self, on_start, on_gradients_ready=None):
         """pycaffe's add_callback: on_start() runs before each iteration's forward/backward passes,
-        on_gradients_ready() after them, before the update."""
+        on_gradients_ready() after them, before the update. One argument: an object with both methods
+        (Caffe's Solver::Callback, e.g. an NCCL)."""
+        if on_gradients_ready is None:
+            on_start, on_gradients_ready = on_start.on_start, on_start.on_gradients_ready
         self._callbacks.append((on_start, on_gradients_ready))
 
     def share_weights(self, net):
