@@ -169,6 +169,10 @@ class _Importer:
 
     def run(self):
         graph = self.model.graph
+        for index, node in enumerate(graph.node):
+            node.name = node.name or f"{node.op_type}_{index}"
+            if node.domain not in ("", "ai.onnx"):
+                self._refuse(node, f"operator of domain '{node.domain}' has no Caffe layer")
         inputs = self._fix_inputs()
         self.shapes = self._infer(self.model)
         nodes = self._fold(graph.node)
@@ -188,8 +192,8 @@ class _Importer:
         data = self._layer("input", "Input", [], [i.name for i in inputs])
         for i in inputs:
             data.input_param.shape.add().dim.extend(self.shapes[i.name])
-        for index, node in enumerate(nodes):
-            self._convert(node, index)
+        for node in nodes:
+            self._convert(node)
         self._finish(outputs)
         weights = caffe_pb2.NetParameter()
         weights.CopyFrom(self.net)
@@ -246,7 +250,7 @@ class _Importer:
         return self.alias.get(name, name)
 
     def _shape(self, node, name):
-        shape = self.shapes.get(name)
+        shape = self.const[name].shape if name in self.const else self.shapes.get(name)
         if shape is None:
             raise KaffeError(f"node '{node.name}' ({node.op_type}): the shape of '{name}' depends on the data "
                              f"at run time (a dynamic shape Caffe cannot express)")
@@ -265,11 +269,7 @@ class _Importer:
     def _refuse(self, node, why):
         raise KaffeError(f"node '{node.name}' ({node.op_type}): {why}")
 
-    def _convert(self, node, index):
-        if not node.name:
-            node.name = f"{node.op_type}_{index}"
-        if node.domain not in ("", "ai.onnx"):
-            self._refuse(node, f"operator of domain '{node.domain}' has no Caffe layer")
+    def _convert(self, node):
         a = self._attributes(node)
         if node.op_type in NEURONS:
             kind, field, values = NEURONS[node.op_type]

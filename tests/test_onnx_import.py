@@ -1,5 +1,8 @@
 """ONNX import: models built with onnx.helper give in kaffe what onnxruntime gives; imported nets train; bad input
 is refused in one line; Caffe -> ONNX -> Caffe keeps the outputs."""
+import re
+import sys
+
 import numpy as np
 import pytest
 
@@ -10,6 +13,7 @@ from onnx import TensorProto, helper  # noqa: E402
 import kaffe  # noqa: E402
 from kaffe.engine.errors import KaffeError  # noqa: E402
 from kaffe.engine.onnx_import import import_onnx  # noqa: E402
+from kaffe.tools import cli  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -51,3 +55,267 @@ def check(model, feeds, batch=None):
     expected, actual = run_both(model, feeds, batch)
     for name in expected:
         assert relative_error(expected[name], actual[name]) < 1e-4, name
+
+
+def node(op, inputs, outputs=("y",), **attributes):
+    return helper.make_node(op, list(inputs), list(outputs), **attributes)
+
+
+def single(op, x_shape, attributes=None, initializers=None, extra_inputs=(), opset=17, low=-1.0):
+    """A model of one node reading x (and the named initializers), writing y; with a random input."""
+    initializers = initializers or {}
+    model = make_model([node(op, ["x", *extra_inputs], **(attributes or {}))], {"x": x_shape}, ["y"],
+                       initializers, opset)
+    return model, {"x": random(*x_shape, low=low)}
+
+
+def i64(*values):
+    return np.array(values, dtype=np.int64)
+
+
+CONV_W = random(4, 3, 3, 3)
+CASES = {
+    # convolution: padding, stride, dilation, groups, auto_pad, asymmetric padding Caffe rounds away, N-D
+    "conv_pad_stride": single("Conv", [2, 3, 9, 9], dict(pads=[1, 1, 1, 1], strides=[2, 2]),
+                              {"w": CONV_W, "b": random(4)}, ["w", "b"]),
+    "conv_dilation_group": single("Conv", [1, 6, 11, 10], dict(dilations=[2, 1], group=3, pads=[2, 0, 2, 0]),
+                                  {"w": random(6, 2, 3, 3)}, ["w"]),
+    "conv_same_upper": single("Conv", [1, 3, 9, 9], dict(auto_pad="SAME_UPPER", strides=[2, 2]),
+                              {"w": CONV_W}, ["w"]),
+    "conv_same_asymmetric": single("Conv", [1, 3, 10, 10], dict(auto_pad="SAME_UPPER", strides=[2, 2]),
+                                   {"w": random(4, 3, 4, 4)}, ["w"]),
+    "conv_pads_rounded": single("Conv", [1, 3, 9, 9], dict(pads=[0, 0, 1, 1], strides=[2, 2]), {"w": CONV_W},
+                                ["w"]),
+    "conv_rectangular": single("Conv", [1, 3, 7, 9], dict(pads=[1, 2, 1, 2], kernel_shape=[3, 5]),
+                               {"w": random(2, 3, 3, 5), "b": random(2)}, ["w", "b"]),
+    "conv_1d": single("Conv", [2, 3, 12], dict(pads=[1, 1], strides=[2]), {"w": random(5, 3, 3)}, ["w"]),
+    "deconv_stride_pad": single("ConvTranspose", [2, 3, 5, 5], dict(strides=[2, 2], pads=[1, 1, 1, 1]),
+                                {"w": random(3, 4, 4, 4), "b": random(4)}, ["w", "b"]),
+    "deconv_group": single("ConvTranspose", [1, 4, 4, 6], dict(group=2, strides=[1, 2]),
+                           {"w": random(4, 3, 3, 3)}, ["w"]),
+    "deconv_output_shape": single("ConvTranspose", [1, 3, 5, 5], dict(strides=[2, 2], output_shape=[9, 9]),
+                                  {"w": random(3, 2, 3, 3)}, ["w"]),
+    # pooling: Caffe's ceil-with-clip vs ONNX's floor, ceil_mode, padding, AVE divisors with and without pad
+    "maxpool_112": single("MaxPool", [1, 2, 112, 112], dict(kernel_shape=[3, 3], strides=[2, 2])),
+    "maxpool_113_pad": single("MaxPool", [1, 2, 113, 113], dict(kernel_shape=[3, 3], strides=[2, 2],
+                                                                 pads=[1, 1, 1, 1])),
+    "maxpool_ceil": single("MaxPool", [1, 2, 112, 112], dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)),
+    "maxpool_same": single("MaxPool", [1, 2, 10, 9], dict(kernel_shape=[3, 2], strides=[2, 2],
+                                                           auto_pad="SAME_UPPER")),
+    "avepool_pad_exclude": single("AveragePool", [2, 3, 113, 113], dict(kernel_shape=[3, 3], strides=[2, 2],
+                                                                         pads=[1, 1, 1, 1])),
+    "avepool_pad_include": single("AveragePool", [2, 3, 112, 112], dict(kernel_shape=[3, 3], strides=[2, 2],
+                                                                         pads=[1, 1, 1, 1], count_include_pad=1)),
+    "avepool_ceil_overhang": single("AveragePool", [1, 3, 10, 10], dict(kernel_shape=[3, 3], strides=[2, 2],
+                                                                         ceil_mode=1)),
+    "avepool_ceil_pad_include": single("AveragePool", [1, 3, 10, 11], dict(
+        kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1, pads=[1, 1, 1, 1], count_include_pad=1)),
+    "avepool_asymmetric": single("AveragePool", [1, 2, 9, 9], dict(kernel_shape=[2, 2], strides=[2, 2],
+                                                                    pads=[0, 0, 1, 1])),
+    "global_ave": single("GlobalAveragePool", [2, 3, 5, 7]),
+    "global_max": single("GlobalMaxPool", [2, 3, 5, 7]),
+    # inner products
+    "gemm_transB": single("Gemm", [3, 6], dict(transB=1), {"w": random(4, 6), "b": random(4)}, ["w", "b"]),
+    "gemm_alpha_beta": single("Gemm", [3, 6], dict(alpha=0.5, beta=2.0), {"w": random(6, 4), "b": random(1, 4)},
+                              ["w", "b"]),
+    "gemm_no_bias": single("Gemm", [3, 6], {}, {"w": random(6, 4)}, ["w"]),
+    "matmul_3d": single("MatMul", [2, 3, 6], {}, {"w": random(6, 5)}, ["w"]),
+    # activations
+    "relu": single("Relu", [2, 3, 4]),
+    "leaky_relu": single("LeakyRelu", [2, 3, 4], dict(alpha=0.2)),
+    "leaky_relu_default": single("LeakyRelu", [2, 3, 4]),
+    "prelu_channel": single("PRelu", [2, 3, 4, 5], {}, {"s": random(3, 1, 1)}, ["s"]),
+    "prelu_shared": single("PRelu", [2, 3, 4], {}, {"s": random(1)}, ["s"]),
+    "sigmoid": single("Sigmoid", [2, 3, 4]),
+    "tanh": single("Tanh", [2, 3, 4]),
+    "elu": single("Elu", [2, 3, 4], dict(alpha=0.5)),
+    "clip_inputs": single("Clip", [2, 3, 4], {}, {"lo": np.float32(-0.3), "hi": np.float32(0.5)}, ["lo", "hi"]),
+    "clip_min_only": single("Clip", [2, 3, 4], {}, {"lo": np.float32(0)}, ["lo"]),
+    "clip_attributes": single("Clip", [2, 3, 4], dict(min=-0.2, max=0.1), opset=6),
+    "abs": single("Abs", [2, 3, 4]),
+    "exp": single("Exp", [2, 3, 4]),
+    "log": single("Log", [2, 3, 4], low=0.1),
+    "softplus": single("Softplus", [2, 3, 4]),
+    "neg": single("Neg", [2, 3, 4]),
+    "sqrt": single("Sqrt", [2, 3, 4], low=0.1),
+    "reciprocal": single("Reciprocal", [2, 3, 4], low=0.5),
+    "pow": single("Pow", [2, 3, 4], {}, {"e": np.float32(3)}, ["e"]),
+    "batchnorm": single("BatchNormalization", [2, 3, 4, 5], dict(epsilon=1e-3),
+                        {"g": random(3), "b": random(3), "m": random(3), "v": random(3, low=0.5, high=2)},
+                        ["g", "b", "m", "v"]),
+    "lrn_3": single("LRN", [2, 6, 4, 5], dict(size=3, alpha=0.1, beta=0.6, bias=2.0)),
+    "lrn_5_defaults": single("LRN", [2, 7, 4, 5], dict(size=5)),
+    # elementwise arithmetic with constants: Bias / Scale over contiguous axes, scalars
+    "add_channel_constant": single("Add", [2, 3, 4, 5], {}, {"c": random(3, 1, 1)}, ["c"]),
+    "add_last_axis_constant": single("Add", [2, 3, 4, 5], {}, {"c": random(5)}, ["c"]),
+    "mul_scalar": single("Mul", [2, 3, 4], {}, {"c": np.float32(-1.5)}, ["c"]),
+    "mul_plane_constant": single("Mul", [2, 3, 4, 5], {}, {"c": random(1, 3, 4, 5)}, ["c"]),
+    "sub_constant": single("Sub", [2, 3, 4, 5], {}, {"c": random(1, 3, 1, 1)}, ["c"]),
+    "div_constant": single("Div", [2, 3, 4], {}, {"c": random(3, 4, low=1, high=2)}, ["c"]),
+    # normalization at the front of a net (Dropout is the identity at test time)
+    "dropout_ratio_input": single("Dropout", [2, 3, 4], {}, {"r": np.float32(0.3)}, ["r"]),
+    "dropout_attribute": single("Dropout", [2, 3, 4], dict(ratio=0.2), opset=10),
+    "identity": single("Identity", [2, 3]),
+    "cast_float": single("Cast", [2, 3], dict(to=TensorProto.FLOAT)),
+    # shapes
+    "flatten": single("Flatten", [2, 3, 4, 5]),
+    "flatten_axis2": single("Flatten", [2, 3, 4, 5], dict(axis=2)),
+    "flatten_axis0": single("Flatten", [2, 3, 4], dict(axis=0)),
+    "reshape_constant": single("Reshape", [2, 3, 4, 5], {}, {"s": i64(0, -1, 5)}, ["s"]),
+    "squeeze": single("Squeeze", [2, 3, 1, 1], {}, {"a": i64(2, 3)}, ["a"]),
+    "unsqueeze": single("Unsqueeze", [2, 3], {}, {"a": i64(1, -1)}, ["a"]),
+    "softmax_axis1": single("Softmax", [2, 3, 4, 5], dict(axis=1)),
+    "softmax_last": single("Softmax", [2, 3, 4]),
+    "softmax_opset11_flattens": single("Softmax", [2, 3, 4, 5], dict(axis=1), opset=11),
+    "softmax_opset11_default": single("Softmax", [2, 7], opset=11),
+}
+
+
+def graph(nodes, inputs, outputs=("y",), initializers=None, opset=17):
+    """A model of several nodes with random inputs {name: shape} (a dynamic dimension drawn as 2)."""
+    model = make_model(nodes, inputs, list(outputs), initializers, opset)
+    return model, {name: random(*(d if isinstance(d, int) else 2 for d in shape)) for name, shape in inputs.items()}
+
+
+PAIR = {"a": [2, 3, 4, 5], "b": [2, 3, 4, 5]}
+CASES.update({
+    "add": graph([node("Add", ["a", "b"])], PAIR),
+    "sub": graph([node("Sub", ["a", "b"])], PAIR),
+    "mul": graph([node("Mul", ["a", "b"])], PAIR),
+    "max": graph([node("Max", ["a", "b", "c"])], dict(PAIR, c=[2, 3, 4, 5])),
+    "sum": graph([node("Sum", ["a", "b", "c"])], dict(PAIR, c=[2, 3, 4, 5])),
+    "constant_first_add": graph([node("Add", ["c", "a"])], {"a": [2, 3]}, initializers={"c": random(3)}),
+    # a squeeze-and-excitation gate: (N, C, 1, 1) times (N, C, H, W)
+    "broadcast_mul_gate": graph([node("GlobalAveragePool", ["a"], ["p"]), node("Sigmoid", ["p"], ["g"]),
+                                 node("Mul", ["a", "g"])], {"a": [2, 3, 4, 5]}),
+    "broadcast_add_rows": graph([node("Add", ["r", "a"])], {"a": [2, 3, 4], "r": [3, 4]}),
+    "concat_channels": graph([node("Concat", ["a", "b"], axis=1)], {"a": [2, 3, 4], "b": [2, 5, 4]}),
+    "concat_last": graph([node("Concat", ["a", "b", "a"], axis=-1)], {"a": [2, 3, 4], "b": [2, 3, 1]}),
+    "split_equal": graph([node("Split", ["a"], ["y", "z"], axis=1)], {"a": [2, 6, 3]}, ["y", "z"]),
+    "split_sizes": graph([node("Split", ["a", "s"], ["y", "z", "w"], axis=-1)], {"a": [2, 3, 7]},
+                         ["y", "z", "w"], {"s": i64(2, 4, 1)}),
+    "split_attribute": graph([node("Split", ["a"], ["y", "z"], axis=2, split=[1, 3])], {"a": [2, 3, 4]},
+                             ["y", "z"], opset=11),
+    "slice_one_axis": graph([node("Slice", ["a", "s", "e", "ax"])], {"a": [2, 6, 5]},
+                            initializers={"s": i64(1), "e": i64(4), "ax": i64(1)}),
+    "slice_two_axes_negative": graph([node("Slice", ["a", "s", "e", "ax"])], {"a": [2, 6, 5]},
+                                     initializers={"s": i64(2, -3), "e": i64(100, -1), "ax": i64(1, 2)}),
+    "slice_attributes": graph([node("Slice", ["a"], starts=[0], ends=[2], axes=[2])], {"a": [2, 3, 5]},
+                              opset=9),
+    "matmul_add": graph([node("MatMul", ["a", "w"], ["m"]), node("Add", ["m", "b"])], {"a": [3, 6]},
+                        initializers={"w": random(6, 4), "b": random(4)}),
+    "matmul_add_kept": graph([node("MatMul", ["a", "w"], ["m"]), node("Add", ["m", "b"]), node("Relu", ["m"], ["z"])],
+                             {"a": [3, 6]}, ["y", "z"], {"w": random(6, 4), "b": random(4)}),
+    "identity_output": graph([node("Relu", ["a"], ["r"]), node("Identity", ["r"]), node("Sigmoid", ["r"], ["z"])],
+                             {"a": [2, 3]}, ["y", "z"]),
+    # PyTorch's x.view(x.size(0), -1): shape arithmetic folded into the Reshape target
+    "reshape_shape_arithmetic": graph([
+        node("Shape", ["a"], ["shape"]), node("Constant", [], ["zero"], value=helper.make_tensor(
+            "zero", TensorProto.INT64, [], [0])),
+        node("Gather", ["shape", "zero"], ["batch"], axis=0), node("Unsqueeze", ["batch", "axes"], ["batch1"]),
+        node("Concat", ["batch1", "minus1"], ["target"], axis=0), node("Reshape", ["a", "target"])],
+        {"a": [2, 3, 4]}, initializers={"axes": i64(0), "minus1": i64(-1)}),
+})
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_operator_matches_onnxruntime(case):
+    model, feeds = CASES[case]
+    check(model, feeds)
+
+
+REFUSED = {
+    "transpose": (graph([node("Transpose", ["a"], perm=[1, 0])], {"a": [2, 3]}),
+                  "node 'Transpose_0' (Transpose): operator has no Caffe counterpart"),
+    "custom_domain": (graph([helper.make_node("Foo", ["a"], ["y"], domain="com.example")], {"a": [2]}),
+                      "(Foo): operator of domain 'com.example' has no Caffe layer"),
+    "matmul_of_computed": (graph([node("MatMul", ["a", "b"])], {"a": [2, 3], "b": [3, 4]}),
+                           "(MatMul): its second operand (the weights) must be a constant"),
+    "conv_asymmetric": (single("Conv", [1, 3, 8, 8], dict(pads=[0, 0, 1, 1], strides=[2, 2]), {"w": CONV_W},
+                               ["w"]), "Caffe pads both ends alike"),
+    "deconv_output_padding": (single("ConvTranspose", [1, 3, 4, 4], dict(strides=[2, 2], output_padding=[1, 1]),
+                                     {"w": random(3, 2, 3, 3)}, ["w"]), "symmetric padding"),
+    "pool_dilation": (single("MaxPool", [1, 1, 9, 9], dict(kernel_shape=[2, 2], dilations=[2, 2])),
+                      "dilated pooling"),
+    "pool_1d": (single("MaxPool", [1, 1, 9], dict(kernel_shape=[2])), "Caffe pools 4-D blobs"),
+    "pool_pad_not_below_kernel": (single("AveragePool", [1, 1, 9, 9], dict(kernel_shape=[2, 2], pads=[2, 2, 2, 2])),
+                                  "not smaller than the kernel"),
+    "slice_step": (graph([node("Slice", ["a", "s", "e", "ax", "st"])], {"a": [2, 6]},
+                         initializers={"s": i64(0), "e": i64(6), "ax": i64(1), "st": i64(2)}), "step 2"),
+    "lrn_even": (single("LRN", [1, 4, 3, 3], dict(size=4)), "even size 4"),
+    "max_broadcast": (graph([node("Max", ["a", "b"])], {"a": [2, 3], "b": [3]}), "does not broadcast"),
+    "constant_minus_blob": (graph([node("Sub", ["c", "a"])], {"a": [2, 3]}, initializers={"c": random(3)}),
+                            "input 'c' is a constant"),
+    "gemm_transA": (single("Gemm", [6, 3], dict(transA=1), {"w": random(6, 4)}, ["w"]), "transA"),
+    "dynamic_height": (graph([node("Relu", ["a"])], {"a": [1, 3, "height", 4]}),
+                       "input 'a' has the dynamic dimension 'height' at axis 2"),
+    "integer_input": ((make_model([node("Relu", ["a"])], {}, ["y"]), {}), None),
+    "constant_output": ((make_model([node("Relu", ["c"])], {"a": [1]}, ["y"], {"c": random(2)}), {}),
+                        "output 'y' is a constant"),
+}
+int_model = REFUSED["integer_input"][0][0]
+int_model.graph.input.append(helper.make_tensor_value_info("i", TensorProto.INT64, [2]))
+int_model.graph.node[0].input[0] = "i"
+REFUSED["integer_input"] = ((int_model, {}), "input 'i' holds INT64 values; Caffe blobs hold floats")
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unexpressible_model_is_refused_naming_the_node(case):
+    (model, _), message = REFUSED[case]
+    with pytest.raises(KaffeError, match=re.escape(message)):
+        import_onnx(model)
+
+
+def test_missing_onnx_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(KaffeError, match=re.escape('pip install "kaffe[onnx]"')):
+        import_onnx(b"")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"name: 'not onnx'\nlayer { type: 'ReLU' }\n", "not an ONNX model"),
+    (b"", "not an ONNX model"),
+    (None, "cannot read the ONNX model"),
+])
+def test_cli_refuses_bad_files_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "model.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    status = cli.main(["import", "onnx", str(path), "--out-model", str(tmp_path / "net.prototxt"),
+                       "--out-weights", str(tmp_path / "w.caffemodel")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("kaffe import: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_refuses_unsupported_operator_in_one_line(tmp_path, capsys):
+    path = tmp_path / "model.onnx"
+    onnx.save(REFUSED["transpose"][0][0], str(path))
+    status = cli.main(["import", "onnx", str(path), "--out-model", str(tmp_path / "net.prototxt"),
+                       "--out-weights", str(tmp_path / "w.caffemodel")])
+    err = capsys.readouterr().err
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert "node 'Transpose_0' (Transpose)" in err
+
+
+def test_cli_writes_a_net_and_weights_that_match_onnxruntime(tmp_path):
+    model, feeds = graph([node("Conv", ["a", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+                          node("BatchNormalization", ["c", "g", "bb", "m", "v"], ["n"]), node("Relu", ["n"], ["r"]),
+                          node("AveragePool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                          node("Flatten", ["p"], ["f"]), node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)],
+                         {"a": [None, 3, 6, 6]},
+                         initializers={"w": CONV_W, "b": random(4), "g": random(4), "bb": random(4),
+                                       "m": random(4), "v": random(4, low=0.5, high=2), "fw": random(5, 36),
+                                       "fb": random(5)})
+    feeds = {"a": random(3, 3, 6, 6)}
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    prototxt, weights = tmp_path / "net.prototxt", tmp_path / "w.caffemodel"
+    assert cli.main(["import", "onnx", str(path), "--out-model", str(prototxt), "--out-weights", str(weights),
+                     "--batch", "3"]) == 0
+    net = kaffe.Net(str(prototxt), str(weights), kaffe.TEST)
+    assert net.inputs == ["a"] and net.outputs == ["y"] and net.blobs["a"].data.shape == (3, 3, 6, 6)
+    out = net.forward(a=feeds["a"])["y"]
+    expected = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert relative_error(expected, out) < 1e-4
