@@ -37,6 +37,10 @@ class KaffeFileNotFoundError(KaffeOSError, FileNotFoundError):
     """A missing file where pycaffe raises FileNotFoundError (caffe.io.load_image of a missing image)."""
 
 
+class KaffeImportError(KaffeError, ImportError):
+    """A missing package where pycaffe fails to import it (scikit-image, Detector's selective search)."""
+
+
 class KaffeKeyError(KaffeError, KeyError):
     """A missing name where pycaffe raises KeyError; shows its message as plain text, not as a quoted key."""
 
