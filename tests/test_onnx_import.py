@@ -319,3 +319,62 @@ def test_cli_writes_a_net_and_weights_that_match_onnxruntime(tmp_path):
     out = net.forward(a=feeds["a"])["y"]
     expected = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert relative_error(expected, out) < 1e-4
+
+
+def train_imported(tmp_path, model, data, labels, capsys, iterations=300):
+    """`kaffe import onnx` the model, put an HDF5Data layer in place of its Input and a SoftmaxWithLoss on its
+    output, `kaffe train` it from the imported weights; returns the losses the log reports."""
+    import h5py
+    from kaffe.engine.io import read_text_proto, write_text_proto
+    from kaffe.proto import caffe_pb2
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    imported, weights = tmp_path / "imported.prototxt", tmp_path / "imported.caffemodel"
+    assert cli.main(["import", "onnx", str(tmp_path / "model.onnx"), "--out-model", str(imported),
+                     "--out-weights", str(weights)]) == 0
+    with h5py.File(tmp_path / "train.h5", "w") as f:
+        f["x"], f["label"] = data, labels.astype(np.float32)
+    (tmp_path / "train.txt").write_text(f"{tmp_path / 'train.h5'}\n")
+    net = read_text_proto(str(imported), caffe_pb2.NetParameter())
+    train = caffe_pb2.NetParameter(name="imported_train")
+    feed = train.layer.add(name="data", type="HDF5Data", top=["x", "label"])
+    feed.hdf5_data_param.source, feed.hdf5_data_param.batch_size = str(tmp_path / "train.txt"), 16
+    feed.hdf5_data_param.shuffle = True
+    train.layer.extend(layer for layer in net.layer if layer.type != "Input")
+    train.layer.add(name="loss", type="SoftmaxWithLoss", bottom=["y", "label"], top=["loss"])
+    write_text_proto(train, str(tmp_path / "train.prototxt"))
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "train.prototxt"}"\nbase_lr: 0.05\nmomentum: 0.9\nlr_policy: "fixed"\n'
+        f'max_iter: {iterations}\ndisplay: 50\naverage_loss: 10\nrandom_seed: 1\nsnapshot_after_train: false\n')
+    assert cli.main(["train", "--solver", str(tmp_path / "solver.prototxt"), "--weights", str(weights)]) == 0
+    log = capsys.readouterr().err  # `kaffe train` logs to stderr, as Caffe does
+    return [float(loss) for loss in re.findall(r"\] Iteration \d+ \(.*\), loss = (\S+)", log)]
+
+
+def clusters(shape, classes=3, count=240):
+    """Inputs around one random centre per class, and their labels."""
+    centres = random(classes, *shape, low=-2, high=2)
+    labels = RNG.integers(0, classes, count)
+    return (centres[labels] + random(count, *shape, low=-0.7, high=0.7)), labels
+
+
+def test_imported_mlp_trains(tmp_path, capsys):
+    model, _ = graph([node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), node("Relu", ["h"], ["r"]),
+                      node("MatMul", ["r", "w2"], ["m"]), node("Add", ["m", "b2"])], {"x": [None, 8]},
+                     initializers={"w1": random(16, 8, low=-0.3, high=0.3), "b1": np.zeros(16, np.float32),
+                                   "w2": random(16, 3, low=-0.3, high=0.3), "b2": np.zeros(3, np.float32)})
+    losses = train_imported(tmp_path, model, *clusters((8,)), capsys)
+    assert len(losses) >= 6 and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_imported_cnn_trains(tmp_path, capsys):
+    model, _ = graph([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+                      node("BatchNormalization", ["c", "g", "bb", "m", "v"], ["n"]), node("Relu", ["n"], ["r"]),
+                      node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                      node("Flatten", ["p"], ["f"]), node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)],
+                     {"x": [None, 1, 8, 8]},
+                     initializers={"w": random(4, 1, 3, 3, low=-0.5, high=0.5), "b": np.zeros(4, np.float32),
+                                   "g": np.ones(4, np.float32), "bb": np.zeros(4, np.float32),
+                                   "m": np.zeros(4, np.float32), "v": np.ones(4, np.float32),
+                                   "fw": random(3, 64, low=-0.1, high=0.1), "fb": np.zeros(3, np.float32)})
+    losses = train_imported(tmp_path, model, *clusters((1, 8, 8)), capsys)
+    assert len(losses) >= 6 and losses[-1] < 0.5 * losses[0], losses
