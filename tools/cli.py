@@ -228,6 +228,8 @@ TOOL_COMMANDS = {
     "upgrade_net_proto_binary": ("upgrade", ["upgrade_net_proto_binary"], "upgrade an old binary net (weights)"),
     "upgrade_solver_proto_text": ("upgrade", ["upgrade_solver_proto_text"], "upgrade an old solver prototxt"),
     "zoo": ("zoo", [], "our model zoo: kaffe zoo list|show NAME|fetch NAME"),
+    "parse_log": ("parse_log", [], "a training log -> LOG.train / LOG.test CSV tables (Caffe's parse_log.py)"),
+    "plot": ("plot", [], "plot training logs (loss, lr or an output vs iterations or seconds) to PNG/SVG"),
     "import": ("import_model", [], "an ONNX model -> net prototxt + .caffemodel: kaffe import onnx --help"),
     "run": ("run", [], "run an unchanged pycaffe script (import caffe) on kaffe: kaffe run SCRIPT.py [ARGS]"),
 }
