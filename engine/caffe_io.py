@@ -219,7 +219,7 @@ class Transformer:
             transformer.set_channel_swap(in_, (2, 1, 0))
         transformer.set_raw_scale(in_, 255.0)
         if data.mean is not None:
-            transformer.set_mean(in_, data.mean.astype(float))  # float64, as blobproto_to_array gives it
+            transformer.set_mean(in_, data.mean)  # float32, as blobproto_to_array gives it
         elif len(data.mean_values):
             values = data.mean_values.astype(float)
             transformer.set_mean(in_, np.repeat(values, shape[1]) if len(values) == 1 else values)
