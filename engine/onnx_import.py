@@ -672,8 +672,12 @@ class _Importer:
         self.alias[node.output[0]] = self._blob(node, node.input[0])
 
     def _op_Cast(self, node, a):
-        if a["to"] != self.onnx.TensorProto.FLOAT:
-            self._refuse(node, f"cast to {self.onnx.TensorProto.DataType.Name(a['to'])}: Caffe blobs hold floats")
+        """A cast to a float type, or of the integers or booleans ArgMax / Threshold give, leaves the values."""
+        types = self.onnx.TensorProto
+        source = self.producer.get(self._blob(node, node.input[0]))
+        if a["to"] not in (types.FLOAT, types.DOUBLE, types.FLOAT16) and (
+                source is None or source.type not in ("ArgMax", "Threshold")):
+            self._refuse(node, f"cast to {types.DataType.Name(a['to'])}: Caffe blobs hold floats")
         self._op_Identity(node, a)
 
     # -- shapes -------------------------------------------------------------------------------
@@ -755,3 +759,69 @@ class _Importer:
             layer.slice_param.axis = axis
             layer.slice_param.slice_point.extend(points)
             x = keep
+
+    def _op_Tile(self, node, a):
+        repeats = self._constant(node, 1, "repeats")
+        x = self._blob(node, node.input[0])
+        tiled = [(axis, int(n)) for axis, n in enumerate(repeats) if n != 1]
+        if not tiled:
+            self.alias[node.output[0]] = x
+        for i, (axis, tiles) in enumerate(tiled):
+            top = node.output[0] if i == len(tiled) - 1 else self._temporary(f"{node.output[0]}_{axis}")
+            layer = self._layer(node.name, "Tile", [x], [top])
+            layer.tile_param.axis, layer.tile_param.tiles = axis, tiles
+            x = top
+
+    # -- reductions and comparisons -----------------------------------------------------------
+    def _reduce(self, node, a, operation):
+        shape = self._shape(node, node.input[0])
+        if "axes" in a:
+            axes = a["axes"]
+        else:
+            axes = self._optional_constant(node, 1, "axes", [])
+            if not len(axes) and a.get("noop_with_empty_axes", 0):
+                self.alias[node.output[0]] = self._blob(node, node.input[0])
+                return
+        axes = sorted(int(axis) % len(shape) for axis in axes) or list(range(len(shape)))
+        if axes != list(range(axes[0], len(shape))):
+            self._refuse(node, f"axes {axes} of a {len(shape)}-D input: Caffe's Reduction reduces all the axes "
+                               f"from one on")
+        out = node.output[0]
+        top = self._temporary(f"{out}_reduced") if a.get("keepdims", 1) else out
+        layer = self._layer(node.name, "Reduction", [self._blob(node, node.input[0])], [top])
+        layer.reduction_param.operation = operation
+        layer.reduction_param.axis = axes[0]
+        if top != out:
+            self._reshape_to(f"{node.name}_keepdims", top, shape[:axes[0]], self._shape(node, out), out)
+
+    def _op_ReduceSum(self, node, a):
+        self._reduce(node, a, caffe_pb2.ReductionParameter.SUM)
+
+    def _op_ReduceMean(self, node, a):
+        self._reduce(node, a, caffe_pb2.ReductionParameter.MEAN)
+
+    def _op_ReduceSumSquare(self, node, a):
+        self._reduce(node, a, caffe_pb2.ReductionParameter.SUMSQ)
+
+    def _op_ReduceL1(self, node, a):
+        self._reduce(node, a, caffe_pb2.ReductionParameter.ASUM)
+
+    def _op_ArgMax(self, node, a):
+        if a.get("select_last_index", 0):
+            self._refuse(node, "select_last_index has no Caffe counterpart")
+        shape = self._shape(node, node.input[0])
+        axis = a.get("axis", 0) % len(shape)
+        out = node.output[0]
+        top = out if a.get("keepdims", 1) else self._temporary(f"{out}_kept")
+        layer = self._layer(node.name, "ArgMax", [self._blob(node, node.input[0])], [top])
+        layer.argmax_param.axis = axis
+        if top != out:
+            kept = shape[:axis] + (1,) + shape[axis + 1:]
+            self._reshape_to(f"{node.name}_squeeze", top, kept, self._shape(node, out), out)
+
+    def _op_Greater(self, node, a):
+        threshold = self._constant(node, 1, "threshold")
+        if threshold.size != 1:
+            self._refuse(node, "a non-scalar threshold has no Caffe counterpart (Threshold takes one)")
+        layer = self._layer(node.name, "Threshold", [self._blob(node, node.input[0])], [node.output[0]])
+        layer.threshold_param.threshold = float(threshold.reshape(()))
