@@ -7,16 +7,18 @@ Layouts, as Caffe writes them:
 - solver state: int32 datasets `iter` and `current_step` (shape (1,)), string dataset `learned_net`, group
   `history/<i>` with every history blob in the solver's order. kaffe adds the string dataset
   `kaffe_resume_state` (its exact-resume extras), which Caffe never looks at.
-Files are written to a temporary file beside the target and renamed, so a crash never leaves half a snapshot.
+Files are made in memory, then written to a temporary file beside the target and renamed, so a crash or a full
+disk never leaves half a snapshot.
 """
 import contextlib
+import io
 import os
 
 import h5py
 import numpy as np
 
 from .errors import KaffeError
-from .io import atomic_path
+from .io import write_file_atomically
 from .log import logger
 
 MAX_BLOB_AXES = 32   # Caffe's kMaxBlobAxes
@@ -25,10 +27,12 @@ RESUME_STATE = "kaffe_resume_state"
 
 @contextlib.contextmanager
 def _atomic_file(path):
-    """An h5py file written beside `path` and renamed onto it when complete (engine.io.atomic_path)."""
-    with atomic_path(path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w") as f:
-            yield f
+    """An h5py file made in memory, then written to `path` atomically (engine.io.write_file_atomically): the disk
+    is written by Python, whose errors (a full disk) are raised, not lost in HDF5's buffered writes at close."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        yield f
+    write_file_atomically(path, buffer.getvalue())
 
 
 @contextlib.contextmanager

@@ -89,13 +89,13 @@ def _fsync(path, flags=os.O_RDONLY):
 
 
 @contextlib.contextmanager
-def atomic_path(path, suffix=""):
+def atomic_path(path):
     """A temporary path beside `path` to write; on success it is flushed to disk and renamed onto `path` (and the
     folder synced, so the rename survives a power cut), on failure removed: at every instant `path` is either
     the earlier file or the complete new one. A failed write (a full disk, `ulimit -f`) is a StorageError."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=suffix, dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), dir=directory)
     except OSError as e:
         raise StorageError(f"cannot write {path}: {e.strerror}", e.errno) from None
     os.close(fd)
@@ -114,15 +114,16 @@ def atomic_path(path, suffix=""):
         raise
 
 
-def _atomic_write(path, payload):
+def write_file_atomically(path, payload):
+    """Write bytes to `path` through atomic_path."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(payload)
 
 
 def write_binary_proto(message, path):
-    _atomic_write(path, message.SerializeToString())
+    write_file_atomically(path, message.SerializeToString())
 
 
 def write_text_proto(message, path):
-    _atomic_write(path, text_format.MessageToString(message).encode("utf-8"))
+    write_file_atomically(path, text_format.MessageToString(message).encode("utf-8"))
