@@ -2,6 +2,7 @@
 is refused in one line; Caffe -> ONNX -> Caffe keeps the outputs."""
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -397,3 +398,134 @@ def test_imported_cnn_trains(tmp_path, capsys):
                                    "fw": random(3, 64, low=-0.1, high=0.1), "fb": np.zeros(3, np.float32)})
     losses = train_imported(tmp_path, model, *clusters((1, 8, 8)), capsys)
     assert len(losses) >= 6 and losses[-1] < 0.5 * losses[0], losses
+
+
+# -- round trip: Caffe net -> ONNX (engine/onnx_export.py) -> Caffe net --------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+ROUND_TRIP_NETS = {
+    "vision": """
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 15 dim: 15 } } }
+        layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+                convolution_param { num_output: 6 kernel_size: 3 pad: 1 stride: 2 group: 3 } }
+        layer { name: "dil" type: "Convolution" bottom: "conv" top: "dil"
+                convolution_param { num_output: 4 kernel_size: 3 dilation: 2 pad: 2 bias_term: false } }
+        layer { name: "relu" type: "ReLU" bottom: "dil" top: "dil" relu_param { negative_slope: 0.1 } }
+        layer { name: "maxpool" type: "Pooling" bottom: "dil" top: "maxpool"
+                pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+        layer { name: "avepool" type: "Pooling" bottom: "dil" top: "avepool"
+                pooling_param { pool: AVE kernel_size: 4 stride: 2 pad: 1 } }
+        layer { name: "concat" type: "Concat" bottom: "maxpool" bottom: "avepool" top: "concat" }
+        layer { name: "lrn" type: "LRN" bottom: "concat" top: "lrn" lrn_param { local_size: 3 alpha: 0.5 } }
+        layer { name: "deconv" type: "Deconvolution" bottom: "lrn" top: "deconv"
+                convolution_param { num_output: 3 kernel_size: 4 stride: 2 pad: 1 } }
+        layer { name: "global" type: "Pooling" bottom: "deconv" top: "global"
+                pooling_param { pool: AVE global_pooling: true } }
+    """,
+    "normalization": """
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 dim: 5 dim: 5 } } }
+        layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" }
+        layer { name: "scale" type: "Scale" bottom: "bn" top: "bn" scale_param { bias_term: true } }
+        layer { name: "prelu" type: "PReLU" bottom: "bn" top: "prelu" }
+        layer { name: "bias" type: "Bias" bottom: "prelu" top: "bias" }
+        layer { name: "ip" type: "InnerProduct" bottom: "bias" top: "ip" inner_product_param { num_output: 7 } }
+        layer { name: "drop" type: "Dropout" bottom: "ip" top: "ip" }
+        layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+    """,
+    "elementwise": """
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 6 dim: 3 dim: 4 } } }
+        layer { name: "slice" type: "Slice" bottom: "data" top: "a" top: "b" top: "c"
+                slice_param { axis: 1 slice_point: 2 slice_point: 4 } }
+        layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum"
+                eltwise_param { operation: SUM coeff: 0.5 coeff: -2 } }
+        layer { name: "prod" type: "Eltwise" bottom: "sum" bottom: "c" top: "prod"
+                eltwise_param { operation: PROD } }
+        layer { name: "max" type: "Eltwise" bottom: "prod" bottom: "a" top: "max" eltwise_param { operation: MAX } }
+        layer { name: "sigmoid" type: "Sigmoid" bottom: "max" top: "sigmoid" }
+        layer { name: "tanh" type: "TanH" bottom: "sum" top: "tanh" }
+        layer { name: "elu" type: "ELU" bottom: "c" top: "elu" elu_param { alpha: 0.5 } }
+        layer { name: "flatten" type: "Flatten" bottom: "elu" top: "flatten" }
+        layer { name: "reshape" type: "Reshape" bottom: "tanh" top: "reshape"
+                reshape_param { shape { dim: 0 dim: -1 dim: 3 } } }
+    """,
+}
+
+
+def randomize(net):
+    """Random weights of a scale that keeps activations of deep nets finite (BatchNorm: positive variances)."""
+    for layer in net.layers:
+        for i, blob in enumerate(layer.blobs):
+            if layer.type == "BatchNorm":
+                blob.data[...] = (random(*blob.shape, low=0.5, high=1.5) if i == 1 else
+                                  np.ones(blob.shape) if i == 2 else random(*blob.shape, low=-0.2, high=0.2))
+            else:
+                fan_in = max(blob.count // blob.shape[0], 1) if len(blob.shape) > 1 else 1
+                blob.data[...] = random(*blob.shape) * np.sqrt(3.0 / fan_in)
+
+
+def round_trip(net):
+    """Export `net` with the export helper, import it back; returns the relative errors, per output, of
+    onnxruntime on the exported model and of the imported net, against `net`'s forward."""
+    onnx_export = pytest.importorskip("kaffe.engine.onnx_export")
+    model = onnx_export.export_onnx(net)
+    feeds = {name: random(*net.blobs[name].shape) for name in net.inputs}
+    expected = net.forward(**feeds)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    runtime = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    back = kaffe.Net.from_onnx(model, kaffe.TEST, batch=next(iter(feeds.values())).shape[0])
+    imported = back.forward(**feeds)
+    return {name: (relative_error(value, runtime[name]), relative_error(value, imported[name]))
+            for name, value in expected.items()}
+
+
+def net_from_text(text):
+    from kaffe.engine.io import parse_text_proto
+    from kaffe.proto import caffe_pb2
+    return kaffe.Net(parse_text_proto(text, caffe_pb2.NetParameter()), kaffe.TEST)
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_NETS))
+def test_round_trip_keeps_outputs(name):
+    net = net_from_text(ROUND_TRIP_NETS[name])
+    randomize(net)
+    for output, errors in round_trip(net).items():
+        assert max(errors) < 1e-4, (output, errors)
+
+
+def deploy_net(path, batch):
+    from kaffe.engine.net import read_net_param
+    param = read_net_param(str(path))
+    for layer in param.layer:
+        if layer.type == "Input":
+            for shape in layer.input_param.shape:
+                shape.dim[0] = batch
+    net = kaffe.Net(param, kaffe.TEST)
+    randomize(net)
+    return net
+
+
+SMALL_DEPLOY = ["lenet/lenet_deploy.prototxt", "cifar10_quick/deploy.prototxt", "cifar10_full/deploy.prototxt"]
+BIG_DEPLOY = ["alexnet", "caffenet", "googlenet", "mobilenet_v1", "resnet50", "squeezenet1_1", "vgg16"]
+
+
+@pytest.mark.parametrize("path", SMALL_DEPLOY)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_round_trip_of_small_deploy_nets(path, batch):
+    for output, errors in round_trip(deploy_net(REPO / "models" / path, batch)).items():
+        assert max(errors) < 1e-4, (path, output, errors)
+
+
+def test_round_trip_with_real_lenet_weights():
+    weights = REPO.parent / "shared" / "zoo" / "weights" / "lenet_v2" / "lenet_iter_10000.caffemodel"
+    if not weights.exists():
+        pytest.skip(f"the real LeNet weights are not at {weights}")
+    net = kaffe.Net(str(REPO / "models" / "lenet" / "lenet_deploy.prototxt"), str(weights), kaffe.TEST)
+    for output, errors in round_trip(net).items():
+        assert max(errors) < 1e-4, (output, errors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BIG_DEPLOY)
+def test_round_trip_of_zoo_deploy_nets(name):
+    for output, errors in round_trip(deploy_net(REPO / "models" / name / "deploy.prototxt", 1)).items():
+        assert max(errors) < 1e-4, (name, output, errors)
