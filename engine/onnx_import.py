@@ -266,6 +266,9 @@ class _Importer:
     def _optional_constant(self, node, index, what, default):
         return self._constant(node, index, what) if index < len(node.input) and node.input[index] else default
 
+    def _extra_outputs_used(self, node):
+        return any(self.uses.get(name) for name in node.output[1:] if name)
+
     def _refuse(self, node, why):
         raise KaffeError(f"node '{node.name}' ({node.op_type}): {why}")
 
@@ -283,7 +286,7 @@ class _Importer:
         handler(node, a)
 
     # -- convolution and pooling --------------------------------------------------------------
-    def _pads(self, node, a, in_spatial, kernel, strides, dilations):
+    def _pads(self, a, in_spatial, kernel, strides, dilations):
         """ONNX's (begin, end) padding per spatial axis, with auto_pad resolved."""
         n = len(in_spatial)
         auto = a.get("auto_pad", "NOTSET")
@@ -320,7 +323,7 @@ class _Importer:
         weights = self._constant(node, 1, "weights")
         kernel = list(a.get("kernel_shape", weights.shape[2:]))
         strides, dilations, in_spatial, out_spatial = self._spatial(node, a, kernel)
-        begin, end = self._pads(node, a, in_spatial, kernel, strides, dilations)
+        begin, end = self._pads(a, in_spatial, kernel, strides, dilations)
         for axis, (i, o, k, s, d, b) in enumerate(zip(in_spatial, out_spatial, kernel, strides, dilations, begin)):
             if (i + 2 * b - ((k - 1) * d + 1)) // s + 1 != o:
                 self._refuse(node, f"padding {b} before and {end[axis]} after along spatial axis {axis} gives "
@@ -351,7 +354,7 @@ class _Importer:
             begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in totals]
             end = [t - b for t, b in zip(totals, begin)]
         else:
-            begin, end = self._pads(node, a, in_spatial, kernel, strides, dilations)
+            begin, end = self._pads(a, in_spatial, kernel, strides, dilations)
         for axis, (i, o, k, s, d, b) in enumerate(zip(in_spatial, out_spatial, kernel, strides, dilations, begin)):
             if s * (i - 1) + (k - 1) * d + 1 - 2 * b != o or b != end[axis]:
                 self._refuse(node, f"output size {o} along spatial axis {axis} (padding {b} before, {end[axis]} "
@@ -375,13 +378,13 @@ class _Importer:
         if len(self._shape(node, node.input[0])) != 4:
             self._refuse(node, f"Caffe pools 4-D blobs (num, channels, height, width), not "
                                f"{_shape_text(self._shape(node, node.input[0]))}")
-        if len([o for o in node.output if o]) > 1:
+        if self._extra_outputs_used(node):
             self._refuse(node, "the Indices output has no Caffe counterpart")
         kernel = list(a["kernel_shape"])
         strides, dilations, in_spatial, out_spatial = self._spatial(node, a, kernel)
         if any(d != 1 for d in dilations):
             self._refuse(node, f"dilated pooling (dilations {dilations}) has no Caffe counterpart")
-        begin, end = self._pads(node, a, in_spatial, kernel, strides, dilations)
+        begin, end = self._pads(a, in_spatial, kernel, strides, dilations)
         if any(b >= k for b, k in zip(begin, kernel)):
             self._refuse(node, f"padding {begin} is not smaller than the kernel {kernel}, as Caffe requires")
         geometry = list(zip(in_spatial, kernel, strides, begin))
@@ -623,7 +626,7 @@ class _Importer:
         layer.power_param.power = float(exponent.reshape(()))
 
     def _op_BatchNormalization(self, node, a):
-        if len([o for o in node.output if o]) > 1 or a.get("training_mode", 0):
+        if self._extra_outputs_used(node) or a.get("training_mode", 0):
             self._refuse(node, "training-mode outputs (running mean and variance) have no Caffe counterpart")
         scale, bias, mean, var = (self._constant(node, i, what)
                                   for i, what in enumerate(("scale", "bias", "mean", "variance"), 1))
@@ -662,7 +665,7 @@ class _Importer:
         self._reshape_to(f"{node.name}_unflatten", normalized, flat_shape, shape, node.output[0])
 
     def _op_Dropout(self, node, a):
-        if len(node.output) > 1 and self.uses.get(node.output[1]):
+        if self._extra_outputs_used(node):
             self._refuse(node, "the mask output has no Caffe counterpart")
         ratio = a.get("ratio", 0.5) if self.opset < 12 else float(self._optional_constant(node, 1, "ratio", 0.5))
         layer = self._layer(node.name, "Dropout", [self._blob(node, node.input[0])], [node.output[0]])
