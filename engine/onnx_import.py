@@ -77,6 +77,7 @@ class _Importer:
         self.alias = {}        # tensor name -> the Caffe blob that holds it (Identity, Cast)
         self.producer = {}     # Caffe blob name -> the LayerParameter that writes it
         self.uses = {}         # tensor name -> number of reading nodes
+        self.zero_pads = {}    # output of a zero Pad -> (the Pad node, its input, pads before, pads after)
         self.net = caffe_pb2.NetParameter(name=self.model.graph.name or "onnx")
         self.names = set()       # layer names taken
         self.blob_names = {name for node in self.model.graph.node for name in list(node.input) + list(node.output)}
@@ -244,6 +245,9 @@ class _Importer:
 
     def _blob(self, node, name):
         """The Caffe blob holding a computed input of `node`."""
+        if name in self.zero_pads:
+            self._refuse(self.zero_pads[name][0], "Caffe pads only inside a Convolution; this padding is read by "
+                                                  f"node '{node.name}' ({node.op_type})")
         if name in self.const:
             raise KaffeError(f"node '{node.name}' ({node.op_type}): input '{name}' is a constant where Caffe "
                              f"needs a computed blob")
@@ -324,13 +328,18 @@ class _Importer:
         kernel = list(a.get("kernel_shape", weights.shape[2:]))
         strides, dilations, in_spatial, out_spatial = self._spatial(node, a, kernel)
         begin, end = self._pads(a, in_spatial, kernel, strides, dilations)
+        x = node.input[0]
+        if x in self.zero_pads:  # a zero Pad before the convolution joins its padding
+            _, x, before, after = self.zero_pads[x]
+            in_spatial = self._shape(node, x)[2:]
+            begin, end = [b + p for b, p in zip(begin, before)], [e + p for e, p in zip(end, after)]
         for axis, (i, o, k, s, d, b) in enumerate(zip(in_spatial, out_spatial, kernel, strides, dilations, begin)):
             if (i + 2 * b - ((k - 1) * d + 1)) // s + 1 != o:
                 self._refuse(node, f"padding {b} before and {end[axis]} after along spatial axis {axis} gives "
                                    f"{o} outputs, which Caffe's symmetric padding {b} does not (Caffe pads both "
                                    f"ends alike)")
         bias = self._optional_constant(node, 2, "bias", None)
-        layer = self._layer(node.name, "Convolution", [self._blob(node, node.input[0])], [node.output[0]],
+        layer = self._layer(node.name, "Convolution", [self._blob(node, x)], [node.output[0]],
                             [weights] + ([] if bias is None else [bias]))
         p = layer.convolution_param
         p.num_output = weights.shape[0]
@@ -828,3 +837,23 @@ class _Importer:
             self._refuse(node, "a non-scalar threshold has no Caffe counterpart (Threshold takes one)")
         layer = self._layer(node.name, "Threshold", [self._blob(node, node.input[0])], [node.output[0]])
         layer.threshold_param.threshold = float(threshold.reshape(()))
+
+    def _op_Pad(self, node, a):
+        """Zero padding of the spatial axes, for the convolutions that read it (Caffe has no Pad layer)."""
+        rank = len(self._shape(node, node.input[0]))
+        if self.opset < 11:
+            pads, value = a["pads"], a.get("value", 0.0)
+        else:
+            pads = self._constant(node, 1, "pads")
+            value = self._optional_constant(node, 2, "constant value", 0.0)
+            axes = self._optional_constant(node, 3, "axes", range(rank))
+            full = np.zeros(2 * rank, dtype=np.int64)
+            for i, axis in enumerate(int(axis) % rank for axis in axes):
+                full[axis], full[rank + axis] = pads[i], pads[len(axes) + i]
+            pads = full
+        if a.get("mode", "constant") != "constant" or float(np.asarray(value).reshape(-1)[0] if np.size(value)
+                                                            else 0) != 0:
+            self._refuse(node, "only zero padding has a Caffe counterpart (a Convolution's pad)")
+        if any(pads[:2]) or any(pads[rank:rank + 2]) or min(pads) < 0:
+            self._refuse(node, f"pads {list(pads)}: Caffe pads only the spatial axes, by non-negative amounts")
+        self.zero_pads[node.output[0]] = (node, node.input[0], list(pads[2:rank]), list(pads[rank + 2:]))
