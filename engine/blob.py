@@ -141,6 +141,18 @@ class Blob:
             raise KaffeError(f"cannot share data of a blob of {other.count} values with one of {self._count}")
         self._data = other._data
 
+    @property
+    def memory(self):
+        """The SyncedMemory that holds the data (blobs that share data share it)."""
+        return self._data
+
+    def use_memory(self, memory):
+        """Hold the data in `memory`, a SyncedMemory of at least count floats: the optimiser's memory plan
+        gives one buffer to blobs whose lifetimes do not overlap."""
+        if memory.count < self._count:
+            raise KaffeError(f"a buffer of {memory.count} values cannot hold a blob of {self._count}")
+        self._data = memory
+
     def share_diff(self, other):
         if self._count != other.count:
             raise KaffeError(f"cannot share diff of a blob of {other.count} values with one of {self._count}")

@@ -10,6 +10,7 @@ from .errors import KaffeError, KaffeIndexError, KaffeValueError
 from .graph import filter_net, insert_splits
 from .io import read_binary_proto, read_text_proto
 from .layer import create_layer
+from .optimize import forward_plan
 from .log import logger
 from .pycaffe import NetBatches
 from .memory_limits import BlobShapeError, check_total
@@ -57,7 +58,8 @@ class Net(NetBatches):
     outputs, forward, backward, copy_from, save, reshape.
     """
 
-    def __init__(self, model, *args, phase=None, weights=None, level=0, stages=None, allow_python_layers=True):
+    def __init__(self, model, *args, phase=None, weights=None, level=0, stages=None, allow_python_layers=True,
+                 optimize=None, keep=()):
         if len(args) == 2:          # legacy pycaffe form: Net(model, weights, phase)
             weights, phase = args
         elif len(args) == 1:
@@ -84,6 +86,8 @@ class Net(NetBatches):
             from ..layers.python_layer import refuse_python_layers
             refuse_python_layers(param, model if isinstance(model, (str, os.PathLike)) else f"net '{param.name}'")
         self._init(param)
+        # the deploy-time optimiser (engine/optimize.py): "safe" for TEST nets unless asked otherwise
+        self._plan = forward_plan(self, optimize, keep)
         if weights:
             self.copy_from(weights)
 
@@ -345,6 +349,8 @@ class Net(NetBatches):
         """Forward layers start..end (inclusive); returns the summed weighted loss (pycaffe's _forward)."""
         self._check_layer_range(start, end)
         before, after = self._hooks["before_forward"], self._hooks["after_forward"]
+        if self._plan is not None and not (before or after or self.debug_info):
+            return self._plan.forward(start, end)
         loss = 0.0
         for i in range(start, end + 1):
             for run in before:
@@ -359,6 +365,9 @@ class Net(NetBatches):
     def backward_from_to(self, start, end):
         """Backward layers start down to end (inclusive) (pycaffe's _backward)."""
         self._check_layer_range(end, start)
+        if self._plan is not None and self._plan.level == "full":
+            raise KaffeError(f"net '{self.name}' was built with optimize='full', for inference only: build it with "
+                             f"optimize='safe' or 'none' to run backward")
         before, after = self._hooks["before_backward"], self._hooks["after_backward"]
         for i in range(start, end - 1, -1):
             for run in before:
@@ -468,6 +477,24 @@ class Net(NetBatches):
             logger.info(f"    [Backward] Layer {self._layer_names[layer_id]}, param blob {i} diff: "
                         f"{_format_number(blob.asum_diff() / max(blob.count, 1))}")
 
+    def update_debug_info(self):
+        """Caffe's UpdateDebugInfo after an update: each parameter's mean |data| and |diff| (the update step)."""
+        def display_name(net_param_id):
+            layer_id, param_id = self._param_layer_indices[net_param_id]
+            specs = self.layers[layer_id].layer_param.param
+            return (specs[param_id].name if param_id < len(specs) else "") or str(param_id)
+
+        for net_param_id, (blob, owner) in enumerate(zip(self._params, self._param_owners)):
+            layer = self._layer_names[self._param_layer_indices[net_param_id][0]]
+            diff = _format_number(blob.asum_diff() / max(blob.count, 1))
+            if owner < 0:
+                logger.info(f"    [Update] Layer {layer}, param {display_name(net_param_id)} data: "
+                            f"{_format_number(blob.asum_data() / max(blob.count, 1))}; diff: {diff}")
+            else:
+                logger.info(f"    [Update] Layer {layer}, param blob {display_name(net_param_id)} (owned by layer "
+                            f"{self._layer_names[self._param_layer_indices[owner][0]]}, param "
+                            f"{display_name(owner)}) diff: {diff}")
+
     # -- weights -----------------------------------------------------------------------------
     def copy_trained_layers_from(self, weights_param):
         """Copy parameter blobs from a NetParameter by layer name, with Caffe's checks and messages."""
@@ -496,20 +523,24 @@ class Net(NetBatches):
                    if layer.blobs and layer.name not in {s.name for s in weights_param.layer}]
         if missing:
             logger.info(f"Layers not in the weights (keep their initialization): {', '.join(missing)}")
-        return copied
+        return copied, ignored
 
     def copy_from(self, weights):
-        """Load weights from one .caffemodel path, several comma-separated, or a NetParameter."""
+        """Load weights from one .caffemodel path, several comma-separated, or a NetParameter; returns the
+        names of the layers copied and of the source layers this net does not have."""
         if isinstance(weights, caffe_pb2.NetParameter):
-            self.copy_trained_layers_from(weights)
-            return
+            return self.copy_trained_layers_from(weights)
+        copied, ignored = [], []
         for path in str(weights).split(","):
             param = read_weights_param(path)
             if param is None:
-                self.load_hdf5(path)
+                names = hdf5_io.load_net(self, os.fspath(path))
             else:
-                self.copy_trained_layers_from(param)
+                names = self.copy_trained_layers_from(param)
             del param  # this file's weights are in the blobs now; free them before reading the next file
+            copied += names[0]
+            ignored += names[1]
+        return copied, ignored
 
     def load_hdf5(self, path):
         """pycaffe's load_hdf5: copy weights from a .caffemodel.h5 (Caffe's data/<layer>/<i> layout)."""

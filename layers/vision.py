@@ -25,6 +25,8 @@ SUM_GROUP = 256  # work-group size of channel_sum
 # the most floats one convolution's column buffer may hold: a batch whose columns need more is done in chunks
 # of samples (one GEMM per group and chunk) so that memory stays bounded for big images and batches
 COLUMN_BUFFER_LIMIT = 1 << 25
+# the column buffer that convolutions which never run backward take turns with (nothing to keep for backward)
+_shared_columns = np.empty(0, dtype=np.float32)
 
 
 def _shape(shape):
@@ -509,11 +511,17 @@ class ConvolutionLayer(BaseConvolutionLayer):
         cached = self._cached_columns.get(id(blob))
         if cached is not None and cached[0] == key and not forward:
             return cached[1]
-        col = self._im2col(blob.cpu_data(), extra_rows=int(self.fold_bias),
-                           reuse=cached[1] if cached is not None else None)
+        reuse = cached[1] if cached is not None else None
+        if not self.needs_backward:
+            global _shared_columns
+            size = (self.kernel_dim * self.group + self.fold_bias) * self.column_count * self.num
+            if _shared_columns.size < size:
+                _shared_columns = np.empty(size, dtype=np.float32)
+            reuse = _shared_columns[:size]
+        col = self._im2col(blob.cpu_data(), extra_rows=int(self.fold_bias), reuse=reuse)
         if self.fold_bias:
             col[0, -1] = 1
-        if col.size <= COLUMN_BUFFER_LIMIT:
+        if col.size <= COLUMN_BUFFER_LIMIT and self.needs_backward:
             self._cached_columns[id(blob)] = (key, col)
         return col
 

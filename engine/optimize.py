@@ -1,0 +1,218 @@
+"""The deploy-time graph optimiser: a forward plan for nets that infer (Net(..., optimize=...)).
+
+Levels:
+- "none": every layer runs as written (TRAIN nets, `--no-optimize`).
+- "safe" (the default for TEST nets built from Python): only rewrites after which every blob in net.blobs holds
+  what Caffe holds after forward. A BatchNorm (global statistics) / Scale / Bias chain that works in place on a
+  Convolution's or InnerProduct's top (ResNet's conv -> BatchNorm -> Scale, all writing one blob) is folded into
+  that layer's weights and bias, and TEST-phase Dropout in place, an identity, is skipped. Layers that a backward
+  pass would run are left alone.
+- "full" (kaffe test, kaffe time --phase TEST, the benchmarks): also folds chains whose intermediate blobs are
+  read by nothing else (conv -> bn -> scale writing three blobs), whatever backward would need; only the inputs,
+  the outputs and the blobs the caller keeps are sure to hold their values, and backward is refused.
+
+Folding never touches the parameters users see (net.params, save, snapshots, copy_from): the folded weights live
+in a private copy of the layer and are derived again whenever the data version of a source blob changes (a
+copy_from, surgery through net.params[...][i].data, a solver's update of weights a TEST net shares).
+"""
+import numpy as np
+
+from ..proto import caffe_pb2
+from .blob import Blob
+from .errors import KaffeError
+from .layer import create_layer
+from .syncedmem import SyncedMemory
+
+LEVELS = ("none", "safe", "full")
+PRODUCERS = ("Convolution", "InnerProduct")
+
+
+class FoldedProducer:
+    """A Convolution or InnerProduct whose weights and bias have the per-channel affine maps of the BatchNorm,
+    Scale and Bias layers after it folded in: y = a * (W x + b) + c becomes (a W) x + (a b + c)."""
+
+    def __init__(self, producer, followers, bottom, top):
+        self.producer, self.followers = producer, followers
+        param = caffe_pb2.LayerParameter()
+        param.CopyFrom(producer.layer_param)
+        del param.blobs[:]
+        getattr(param, "convolution_param" if producer.type == "Convolution" else "inner_product_param") \
+            .bias_term = True
+        self.channels = producer.num_output
+        self.layer = create_layer(param)
+        # the blobs exist before set-up, so no filler draws random numbers (the RNG stream stays the net's)
+        self.layer.blobs = [Blob(producer.blobs[0].shape), Blob((self.channels,))]
+        self.layer.setup(bottom, top)
+        self.layer.needs_backward = False
+        self.sources = [blob for layer in (producer, *followers) for blob in layer.blobs]
+        self.versions = None
+
+    def _fold(self):
+        producer = self.producer
+        weight = producer.blobs[0].cpu_data().astype(np.float64)
+        shift = (producer.blobs[1].cpu_data().astype(np.float64) if producer.bias_term
+                 else np.zeros(self.channels))
+        scale = np.ones(self.channels)
+        for layer in self.followers:
+            values = [blob.cpu_data().astype(np.float64).ravel() for blob in layer.blobs]
+            if layer.type == "BatchNorm":  # as BatchNormLayer with global statistics
+                factor = 0.0 if values[2][0] == 0 else 1 / values[2][0]
+                std = np.sqrt(factor * values[1] + float(layer.eps))
+                scale, shift = scale / std, (shift - factor * values[0]) / std
+            elif layer.type == "Scale":
+                scale, shift = scale * values[0], shift * values[0]
+                if layer.bias_term:
+                    shift = shift + values[1]
+            else:  # Bias
+                shift = shift + values[0]
+        transposed = producer.type == "InnerProduct" and producer.transpose  # weights (K, num_output)
+        per_output = scale.reshape((1, -1) if transposed else (-1,) + (1,) * (weight.ndim - 1))
+        self.layer.blobs[0].mutable_cpu_data()[...] = weight * per_output
+        self.layer.blobs[1].mutable_cpu_data()[...] = shift
+
+    def forward(self, bottom, top):
+        versions = [blob.data_version() for blob in self.sources]
+        if versions != self.versions:
+            self._fold()
+            self.versions = versions
+        return self.layer.forward(bottom, top)
+
+
+def _affine_channels(layer, bottom):
+    """The channel count of a BatchNorm (global statistics) / Scale / Bias layer that maps each channel (axis 1)
+    of its one bottom affinely with learned values, else None."""
+    if len(layer.layer_param.bottom) != 1:
+        return None
+    if layer.type == "BatchNorm":
+        return layer.channels if layer.use_global_stats else None
+    if layer.type in ("Scale", "Bias"):
+        outer, channels, _ = layer.dims
+        if outer == bottom.shape[0] and all(b.count == channels for b in layer.blobs):
+            return channels
+    return None
+
+
+class ForwardPlan:
+    """The steps of an optimised forward: (first layer, last layer, what runs: a layer, a FoldedProducer, or
+    None for a skipped identity)."""
+
+    def __init__(self, net, level, keep=()):
+        self.net, self.level = net, level
+        kept = set(net.inputs) | set(net.outputs) | set(keep)
+        readers = {}
+        for bottom_ids in net.bottom_ids:
+            for blob_id in bottom_ids:
+                readers[blob_id] = readers.get(blob_id, 0) + 1
+        self.steps = []
+        i, count = 0, len(net.layers)
+        while i < count:
+            last = self._chain_end(i, readers, kept) if net.layers[i].type in PRODUCERS else i
+            if last > i:
+                runner = FoldedProducer(net.layers[i], net.layers[i + 1:last + 1], net.bottom_vecs[i],
+                                        net.top_vecs[last])
+            elif self._is_test_dropout_in_place(i):
+                runner = None
+            else:
+                runner = net.layers[i]
+            self.steps.append((i, last, runner))
+            i = last + 1
+        self.folded = [step for step in self.steps if step[0] != step[1]]
+        self.shared_bytes = self._share_memory(kept) if level == "full" else 0
+
+    def _may_rewrite(self, layer_id):
+        return self.level == "full" or not self.net.layer_need_backward[layer_id]
+
+    def _chain_end(self, first, readers, kept):
+        """The last layer of the foldable affine chain after producer `first` (first itself: none)."""
+        net = self.net
+        if len(net.bottom_ids[first]) != 1 or len(net.top_ids[first]) != 1 or not self._may_rewrite(first):
+            return first
+        producer = net.layers[first]
+        if producer.type == "InnerProduct" and net.bottom_vecs[first][0].canonical_axis_index(
+                producer.layer_param.inner_product_param.axis) != 1:
+            return first
+        last, blob_id = first, net.top_ids[first][0]
+        for j in range(first + 1, len(net.layers)):
+            layer = net.layers[j]
+            if net.bottom_ids[j] != [blob_id] or len(net.top_ids[j]) != 1 or not self._may_rewrite(j):
+                break
+            if _affine_channels(layer, net.bottom_vecs[j][0]) != producer.num_output:
+                break
+            top_id = net.top_ids[j][0]
+            in_place = top_id == blob_id
+            if not in_place and not (self.level == "full" and readers.get(blob_id) == 1
+                                     and net.blob_names[blob_id] not in kept):
+                break
+            last, blob_id = j, top_id
+        return last
+
+    def _share_memory(self, kept):
+        """Full level: blobs whose lifetimes (first step writing them .. last step reading them) do not overlap
+        take turns with a pool of buffers. Blobs that share memory already (Split and Flatten tops, in-place
+        chains) move together; inputs, outputs, kept blobs and data layers' tops keep their own. Returns the
+        bytes saved."""
+        net = self.net
+        groups = {}  # id of a SyncedMemory -> the blob ids using it
+        for blob_id, blob in enumerate(net._blobs):
+            groups.setdefault(id(blob.memory), []).append(blob_id)
+        group_of = {blob_id: key for key, ids in groups.items() for blob_id in ids}
+        fixed = {group_of[i] for i, name in enumerate(net.blob_names) if name in kept}
+        fixed |= {group_of[i] for layer_id, ids in enumerate(net.top_ids) if not net.bottom_ids[layer_id] for i in ids}
+        first_write, last_read = {}, {}
+        for step, (first, last, runner) in enumerate(self.steps):
+            if runner is None:
+                continue
+            for i in net.bottom_ids[first]:
+                last_read[group_of[i]] = step
+            for i in net.top_ids[last]:
+                first_write.setdefault(group_of[i], step)
+                last_read[group_of[i]] = max(last_read.get(group_of[i], step), step)
+        free, pool, before = [], [], 0
+        ends = {}
+        for key, step in sorted(first_write.items(), key=lambda item: item[1]):
+            if key in fixed:
+                continue
+            for done_step, memory in [item for item in ends.items() if item[0] < step]:
+                free.extend(memory)
+                del ends[done_step]
+            count = max(net._blobs[i].count for i in groups[key])
+            before += count
+            fits = [m for m in free if m.count >= count]
+            memory = min(fits, key=lambda m: m.count) if fits else None
+            if memory is None:
+                memory = SyncedMemory(count)
+                pool.append(memory)
+            else:
+                free.remove(memory)
+            for i in groups[key]:
+                net._blobs[i].use_memory(memory)
+            ends.setdefault(last_read[key], []).append(memory)
+        return 4 * (before - sum(m.count for m in pool))
+
+    def _is_test_dropout_in_place(self, layer_id):
+        net = self.net
+        return (net.layers[layer_id].type == "Dropout" and net.phase == caffe_pb2.TEST
+                and net.bottom_ids[layer_id] == net.top_ids[layer_id])
+
+    def forward(self, start, end):
+        """Forward layers start..end (inclusive); a step that the range cuts runs its own layers as written."""
+        net = self.net
+        loss = 0.0
+        for first, last, runner in self.steps:
+            if last < start or first > end:
+                continue
+            if start <= first and last <= end:
+                if runner is not None:
+                    loss += runner.forward(net.bottom_vecs[first], net.top_vecs[last])
+                continue
+            for i in range(max(first, start), min(last, end) + 1):
+                loss += net.layers[i].forward(net.bottom_vecs[i], net.top_vecs[i])
+        return loss
+
+
+def forward_plan(net, level=None, keep=()):
+    """The ForwardPlan of `level` for a set-up net (default: "safe" for TEST nets, "none" otherwise), or None."""
+    level = level or ("safe" if net.phase == caffe_pb2.TEST else "none")
+    if level not in LEVELS:
+        raise KaffeError(f"optimize must be one of {', '.join(repr(v) for v in LEVELS)}; got {level!r}")
+    return None if level == "none" else ForwardPlan(net, level, keep)

@@ -1,0 +1,216 @@
+"""The deploy-time optimiser (engine/optimize.py): folded BatchNorm/Scale/Bias chains, skipped TEST Dropout, the
+full level's memory plan; every level gives the unoptimised net's outputs, and the parameters users see stay
+the originals."""
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+import kaffe
+from kaffe.engine.errors import KaffeError
+from kaffe.engine.net import Net, read_net_param
+from kaffe.proto import caffe_pb2
+from kaffe.tools.benchmark_zoo import MODELS, deploy_nets
+
+BLOCK = """
+name: "block"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+        convolution_param { num_output: 4 kernel_size: 1 bias_term: false } }
+layer { name: "bn2" type: "BatchNorm" bottom: "conv2" top: "bn2" }
+layer { name: "scale2" type: "Scale" bottom: "bn2" top: "scale2" }
+layer { name: "bias2" type: "Bias" bottom: "scale2" top: "scale2" }
+layer { name: "sum" type: "Eltwise" bottom: "conv1" bottom: "scale2" top: "sum" }
+layer { name: "pool" type: "Pooling" bottom: "sum" top: "pool" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "bnfc" type: "BatchNorm" bottom: "fc" top: "fc" }
+layer { name: "drop" type: "Dropout" bottom: "fc" top: "fc" }
+layer { name: "fc2" type: "InnerProduct" bottom: "fc" top: "fc2" inner_product_param { num_output: 3 transpose: true } }
+layer { name: "bnfc2" type: "BatchNorm" bottom: "fc2" top: "fc2" }
+"""
+
+
+def randomize(net, seed=0):
+    """Random weights, and BatchNorm statistics that make sense (variances > 0, a scale factor != 1)."""
+    rng = np.random.default_rng(seed)
+    for name, blobs in net.params.items():
+        for i, blob in enumerate(blobs):
+            values = rng.standard_normal(blob.data.shape).astype(np.float32)
+            if net.layer_dict[name].type == "BatchNorm":
+                values = np.abs(values) * 3 + 0.5 if i else values
+                values = np.full(blob.data.shape, 2.5, np.float32) if i == 2 else values
+            blob.data[...] = values
+
+
+def build(text=BLOCK, **kwargs):
+    return Net(text_format.Parse(text, caffe_pb2.NetParameter()), caffe_pb2.TEST, **kwargs)
+
+
+def forward_all_blobs(net, x):
+    net.blobs["data"].data[...] = x
+    net.forward()
+    return {name: blob.data.copy() for name, blob in net.blobs.items()}
+
+
+@pytest.fixture
+def nets(tmp_path):
+    """The block at each level, with the same weights (written by the unoptimised net, read by copy_from)."""
+    reference = build(optimize="none")
+    randomize(reference)
+    weights = str(tmp_path / "block.caffemodel")
+    reference.save(weights)
+    levels = {"none": reference}
+    for level in ("safe", "full"):
+        levels[level] = build(optimize=level)
+        levels[level].copy_from(weights)
+    return levels, weights
+
+
+def assert_close(actual, expected):
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * (np.abs(expected).max() + 1e-30))
+
+
+def test_safe_level_keeps_every_blob_and_full_level_the_outputs(nets):
+    levels, _ = nets
+    x = np.random.default_rng(1).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    expected = forward_all_blobs(levels["none"], x)
+    safe = forward_all_blobs(levels["safe"], x)
+    for name in expected:
+        assert_close(safe[name], expected[name])
+    assert_close(forward_all_blobs(levels["full"], x)["fc2"], expected["fc2"])
+
+
+def test_what_each_level_folds(nets):
+    levels, _ = nets
+    folded = {level: [levels[level].layer_names[first] + ".." + levels[level].layer_names[last]
+                      for first, last, _ in levels[level]._plan.folded] for level in ("safe", "full")}
+    # safe: only in-place chains (conv2 -> bn2 -> scale2 writes three blobs); full: that chain too
+    assert folded["safe"] == ["conv1..scale1", "fc..bnfc", "fc2..bnfc2"]
+    assert folded["full"] == ["conv1..scale1", "conv2..bias2", "fc..bnfc", "fc2..bnfc2"]
+    assert levels["none"]._plan is None
+    assert levels["full"]._plan.shared_bytes > 0
+
+
+def test_folding_leaves_the_parameters_users_see(nets, tmp_path):
+    levels, weights = nets
+    levels["safe"].blobs["data"].data[...] = 1
+    levels["safe"].forward()
+    original = Net(text_format.Parse(BLOCK, caffe_pb2.NetParameter()), caffe_pb2.TEST, weights=weights,
+                   optimize="none")
+    for name, blobs in original.params.items():
+        for mine, theirs in zip(levels["safe"].params[name], blobs):
+            np.testing.assert_array_equal(mine.data, theirs.data)
+    saved = str(tmp_path / "again.caffemodel")
+    levels["safe"].save(saved)
+    assert open(saved, "rb").read() == open(weights, "rb").read()
+
+
+@pytest.mark.parametrize("level", ["safe", "full"])
+def test_folded_weights_follow_surgery_and_copy_from(nets, tmp_path, level):
+    levels, _ = nets
+    net, reference = levels[level], levels["none"]
+    x = np.random.default_rng(2).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    forward_all_blobs(net, x)
+    for target in (net, reference):   # surgery through net.params[...][i].data, after a forward
+        target.params["conv1"][0].data[...] *= -1
+        target.params["bn1"][1].data[...] += 1
+        target.params["scale2"][0].data.flat[0] = 7
+    assert_close(forward_all_blobs(net, x)["fc2"], forward_all_blobs(reference, x)["fc2"])
+    randomize(reference, seed=5)
+    other = str(tmp_path / "other.caffemodel")
+    reference.save(other)
+    net.copy_from(other)
+    assert_close(forward_all_blobs(net, x)["fc2"], forward_all_blobs(reference, x)["fc2"])
+
+
+def test_a_test_net_sharing_a_training_nets_weights_sees_each_update():
+    train_text = BLOCK.replace('name: "block"', 'name: "block" force_backward: true')
+    train = Net(text_format.Parse(train_text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+    randomize(train)
+    test, reference = build(), build(optimize="none")
+    test.share_trained_layers_with(train)
+    reference.share_trained_layers_with(train)
+    x = np.random.default_rng(3).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    for _ in range(3):
+        for blob in train.learnable_params:   # what a solver's update does to the shared weights
+            blob.mutable_cpu_data()[...] += np.float32(0.1)
+        assert_close(forward_all_blobs(test, x)["fc2"], forward_all_blobs(reference, x)["fc2"])
+
+
+def test_safe_level_leaves_what_backward_needs():
+    """With force_backward every layer runs backward: nothing is folded and the gradients are Caffe's."""
+    text = BLOCK.replace('name: "block"', 'name: "block" force_backward: true')
+    safe, plain = build(text), build(text, optimize="none")
+    assert safe._plan.folded == []
+    randomize(plain)
+    for name, blobs in plain.params.items():
+        for mine, theirs in zip(safe.params[name], blobs):
+            mine.data[...] = theirs.data
+    for net in (safe, plain):
+        net.blobs["data"].data[...] = 1
+        net.forward()
+        net.blobs["fc2"].diff[...] = 1
+        net.backward()
+    np.testing.assert_allclose(safe.blobs["data"].diff, plain.blobs["data"].diff, rtol=1e-5)
+
+
+def test_full_level_refuses_backward_and_keeps_named_blobs(nets):
+    levels, _ = nets
+    with pytest.raises(KaffeError, match="optimize='full'"):
+        levels["full"].backward()
+    kept = build(optimize="full", keep=["conv2", "pool"])
+    kept.copy_from(nets[1])
+    x = np.random.default_rng(4).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    expected = forward_all_blobs(levels["none"], x)
+    blobs = forward_all_blobs(kept, x)
+    for name in ("conv2", "pool", "fc2"):
+        assert_close(blobs[name], expected[name])
+
+
+def test_unknown_level_is_refused():
+    with pytest.raises(KaffeError, match="optimize must be one of"):
+        build(optimize="fast")
+
+
+def test_training_nets_are_not_optimised_by_default():
+    train = Net(text_format.Parse(BLOCK, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+    assert train._plan is None
+
+
+def zoo_net(name, batch, level):
+    param = read_net_param(f"{MODELS}/{name}/deploy.prototxt")
+    for layer in param.layer:
+        if layer.type == "Input":
+            for shape in layer.input_param.shape:
+                shape.dim[0] = batch
+    return Net(param, caffe_pb2.TEST, optimize=level)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", deploy_nets())
+def test_every_zoo_net_gives_the_same_outputs_at_every_level(name, tmp_path):
+    reference = zoo_net(name, 2, "none")
+    randomize(reference)
+    for layer_name, blobs in reference.params.items():   # keep activations O(1) through deep nets
+        if reference.layer_dict[layer_name].type in ("Convolution", "InnerProduct"):
+            weights = blobs[0].data
+            weights *= np.float32(1 / np.sqrt(weights[0].size))
+    weights = str(tmp_path / "w.caffemodel")
+    reference.save(weights)
+    x = np.random.default_rng(9).standard_normal(reference.blobs["data"].data.shape).astype(np.float32)
+    expected = forward_all_blobs(reference, x)
+    for level in ("safe", "full"):
+        net = zoo_net(name, 2, level)
+        net.copy_from(weights)
+        blobs = forward_all_blobs(net, x)
+        for output in reference.outputs:
+            assert_close(blobs[output], expected[output])
+
+
+def test_pycaffe_default_for_test_nets_is_safe():
+    net = kaffe.Net(text_format.Parse(BLOCK, caffe_pb2.NetParameter()), kaffe.TEST)
+    assert net._plan.level == "safe"
