@@ -228,6 +228,10 @@ TOOL_COMMANDS = {
     "upgrade_net_proto_binary": ("upgrade", ["upgrade_net_proto_binary"], "upgrade an old binary net (weights)"),
     "upgrade_solver_proto_text": ("upgrade", ["upgrade_solver_proto_text"], "upgrade an old solver prototxt"),
     "zoo": ("zoo", [], "our model zoo: kaffe zoo list|show NAME|fetch NAME"),
+    "classify": ("classify", [], "classify images (a file, a folder or a .npy) -> .npy of probabilities "
+                                 "(Caffe's python/classify.py)"),
+    "extract_features": ("extract_features", [], "a trained net's blob features for its data -> LMDB/LevelDB of "
+                                                 "Datums"),
     "parse_log": ("parse_log", [], "a training log -> LOG.train / LOG.test CSV tables (Caffe's parse_log.py)"),
     "plot": ("plot", [], "plot training logs (loss, lr or an output vs iterations or seconds) to PNG/SVG"),
     "import": ("import_model", [], "an ONNX model -> net prototxt + .caffemodel: kaffe import onnx --help"),
@@ -261,6 +265,10 @@ def main(argv=None):
         COMMANDS[args.command](args)
     except KaffeError as e:
         print(f"kaffe {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:   # set-up refuses what cannot fit; this is memory taken by others in the meantime
+        print(f"kaffe {args.command}: error: out of memory (the machine's memory is taken by other programs or "
+              f"by this one's earlier blobs)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"kaffe {args.command}: interrupted", file=sys.stderr)
