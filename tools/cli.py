@@ -50,11 +50,16 @@ def _build_parser():
     _flag(train, "sighup_effect", default="snapshot", choices=SIGNAL_EFFECTS, help="what SIGHUP does")
     _add_common(train, iterations=False)
     _flag(train, "iterations", type=int, default=None, help="override the solver's max_iter")
+    _flag(train, "tensorboard", default="", metavar="DIR",
+          help="write TensorBoard event files into DIR/<run> (default: $KAFFE_TENSORBOARD)")
+    _flag(train, "debug_info", action="store_true",
+          help="the solver's debug_info: per-layer mean |data| and |diff| at each display and test")
 
     test = commands.add_parser("test", help="score a model")
     _flag(test, "model", default="", help="net prototxt")
     _flag(test, "weights", default="", help="comma-separated .caffemodel files")
     _flag(test, "no-python-layers", action="store_true", help="refuse Python layers (for model files from strangers)")
+    _flag(test, "no-optimize", action="store_true", help="run every layer as written (no deploy-time optimiser)")
     _add_common(test)
 
     timing = commands.add_parser("time", help="benchmark a model's execution time")
@@ -62,6 +67,8 @@ def _build_parser():
     _flag(timing, "phase", default="TRAIN", choices=("TRAIN", "TEST"), help="net phase")
     _flag(timing, "no-python-layers", action="store_true", help="refuse Python layers (for model files from "
                                                                  "strangers)")
+    _flag(timing, "no-optimize", action="store_true", help="--phase TEST: time every layer as written, backward "
+                                                            "included (no deploy-time optimiser)")
     _add_common(timing)
 
     query = commands.add_parser("device_query", help="show the OpenCL devices (all, or --gpu N)")
@@ -121,8 +128,10 @@ def train(args):
     elif args.weights:
         del param.weights[:]
         param.weights.append(args.weights)
+    if args.debug_info:
+        param.debug_info = True
     set_skip_bad_records(args.skip_bad_records)
-    solver = get_solver(param)
+    solver = get_solver(param, tensorboard=args.tensorboard or None)
     solver.snapshot_failure = args.snapshot_failure
     # over `ulimit -f`, a write fails with EFBIG (a clear message, partial files removed) instead of a kill
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -131,9 +140,10 @@ def train(args):
         if args.snapshot:
             logger.info(f"Resuming from {args.snapshot}")
         solver.solve(args.snapshot or None)
+        logger.info("Optimization Done.")
     finally:
         restore_signals()
-    logger.info("Optimization Done.")
+        solver.report.finish()   # also after Ctrl-C or an error
 
 
 def test(args):
@@ -144,7 +154,7 @@ def test(args):
         raise KaffeError("Need model weights to score (--weights).")
     _select_mode(_gpus(args.gpu))
     net = Net(args.model, caffe_pb2.TEST, level=args.level, stages=_stages(args.stage),
-              allow_python_layers=not args.no_python_layers)
+              allow_python_layers=not args.no_python_layers, optimize="none" if args.no_optimize else "full")
     net.copy_from(args.weights)
     logger.info(f"Running for {args.iterations} iterations.")
     totals, loss = None, 0.0
@@ -168,13 +178,19 @@ def time_model(args):
         raise KaffeError("Need a model definition to time (--model).")
     _select_mode(_gpus(args.gpu))
     phase = caffe_pb2.Phase.Value(args.phase)
+    optimize = "full" if phase == caffe_pb2.TEST and not args.no_optimize else "none"
     net = Net(args.model, phase, level=args.level, stages=_stages(args.stage),
-              allow_python_layers=not args.no_python_layers)
+              allow_python_layers=not args.no_python_layers, optimize=optimize)
     logger.info("Performing Forward")
     loss = net.forward_from_to(0, len(net.layers) - 1)
     logger.info(f"Initial loss: {format(loss, '.6g')}")
-    logger.info("Performing Backward")
-    net.backward_from_to(len(net.layers) - 1, 0)
+    steps = net.forward_steps
+    backward = optimize == "none"
+    if backward:
+        logger.info("Performing Backward")
+        net.backward_from_to(len(net.layers) - 1, 0)
+    else:
+        logger.info("Backward not timed: the TEST net is optimised for inference (--no-optimize times it)")
     n = len(net.layers)
     forward_ms, backward_ms = np.zeros(n), np.zeros(n)
     forward_total = backward_total = 0.0
@@ -184,14 +200,15 @@ def time_model(args):
     total_start = clock()
     for j in range(args.iterations):
         iter_start = clock()
-        for i in range(n):
+        for first, last, runner in steps:  # a folded chain's time is its first layer's
             t0 = clock()
-            net.layers[i].forward(net.bottom_vecs[i], net.top_vecs[i])
+            if runner is not None:
+                runner.forward(net.bottom_vecs[first], net.top_vecs[last])
             device.synchronize()
-            forward_ms[i] += (clock() - t0) * 1e3
+            forward_ms[first] += (clock() - t0) * 1e3
         forward_total += (clock() - iter_start) * 1e3
         backward_start = clock()
-        for i in range(n - 1, -1, -1):
+        for i in range(n - 1, -1, -1) if backward else ():
             t0 = clock()
             net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
             device.synchronize()
@@ -228,6 +245,7 @@ TOOL_COMMANDS = {
     "upgrade_net_proto_binary": ("upgrade", ["upgrade_net_proto_binary"], "upgrade an old binary net (weights)"),
     "upgrade_solver_proto_text": ("upgrade", ["upgrade_solver_proto_text"], "upgrade an old solver prototxt"),
     "zoo": ("zoo", [], "our model zoo: kaffe zoo list|show NAME|fetch NAME"),
+    "draw_net": ("draw_net", [], "a net prototxt drawn as a graph: .svg, .png, .pdf or .dot"),
     "classify": ("classify", [], "classify images (a file, a folder or a .npy) -> .npy of probabilities "
                                  "(Caffe's python/classify.py)"),
     "extract_features": ("extract_features", [], "a trained net's blob features for its data -> LMDB/LevelDB of "
@@ -235,6 +253,7 @@ TOOL_COMMANDS = {
     "parse_log": ("parse_log", [], "a training log -> LOG.train / LOG.test CSV tables (Caffe's parse_log.py)"),
     "plot": ("plot", [], "plot training logs (loss, lr or an output vs iterations or seconds) to PNG/SVG"),
     "import": ("import_model", [], "an ONNX model -> net prototxt + .caffemodel: kaffe import onnx --help"),
+    "export": ("export_model", [], "a net (+ weights) -> an ONNX model: kaffe export onnx --help"),
     "run": ("run", [], "run an unchanged pycaffe script (import caffe) on kaffe: kaffe run SCRIPT.py [ARGS]"),
 }
 
