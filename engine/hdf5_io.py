@@ -112,15 +112,18 @@ def save_net(net, path, write_diff=False):
 
 
 def load_net(net, path):
-    """Caffe's Net::CopyTrainedLayersFromHDF5: by layer name; shared parameters may be absent."""
+    """Caffe's Net::CopyTrainedLayersFromHDF5: by layer name; shared parameters may be absent. Returns the names
+    of the layers copied and of the file's layers that the net does not have."""
     ids = _net_param_ids(net)
     with _open(path, "HDF5 weights (.caffemodel.h5)") as f:
         if not isinstance(f.get("data"), h5py.Group):
             raise KaffeError(f"{path}: Error reading weights: no 'data' group (not a .caffemodel.h5 file)")
         data = f["data"]
+        copied, ignored = [], []
         for name in data:
             layer_id = net._layer_index.get(name)
             if layer_id is None:
+                ignored.append(name)
                 logger.info(f"Ignoring source layer {name}")
                 continue
             source = data[name]
@@ -135,9 +138,12 @@ def load_net(net, path):
                     raise KaffeError(f"{path}: Incompatible number of blobs for layer {name}: param {j} "
                                      f"is missing from the weights")
                 _load_into(blob, source[str(j)], path)
+            if len(source):
+                copied.append(name)
         missing = [n for n, layer in zip(net._layer_names, net.layers) if layer.blobs and n not in data]
         if missing:
             logger.info(f"Layers not in the weights (keep their initialization): {', '.join(missing)}")
+    return copied, ignored
 
 
 def check_weights(path):

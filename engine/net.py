@@ -100,6 +100,11 @@ class Net(NetBatches):
         net.copy_trained_layers_from(weights)
         return net
 
+    def to_onnx(self, path=None, opset=None, batch=None):
+        """The net (TEST phase) as an onnx.ModelProto, written to `path` when given; see engine/onnx_export.py."""
+        from .onnx_export import export_onnx
+        return export_onnx(self, path, opset=opset, batch=batch)
+
     # -- construction (Caffe's Net::Init) ------------------------------------------------------
     def _init(self, in_param):
         self.phase = in_param.state.phase
@@ -379,6 +384,14 @@ class Net(NetBatches):
             for run in after:
                 run(i)
 
+    @property
+    def forward_steps(self):
+        """What a whole forward runs, as (first layer, last layer, runner) steps: one per layer, or the
+        optimiser's plan (a runner is a layer, a folded chain, or None for a skipped identity)."""
+        if self._plan is not None:
+            return self._plan.steps
+        return [(i, i, layer) for i, layer in enumerate(self.layers)]
+
     _forward = forward_from_to
     _backward = backward_from_to
 
@@ -534,7 +547,7 @@ class Net(NetBatches):
         for path in str(weights).split(","):
             param = read_weights_param(path)
             if param is None:
-                names = hdf5_io.load_net(self, os.fspath(path))
+                names = self.load_hdf5(path)
             else:
                 names = self.copy_trained_layers_from(param)
             del param  # this file's weights are in the blobs now; free them before reading the next file
@@ -545,7 +558,7 @@ class Net(NetBatches):
     def load_hdf5(self, path):
         """pycaffe's load_hdf5: copy weights from a .caffemodel.h5 (Caffe's data/<layer>/<i> layout)."""
         from . import hdf5_io
-        hdf5_io.load_net(self, os.fspath(path))
+        return hdf5_io.load_net(self, os.fspath(path))
 
     def save_hdf5(self, path, write_diff=False):
         """pycaffe's save_hdf5: write the weights as a .caffemodel.h5."""

@@ -11,8 +11,8 @@ from .solver import register_solver
 
 @register_solver("AdaDelta")
 class AdaDeltaSolver(SGDSolver):
-    def __init__(self, param):
-        super().__init__(param)
+    def __init__(self, param, **options):
+        super().__init__(param, **options)
         self.add_history_set()
 
     def update_on_device(self, i, blob, rate):

@@ -14,8 +14,8 @@ from .solver import register_solver
 
 @register_solver("Adam")
 class AdamSolver(SGDSolver):
-    def __init__(self, param):
-        super().__init__(param)
+    def __init__(self, param, **options):
+        super().__init__(param, **options)
         self.add_history_set()
 
     def _check_param(self):

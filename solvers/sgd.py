@@ -29,8 +29,8 @@ def launch_update(name, blob, history, *scalars):
 
 @register_solver("SGD")
 class SGDSolver(Solver):
-    def __init__(self, param):
-        super().__init__(param)
+    def __init__(self, param, **options):
+        super().__init__(param, **options)
         # one history blob per learnable parameter (momentum); rules with a second set (AdaDelta, Adam) append
         # it after the first, Caffe's order in the .solverstate
         self.history = []

@@ -15,8 +15,11 @@ from ..engine.log import logger
 from ..engine.net import Net, read_net_param
 from ..engine.upgrade import upgrade_solver_param
 from ..proto import caffe_pb2
+from .divergence import first_non_finite
 from .lr_policy import check_policy
+from .run_report import RunReport
 from .snapshot_files import check_writable, weights_file
+from .tensorboard import ENV as TENSORBOARD_ENV, TensorBoardLog
 
 SOLVER_TYPES = {}
 
@@ -74,21 +77,21 @@ def _removed_on_failure(path):
         raise
 
 
-def get_solver(solver):
-    """pycaffe's get_solver: a solver of the class that the file's `type` names."""
+def get_solver(solver, tensorboard=None):
+    """pycaffe's get_solver: a solver of the class that the file's `type` names (tensorboard: see Solver)."""
     param = solver if isinstance(solver, caffe_pb2.SolverParameter) else read_solver_param(os.fspath(solver))
     from . import adadelta, adagrad, adam, nesterov, rmsprop, sgd  # noqa: F401  (register the built-in types)
     cls = SOLVER_TYPES.get(param.type)
     if cls is None:
         raise KaffeError(f"Unknown solver type: '{param.type}' (known: {', '.join(sorted(SOLVER_TYPES))})")
-    return cls(param)
+    return cls(param, tensorboard=tensorboard)
 
 
 class Solver:
     """Caffe's Solver: owns the train net and the test nets and runs the optimisation loop."""
     type = None
 
-    def __init__(self, param):
+    def __init__(self, param, tensorboard=None):
         if isinstance(param, (str, os.PathLike)):
             param = read_solver_param(os.fspath(param))
         self.param = param
@@ -106,10 +109,17 @@ class Solver:
         self.action_request = None   # a function returning NONE/STOP/SNAPSHOT (set by signal handlers)
         self._pending_actions = []
         self._callbacks = []         # (on_start, on_gradients_ready) pairs of add_callback
+        self.report = RunReport(self)
+        self.watchers = [self.report]  # told of each start, display, test pass, snapshot and restore
+        tensorboard = tensorboard or os.environ.get(TENSORBOARD_ENV)
+        if tensorboard:
+            self.report.tensorboard = TensorBoardLog(tensorboard, self)
+            self.watchers.append(self.report.tensorboard)
         self.net = self._init_train_net()
         self.test_nets = self._init_test_nets()
         for weights in self.param.weights:  # fine-tuning: `weights` in the solver or --weights
-            for net in [self.net] + self.test_nets:
+            self.report.copied_weights(weights, *self.net.copy_from(weights))
+            for net in self.test_nets:
                 net.copy_from(weights)
         logger.info("Solver scaffolding done.")
 
@@ -184,6 +194,7 @@ class Solver:
             param.state.CopyFrom(state)
             logger.info(f"Creating test net (#{i}) specified by {source}")
             net = Net(param)
+            net.debug_info = p.debug_info   # as Caffe: every test pass logs its layers too
             net.share_trained_layers_with(self.net)
             nets.append(net)
         return nets
@@ -220,6 +231,8 @@ class Solver:
         self.smoothed_loss = 0.0
         timer = time.perf_counter()
         iterations_last = self.iter
+        for watcher in self.watchers:
+            watcher.start()
         while self.iter < stop_iter:
             self.net.clear_param_diffs()
             if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
@@ -236,6 +249,7 @@ class Solver:
             loss /= p.iter_size
             if not math.isfinite(loss):
                 raise KaffeError(f"Training diverged: the loss is {loss} at iteration {self.iter}. "
+                                 f"{first_non_finite(self.net)} "
                                  f"Lower base_lr, check the data and the fillers, or set clip_gradients.")
             self._update_smoothed_loss(loss, start_iter)
             if display:
@@ -246,9 +260,13 @@ class Solver:
                 timer = time.perf_counter()
                 iterations_last = self.iter
                 self._log_outputs("Train", self.net, [b.cpu_data().ravel() for b in self.net.output_blobs])
+                for watcher in self.watchers:
+                    watcher.display(self.smoothed_loss, loss, per_s)
             for _, on_gradients_ready in self._callbacks:
                 on_gradients_ready()
             self.apply_update()
+            if self.net.debug_info:
+                self.net.update_debug_info()
             request = self._requested_action()
             if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
                 self.snapshot()
@@ -309,7 +327,10 @@ class Solver:
             logger.info(f"Test loss: {_fmt(loss / iterations)}")
         means = [s / iterations for s in scores or []]
         self._log_outputs("Test", net, means)
-        return dict(zip(net.outputs, means))
+        outputs = dict(zip(net.outputs, means))
+        for watcher in self.watchers:
+            watcher.test(test_net_id, outputs, loss / iterations if self.param.test_compute_loss else None)
+        return outputs
 
     def add_callback(self, on_start, on_gradients_ready=None):
         """pycaffe's add_callback: on_start() runs before each iteration's forward/backward passes,
@@ -364,7 +385,10 @@ class Solver:
         previous snapshots as they were and stops training, or, with snapshot_failure "continue", is logged and
         training goes on (returns None)."""
         try:
-            return self._write_snapshot()
+            files = self._write_snapshot()
+            for watcher in self.watchers:
+                watcher.snapshot(files)
+            return files
         except StorageError as e:
             message = f"Snapshot at iteration {self.iter} failed: {e}. The previous snapshots are intact"
             if self.snapshot_failure != "continue":
@@ -406,8 +430,11 @@ class Solver:
         return model_file, state_file
 
     def _resume_state(self):
-        return {"rng": device.rng_state(), "train_net": self.net.resume_state(),
-                "test_nets": [net.resume_state() for net in self.test_nets]}
+        state = {"rng": device.rng_state(), "train_net": self.net.resume_state(),
+                 "test_nets": [net.resume_state() for net in self.test_nets]}
+        if self.report.tensorboard:   # a resumed run appends to the same TensorBoard run
+            state["tensorboard_run"] = self.report.tensorboard.open_run()
+        return state
 
     def restore(self, state_file):
         """Load a .solverstate (binary) or, when the name ends in .h5 as Caffe decides, a .solverstate.h5."""
@@ -435,3 +462,5 @@ class Solver:
             self.net.set_resume_state(extra["train_net"])
             for net, net_state in zip(self.test_nets, extra.get("test_nets", [])):
                 net.set_resume_state(net_state)
+        for watcher in self.watchers:
+            watcher.resume(extra.get("tensorboard_run") if extra else None, self.iter)
