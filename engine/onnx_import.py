@@ -63,6 +63,11 @@ def _dims(value_info):
     return None if any(d < 0 for d in dims) else dims
 
 
+def _only_indices(name, readers):
+    """Whether tensor `name` is read, and only as the indices of Gathers (an Embed takes them as floats)."""
+    return bool(readers) and all(r.op_type == "Gather" and list(r.input[1:]) == [name] for r in readers)
+
+
 def _shape_text(shape):
     return "x".join(map(str, shape)) if len(shape) else "scalar"
 
@@ -76,7 +81,8 @@ class _Importer:
         self.const = {}        # tensor name -> numpy value, for initializers and folded nodes
         self.alias = {}        # tensor name -> the Caffe blob that holds it (Identity, Cast)
         self.producer = {}     # Caffe blob name -> the LayerParameter that writes it
-        self.uses = {}         # tensor name -> number of reading nodes
+        self.readers = {}      # tensor name -> the nodes that read it
+        self.uses = {}         # tensor name -> number of reading nodes and graph outputs
         self.zero_pads = {}    # output of a zero Pad -> (the Pad node, its input, pads before, pads after)
         self.net = caffe_pb2.NetParameter(name=self.model.graph.name or "onnx")
         self.names = set()       # layer names taken
@@ -114,7 +120,8 @@ class _Importer:
         for value in inputs:
             tensor = value.type.tensor_type
             if tensor.elem_type not in (self.onnx.TensorProto.FLOAT, self.onnx.TensorProto.DOUBLE,
-                                        self.onnx.TensorProto.FLOAT16):
+                                        self.onnx.TensorProto.FLOAT16) and not _only_indices(
+                    value.name, [n for n in self.model.graph.node if value.name in n.input]):
                 raise KaffeError(f"input '{value.name}' holds {self.onnx.TensorProto.DataType.Name(tensor.elem_type)}"
                                  f" values; Caffe blobs hold floats")
             for axis, dim in enumerate(tensor.shape.dim):
@@ -179,15 +186,16 @@ class _Importer:
         nodes = self._fold(graph.node)
         # once folded, the remaining graph's shapes are inferred again: Reshape targets are constants now
         helper = self.onnx.helper
-        folded = helper.make_graph(nodes, graph.name, inputs, graph.output,
-                                   [self.onnx.numpy_helper.from_array(v, n) for n, v in self.const.items()
-                                    if any(n in node.input for node in nodes)])
-        self.shapes = self._infer(helper.make_model(folded, opset_imports=self.model.opset_import,
-                                                    ir_version=self.model.ir_version))
         for node in nodes:
             for name in node.input:
-                self.uses[name] = self.uses.get(name, 0) + 1
+                self.readers.setdefault(name, []).append(node)
+        folded = helper.make_graph(nodes, graph.name, inputs, graph.output,
+                                   [self.onnx.numpy_helper.from_array(v, n) for n, v in self.const.items()
+                                    if n in self.readers])
+        self.shapes = self._infer(helper.make_model(folded, opset_imports=self.model.opset_import,
+                                                    ir_version=self.model.ir_version))
         outputs = [o.name for o in graph.output]
+        self.uses = {name: len(readers) for name, readers in self.readers.items()}
         for name in outputs:
             self.uses[name] = self.uses.get(name, 0) + 1
         data = self._layer("input", "Input", [], [i.name for i in inputs])
@@ -493,13 +501,16 @@ class _Importer:
         self._inner_product(node, matrix.T, None, len(self._shape(node, node.input[0])) - 1)
 
     def _fuse_bias(self, node, x, value):
-        """Add of a constant (N,) right after a bias-less InnerProduct (MatMul + Add) becomes its bias."""
+        """Add of a constant (N,) right after a bias-less InnerProduct or Embed (MatMul + Add, Gather + Add)
+        becomes its bias."""
         layer = self.producer.get(self.alias.get(x, x))
-        if (layer is None or layer.type != "InnerProduct" or layer.inner_product_param.bias_term
-                or self.uses.get(x, 0) != 1 or layer.top[0] != x
-                or value.size != layer.inner_product_param.num_output or value.shape[-1:] != (value.size,)):
+        if layer is None or layer.type not in ("InnerProduct", "Embed"):
             return False
-        layer.inner_product_param.bias_term = True
+        p = layer.inner_product_param if layer.type == "InnerProduct" else layer.embed_param
+        if (p.bias_term or self.uses.get(x, 0) != 1 or layer.top[0] != x
+                or value.size != p.num_output or value.shape[-1:] != (value.size,)):
+            return False
+        p.bias_term = True
         blob = Blob(value.size)
         blob.mutable_cpu_data()[...] = value.reshape(-1)
         blob.to_proto(layer.blobs.add())
@@ -684,10 +695,12 @@ class _Importer:
         self.alias[node.output[0]] = self._blob(node, node.input[0])
 
     def _op_Cast(self, node, a):
-        """A cast to a float type, or of the integers or booleans ArgMax / Threshold give, leaves the values."""
+        """A cast to a float type, of the integers or booleans ArgMax / Threshold give, or to the indices of a
+        Gather (an Embed layer truncates them as the cast does) leaves the values."""
         types = self.onnx.TensorProto
         source = self.producer.get(self._blob(node, node.input[0]))
-        if a["to"] not in (types.FLOAT, types.DOUBLE, types.FLOAT16) and (
+        if a["to"] not in (types.FLOAT, types.DOUBLE, types.FLOAT16) and not _only_indices(
+                node.output[0], self.readers.get(node.output[0], [])) and (
                 source is None or source.type not in ("ArgMax", "Threshold")):
             self._refuse(node, f"cast to {types.DataType.Name(a['to'])}: Caffe blobs hold floats")
         self._op_Identity(node, a)
@@ -857,3 +870,12 @@ class _Importer:
         if any(pads[:2]) or any(pads[rank:rank + 2]) or min(pads) < 0:
             self._refuse(node, f"pads {list(pads)}: Caffe pads only the spatial axes, by non-negative amounts")
         self.zero_pads[node.output[0]] = (node, node.input[0], list(pads[2:rank]), list(pads[rank + 2:]))
+
+    def _op_Gather(self, node, a):
+        """Rows of a constant table picked by computed indices: Embed."""
+        table = self._constant(node, 0, "table (data)")
+        if table.ndim != 2 or a.get("axis", 0) != 0:
+            self._refuse(node, "Caffe's Embed picks rows (axis 0) of a 2-D table")
+        layer = self._layer(node.name, "Embed", [self._blob(node, node.input[1])], [node.output[0]], [table])
+        p = layer.embed_param
+        p.input_dim, p.num_output, p.bias_term = table.shape[0], table.shape[1], False

@@ -239,6 +239,22 @@ CASES.update({
 })
 
 
+def embedding(cast):
+    """Gather of table rows (+ a bias): indices from an int64 input, or cast from a float input of integers (as
+    Caffe's Embed requires)."""
+    nodes = [node("Gather", ["t", "i"], ["g"]), node("Add", ["g", "b"])]
+    if cast:
+        nodes.insert(0, node("Cast", ["a"], ["i"], to=TensorProto.INT64))
+    model = make_model(nodes, {} if cast else {}, ["y"], {"t": random(10, 4), "b": random(4)})
+    model.graph.input.append(helper.make_tensor_value_info(*(("a", TensorProto.FLOAT) if cast else
+                                                             ("i", TensorProto.INT64)), [2, 3]))
+    values = RNG.integers(0, 10, (2, 3))
+    return model, {"a": values.astype(np.float32)} if cast else {"i": values.astype(np.int64)}
+
+
+CASES.update({"gather_int_indices": embedding(cast=False), "gather_cast_indices": embedding(cast=True)})
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_operator_matches_onnxruntime(case):
     model, feeds = CASES[case]
