@@ -214,3 +214,28 @@ def test_every_zoo_net_gives_the_same_outputs_at_every_level(name, tmp_path):
 def test_pycaffe_default_for_test_nets_is_safe():
     net = kaffe.Net(text_format.Parse(BLOCK, caffe_pb2.NetParameter()), kaffe.TEST)
     assert net._plan.level == "safe"
+
+
+def test_kaffe_time_phase_test_times_the_optimised_forward(tmp_path, capsys):
+    from kaffe.tools import cli
+    model = tmp_path / "block.prototxt"
+    model.write_text(BLOCK)
+    assert cli.main(["time", "--model", str(model), "--phase", "TEST", "--iterations", "2"]) == 0
+    log = capsys.readouterr().err
+    assert "Backward not timed" in log and "Performing Backward" not in log
+    assert log.count("\tforward:") == 17   # every layer (16 + a Split) keeps its line; a folded one says 0
+    assert cli.main(["time", "--model", str(model), "--phase", "TEST", "--iterations", "2", "--no-optimize"]) == 0
+    assert "Performing Backward" in capsys.readouterr().err
+
+
+def test_kaffe_test_gives_the_same_scores_with_and_without_the_optimiser(tmp_path, nets, capsys):
+    from kaffe.tools import cli
+    model = tmp_path / "block.prototxt"
+    model.write_text(BLOCK)
+    scores = []
+    for extra in ([], ["--no-optimize"]):
+        assert cli.main(["test", "--model", str(model), "--weights", nets[1], "--iterations", "1", *extra]) == 0
+        scores.append([float(line.split("= ")[1]) for line in capsys.readouterr().err.splitlines()
+                       if "] fc2 = " in line])
+    assert len(scores[0]) == 6
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-4)
