@@ -88,12 +88,13 @@ def _mappable_bottoms(top):
     return top.fn.inputs[:1] if top.fn.type_name == 'Crop' else top.fn.inputs
 
 
-def _ancestor_maps(top):
-    """The map from every spatial ancestor of `top` (top itself included) to `top`."""
+def _walk_back(top):
+    """(ancestor, map from the ancestor's coordinates to those of `top`) for `top` and each spatial ancestor."""
     maps = {top: (None, 1, 0)}
     frontier = [top]
     while frontier:
         top = frontier.pop()
+        yield top, maps[top]
         try:
             layer_map = coord_map(top.fn)
         except UndefinedMapException:
@@ -101,26 +102,15 @@ def _ancestor_maps(top):
         for bottom in _mappable_bottoms(top):
             maps[bottom] = compose(maps[top], layer_map)
             frontier.append(bottom)
-    return maps
 
 
 def coord_map_from_to(top_from, top_to):
     """The map (axis, scale, shift) from the coordinates of `top_from` to those of `top_to`: both are walked back
     to a common ancestor, composing layer maps, and the `from` side is inverted."""
-    from_maps = _ancestor_maps(top_from)
-    to_maps = {top_to: (None, 1, 0)}
-    frontier = [top_to]
-    while frontier:
-        top = frontier.pop()
+    from_maps = dict(_walk_back(top_from))
+    for top, to_map in _walk_back(top_to):
         if top in from_maps:
-            return compose(to_maps[top], inverse(from_maps[top]))
-        try:
-            layer_map = coord_map(top.fn)
-        except UndefinedMapException:
-            continue
-        for bottom in _mappable_bottoms(top):
-            to_maps[bottom] = compose(to_maps[top], layer_map)
-            frontier.append(bottom)
+            return compose(to_map, inverse(from_maps[top]))
     raise KaffeRuntimeError('Could not compute map between tops; are they connected by spatial layers?')
 
 

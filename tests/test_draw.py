@@ -27,7 +27,8 @@ layer { name: "data" type: "Input" top: "data" top: "label" include { phase: TES
         input_param { shape { dim: 10 dim: 1 dim: 28 dim: 28 } shape { dim: 10 } } }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" param { lr_mult: 1 } param { lr_mult: 2 }
         convolution_param { num_output: 20 kernel_size: 5 stride: 2 pad: 1 } }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
 layer { name: "relu1" type: "ReLU" bottom: "pool1" top: "pool1" }
 layer { name: "up" type: "Deconvolution" bottom: "pool1" top: "up" param { lr_mult: 0 }
         convolution_param { num_output: 4 kernel_size: 4 stride: 2 } }
