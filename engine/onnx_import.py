@@ -150,12 +150,12 @@ class _Importer:
         kept = []
         for node in nodes:
             inputs = [n for n in node.input if n]
-            if node.op_type in ("Shape", "Size") and not node.domain and self.shapes.get(node.input[0]) is not None:
+            if node.op_type in ("Shape", "Size") and self.shapes.get(node.input[0]) is not None:
                 shape = np.array(self.shapes[node.input[0]], dtype=np.int64)
                 a = self._attributes(node)
                 self.const[node.output[0]] = (shape[a.get("start", 0):a.get("end", len(shape))]
                                               if node.op_type == "Shape" else np.array(shape.prod()))
-            elif all(n in self.const for n in inputs) and not node.domain and not node.op_type.startswith("Random"):
+            elif all(n in self.const for n in inputs) and not node.op_type.startswith("Random"):
                 self._evaluate(node)
             else:
                 kept.append(node)
@@ -257,22 +257,20 @@ class _Importer:
             self._refuse(self.zero_pads[name][0], "Caffe pads only inside a Convolution; this padding is read by "
                                                   f"node '{node.name}' ({node.op_type})")
         if name in self.const:
-            raise KaffeError(f"node '{node.name}' ({node.op_type}): input '{name}' is a constant where Caffe "
-                             f"needs a computed blob")
+            self._refuse(node, f"input '{name}' is a constant where Caffe needs a computed blob")
         return self.alias.get(name, name)
 
     def _shape(self, node, name):
         shape = self.const[name].shape if name in self.const else self.shapes.get(name)
         if shape is None:
-            raise KaffeError(f"node '{node.name}' ({node.op_type}): the shape of '{name}' depends on the data "
-                             f"at run time (a dynamic shape Caffe cannot express)")
+            self._refuse(node, f"the shape of '{name}' depends on the data at run time (a dynamic shape Caffe "
+                               f"cannot express)")
         return shape
 
     def _constant(self, node, index, what):
         name = node.input[index] if index < len(node.input) else ""
         if name not in self.const:
-            raise KaffeError(f"node '{node.name}' ({node.op_type}): its {what} must be a constant (an "
-                             f"initializer), not a computed tensor")
+            self._refuse(node, f"its {what} must be a constant (an initializer), not a computed tensor")
         return self.const[name]
 
     def _optional_constant(self, node, index, what, default):

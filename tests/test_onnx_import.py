@@ -288,8 +288,9 @@ REFUSED = {
     "maxpool_indices": (graph([node("MaxPool", ["a"], ["p", "i"], kernel_shape=[2, 2]),
                                node("Cast", ["i"], to=TensorProto.FLOAT)], {"a": [1, 2, 4, 4]}),
                         "the Indices output has no Caffe counterpart"),
-    "pad_before_pooling": (graph([node("Pad", ["a", "p"], ["padded"]), node("MaxPool", ["padded"], kernel_shape=[2, 2])],
-                                 {"a": [1, 3, 6, 6]}, initializers={"p": i64(0, 0, 1, 1, 0, 0, 1, 1)}),
+    "pad_before_pooling": (graph([node("Pad", ["a", "p"], ["padded"]),
+                                  node("MaxPool", ["padded"], kernel_shape=[2, 2])], {"a": [1, 3, 6, 6]},
+                                 initializers={"p": i64(0, 0, 1, 1, 0, 0, 1, 1)}),
                            "node 'Pad_0' (Pad): Caffe pads only inside a Convolution; this padding is read by "
                            "node 'MaxPool_1' (MaxPool)"),
     "pad_reflect": (graph([node("Pad", ["a", "p"], ["padded"], mode="reflect"), node("Conv", ["padded", "w"])],
@@ -481,6 +482,52 @@ ROUND_TRIP_NETS = {
         layer { name: "reshape" type: "Reshape" bottom: "tanh" top: "reshape"
                 reshape_param { shape { dim: 0 dim: -1 dim: 3 } } }
     """,
+    "neurons": """
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+        layer { name: "power" type: "Power" bottom: "data" top: "power"
+                power_param { power: 2 scale: 0.5 shift: 1.5 } }
+        layer { name: "exp" type: "Exp" bottom: "data" top: "exp" exp_param { base: 2 scale: 0.5 shift: 0.1 } }
+        layer { name: "log" type: "Log" bottom: "power" top: "log" log_param { base: 10 scale: 2 shift: 0.5 } }
+        layer { name: "threshold" type: "Threshold" bottom: "data" top: "threshold"
+                threshold_param { threshold: 0.2 } }
+        layer { name: "clip" type: "Clip" bottom: "data" top: "clip" clip_param { min: -0.3 max: 0.4 } }
+        layer { name: "swish" type: "Swish" bottom: "data" top: "swish" swish_param { beta: 1.5 } }
+        layer { name: "bnll" type: "BNLL" bottom: "data" top: "bnll" }
+        layer { name: "abs" type: "AbsVal" bottom: "data" top: "abs" }
+        layer { name: "shared" type: "PReLU" bottom: "data" top: "shared" prelu_param { channel_shared: true } }
+    """,
+    "within_channel_lrn_crop": """
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 9 } } }
+        layer { name: "lrn" type: "LRN" bottom: "data" top: "lrn"
+                lrn_param { local_size: 3 alpha: 0.3 beta: 0.75 norm_region: WITHIN_CHANNEL } }
+        layer { name: "ref" type: "Input" top: "ref" input_param { shape { dim: 2 dim: 3 dim: 5 dim: 4 } } }
+        layer { name: "crop" type: "Crop" bottom: "lrn" bottom: "ref" top: "crop"
+                crop_param { axis: 2 offset: 1 offset: 3 } }
+    """,
+    "inner_products_reductions": """
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+        layer { name: "ip_axis2" type: "InnerProduct" bottom: "data" top: "ip_axis2"
+                inner_product_param { num_output: 6 axis: 2 } }
+        layer { name: "ip_transposed" type: "InnerProduct" bottom: "data" top: "ip_transposed"
+                inner_product_param { num_output: 3 transpose: true bias_term: false } }
+        layer { name: "mean" type: "Reduction" bottom: "ip_axis2" top: "mean"
+                reduction_param { operation: MEAN axis: 2 } }
+        layer { name: "sumsq" type: "Reduction" bottom: "data" top: "sumsq"
+                reduction_param { operation: SUMSQ axis: 1 coeff: 0.5 } }
+        layer { name: "asum" type: "Reduction" bottom: "data" top: "asum" reduction_param { operation: ASUM } }
+        layer { name: "tile" type: "Tile" bottom: "data" top: "tile" tile_param { axis: 2 tiles: 3 } }
+    """,
+    "scale_bias_embed": """
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+        layer { name: "gate" type: "Input" top: "gate" input_param { shape { dim: 2 dim: 3 } } }
+        layer { name: "gated" type: "Scale" bottom: "data" bottom: "gate" top: "gated" scale_param { axis: 0 } }
+        layer { name: "plane" type: "Scale" bottom: "gated" top: "plane"
+                scale_param { axis: 2 num_axes: 2 bias_term: true } }
+        layer { name: "offset" type: "Bias" bottom: "plane" top: "offset" bias_param { axis: 1 num_axes: 2 } }
+        layer { name: "words" type: "Input" top: "words" input_param { shape { dim: 2 dim: 5 } } }
+        layer { name: "embed" type: "Embed" bottom: "words" top: "embed"
+                embed_param { num_output: 4 input_dim: 7 } }
+    """,
 }
 
 
@@ -502,6 +549,8 @@ def round_trip(net):
     onnx_export = pytest.importorskip("kaffe.engine.onnx_export")
     model = onnx_export.export_onnx(net)
     feeds = {name: random(*net.blobs[name].shape) for name in net.inputs}
+    if "words" in feeds:   # Embed's indices
+        feeds["words"] = RNG.integers(0, 7, feeds["words"].shape).astype(np.float32)
     expected = net.forward(**feeds)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     runtime = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
