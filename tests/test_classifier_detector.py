@@ -2,6 +2,7 @@
 on a small net with weights made by kaffe's fillers."""
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,35 @@ def test_classify_program_no_traceback(small, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"kaffe classify: error: {tmp_path / 'nope.png'}: no such image file"
+
+
+@pytest.mark.slow
+def test_caffenet_oversample_and_from_net_mean(tmp_path):
+    """CaffeNet's deploy net (filler weights): the 10 crops of a 256 x 256 image, and the 256 x 256 mean of its
+    train_val data layer resized to the 227 x 227 input."""
+    from kaffe.engine.net import read_net_param
+    models = Path(__file__).resolve().parents[1] / "models" / "caffenet"
+    mean = np.random.default_rng(8).random((3, 256, 256)).astype(np.float32) * 60 + 90
+    proto = kaffe.caffe_pb2.BlobProto(num=1, channels=3, height=256, width=256)
+    proto.data.extend(mean.ravel())
+    (tmp_path / "mean.binaryproto").write_bytes(proto.SerializeToString())
+    layer = next(layer for layer in read_net_param(str(models / "train_val.prototxt")).layer
+                 if any(rule.phase == kaffe.TEST for rule in layer.include))
+    layer.transform_param.mean_file = str(tmp_path / "mean.binaryproto")
+    kaffe.set_random_seed(2)
+    classifier = kaffe.Classifier(str(models / "deploy.prototxt"), None, image_dims=(256, 256),
+                                  mean=mean.mean((1, 2)), raw_scale=255.0, channel_swap=(2, 1, 0))
+    transformer = kio.Transformer.from_net(classifier, layer)
+    assert transformer.mean["data"].shape == (3, 227, 227)
+    lo, hi = mean.min(), mean.max()
+    resized = kio.resize_image((mean - lo).transpose(1, 2, 0) / (hi - lo), (227, 227)).transpose(2, 0, 1)
+    np.testing.assert_allclose(transformer.mean["data"], resized * (hi - lo) + lo, rtol=1e-6)
+    image = np.random.default_rng(9).random((375, 500, 3)).astype(np.float32)
+    prediction = classifier.predict([image])
+    assert prediction.shape == (1, 1000)
+    big = kio.resize_image(image, (256, 256))
+    crops = [big[t:t + 227, l:l + 227] for t, l in [(0, 0), (0, 29), (29, 0), (29, 29), (14, 14)]]
+    crops += [c[:, ::-1] for c in crops]
+    batch = np.stack([classifier.transformer.preprocess("data", c) for c in crops])
+    np.testing.assert_allclose(prediction[0], classifier.forward_all(data=batch)["prob"].mean(0), rtol=1e-5,
+                               atol=1e-7)
