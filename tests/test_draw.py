@@ -232,3 +232,10 @@ def test_cli_missing_file_exits_without_traceback(tmp_path):
     assert run.returncode == 1 and 'Traceback' not in run.stderr
     assert run.stderr.strip().splitlines() == [f'kaffe draw_net: error: {tmp_path / "none.prototxt"}: file not '
                                                f'found (expected a NetParameter file)']
+
+
+def test_cli_upgrades_old_nets(tmp_path, capsys):
+    old = SHARED / 'zoo' / 'legacy_v1' / 'examples' / 'mnist' / 'mnist_autoencoder.prototxt'
+    assert cli.main(['draw_net', str(old), str(tmp_path / 'net.dot')]) == 0
+    drawing = (tmp_path / 'net.dot').read_text()
+    assert '"encode1\\n(InnerProduct)"' in drawing and 'sigmoid' in drawing.lower()
