@@ -174,6 +174,8 @@ class Transformer:
                 ms = (1,) + ms
             if len(ms) != 3:
                 raise KaffeValueError('Mean shape invalid')
+            if ms[0] not in (1, self.inputs[in_][1]):  # pycaffe fails later, in preprocess
+                raise KaffeValueError('Mean channels incompatible with input.')
             in_shape = tuple(self.inputs[in_][1:])
             if ms != in_shape:
                 # resized in [0, 1], as resize_image wants, and scaled back

@@ -167,6 +167,9 @@ def test_set_mean_full_array_is_resized_in_0_1():
     same = kio.Transformer({"data": (1, 3, 6, 6)})
     same.set_mean("data", mean)
     assert same.mean["data"] is mean
+    gray = kio.Transformer({"data": (1, 3, 4, 4)})  # one mean channel for every input channel
+    gray.set_mean("data", mean[:1])
+    assert gray.mean["data"].shape == (1, 4, 4)
     one = kio.Transformer({"data": (1, 1, 3, 3)})  # an H x W mean for a 1-channel input
     one.set_mean("data", mean[0])
     assert one.mean["data"].shape == (1, 3, 3)
@@ -175,6 +178,7 @@ def test_set_mean_full_array_is_resized_in_0_1():
 @pytest.mark.parametrize("action, message", [
     (lambda t: t.set_mean("data", np.zeros(4)), "Mean channels incompatible with input."),
     (lambda t: t.set_mean("data", np.zeros((1, 3, 2, 2))), "Mean shape invalid"),
+    (lambda t: t.set_mean("data", np.zeros((2, 5, 5))), "Mean channels incompatible with input."),
     (lambda t: t.set_channel_swap("data", (1, 0)),
      "Channel swap needs to have the same number of dimensions as the input channels."),
     (lambda t: t.set_transpose("data", (1, 0)),
