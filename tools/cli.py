@@ -106,7 +106,7 @@ def _stages(flag):
 
 
 def train(args):
-    from ..solvers import get_solver, read_solver_param
+    from ..solvers import distributed, get_solver, read_solver_param
     from ..solvers.snapshot_files import auto_resume
     if not args.solver:
         raise KaffeError("Need a solver definition to train (--solver).")
@@ -122,7 +122,7 @@ def train(args):
     gpu_flag = args.gpu
     if not gpu_flag and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU:
         gpu_flag = str(param.device_id)
-    _select_mode(_gpus(gpu_flag))
+    _select_mode(distributed.rank_devices(_gpus(gpu_flag)))   # over MPI: the device of the node-local rank
     if args.snapshot:
         del param.weights[:]
     elif args.weights:
@@ -139,7 +139,8 @@ def train(args):
     try:
         if args.snapshot:
             logger.info(f"Resuming from {args.snapshot}")
-        solver.solve(args.snapshot or None)
+        with distributed.failures_stop_all():   # over MPI: a failure stops every rank, naming this one
+            solver.solve(args.snapshot or None)
         logger.info("Optimization Done.")
     finally:
         restore_signals()
