@@ -25,8 +25,8 @@ def _skimage():
 
 # -- proto / datum / ndarray conversion ---------------------------------------------------------------------
 def blobproto_to_array(blob, return_diff=False):
-    """The data (or, with return_diff, the diff) of a BlobProto as a float64 array of the stored shape (the
-    legacy num/channels/height/width when any of them is set)."""
+    """The data (or, with return_diff, the diff) of a BlobProto as an array of the stored shape (the legacy
+    num/channels/height/width when any of them is set)."""
     values = np.array(blob.diff if return_diff else blob.data)
     return values.reshape(proto_shape(blob))
 
@@ -205,8 +205,8 @@ class Transformer:
         name, param, top = _transform_param(net, data_layer_or_param)
         in_ = net.inputs[0] if net.inputs else top
         if in_ is None or in_ not in net.blobs:
-            raise KaffeValueError(f"Transformer.from_net: the net has no input to prepare (no input blob, and the "
-                                  f"data layer names no top of this net)")
+            raise KaffeValueError("Transformer.from_net: the net has no input to prepare (no input blob, and the "
+                                  "data layer names no top of this net)")
         shape = tuple(net.blobs[in_].data.shape)
         if len(shape) != 4:
             raise KaffeValueError(f"Transformer.from_net: input '{in_}' is {shape}, not N x K x H x W")

@@ -1,5 +1,6 @@
 """kaffe.io (pycaffe's caffe.io): expectations worked out by hand from pycaffe's definitions (and scikit-image's
 resize, which pycaffe calls: half-pixel centres, cval 0 outside, smoothing before shrinking)."""
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -311,7 +312,15 @@ def test_datum_uint8_and_float():
 
 def test_import_kaffe_does_not_import_scikit_image():
     import subprocess
-    import sys
     code = "import sys, kaffe; kaffe.Classifier; kaffe.io.Transformer; print('skimage' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_missing_scikit_image_names_the_extra(monkeypatch, colors_png):
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    with pytest.raises(ImportError, match=r'pip install "kaffe\[pycaffe\]"') as error:
+        kio.load_image(colors_png[0])
+    assert isinstance(error.value, KaffeError)
+    with pytest.raises(KaffeError, match="scikit-image"):
+        kio.resize_image(np.zeros((4, 4, 3)) + np.eye(4)[..., None], (2, 2))
