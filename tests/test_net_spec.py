@@ -341,11 +341,13 @@ def test_unchanged_caffe_script_prints_the_same_text(tmp_path):
         kaffe.install_as_caffe()
         import caffe
         from caffe import layers as L, params as P, to_proto
+        import caffe.coord_map
+        import caffe.draw
         import caffe.net_spec
         data = L.Input(shape=dict(dim=[2, 6]))
         first, middle, last = L.Slice(data, slice_point=[2, 4], ntop=3)
         total = L.Eltwise(first, L.ReLU(middle, in_place=True), last, operation=P.Eltwise.SUM)
-        assert caffe.net_spec.NetSpec is caffe.NetSpec
+        assert caffe.net_spec.NetSpec is caffe.NetSpec and caffe.draw.get_pydot_graph and caffe.coord_map.crop
         print(to_proto(total, caffe.layers.Accuracy(total, first)), end="")
         '''))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
