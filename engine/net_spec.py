@@ -41,6 +41,8 @@ def assign_proto(proto, name, val):
                 field.extend(values)
         elif isinstance(values, dict):
             _fill(field, values)
+        elif hasattr(values, "DESCRIPTOR") and hasattr(field, "CopyFrom"):
+            field.CopyFrom(values)  # a message given as a message (pycaffe only takes dicts)
         else:
             setattr(proto, name, values)
     except TypeError as e:

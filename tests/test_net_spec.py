@@ -304,6 +304,7 @@ def test_fields_by_kind():
                            param=[dict(lr_mult=0)], propagate_down=True)
     n.avg = L.Pooling(n.up, pool='AVE', global_pooling=True)
     n.py = L.Python(n.avg, module='mod', layer='Layer', param_str="{'k': 1}", loss_weight=[0.5])
+    n.ip = L.InnerProduct(n.py, num_output=1, weight_filler=kaffe.caffe_pb2.FillerParameter(type='xavier'))
     layers = n.to_proto().layer
     assert [(r.phase, list(r.stage)) for r in layers[0].include] == [(kaffe.TRAIN, []), (kaffe.TRAIN, ['a', 'b'])]
     assert layers[0].include[1].HasField("phase") is False
@@ -315,6 +316,7 @@ def test_fields_by_kind():
     assert layers[2].pooling_param.pool == P.Pooling.AVE == kaffe.caffe_pb2.PoolingParameter.AVE
     assert (layers[3].python_param.module, layers[3].python_param.layer, layers[3].python_param.param_str,
             list(layers[3].loss_weight)) == ("mod", "Layer", "{'k': 1}", [0.5])
+    assert layers[4].inner_product_param.weight_filler.type == 'xavier'
 
 
 def test_netspec_item_access_and_reassignment():
