@@ -1,13 +1,14 @@
-"""LeNet training speed: kaffe (CPU) against PyTorch (CPU) with the same architecture, in one run.
+"""Training speed: kaffe (CPU) against PyTorch (CPU) with the same architecture and solver, in one run.
 
-    python -m kaffe.tools.benchmark_lenet [--iterations 200] [--threads 2] [--repeats 3]
+    python -m kaffe.tools.benchmark_lenet [--net lenet|cifar10_quick] [--iterations 200] [--threads 2] [--repeats 3]
 
-Both run batch-64 SGD steps (forward, backward, momentum update) with `--threads` BLAS/intra-op threads,
-each in its own subprocess. kaffe's subprocesses run with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset:
-some machines set them to force an older OpenBLAS kernel that halves numpy's GEMM speed. kaffe runs
-models/lenet twice: with preloaded batches (a MemoryData layer, as PyTorch gets its tensors) and reading the
-LMDB of `kaffe data mnist` (run from the repository root). MNIST's raw files come from ../shared/data/mnist
-or $KAFFE_MNIST_DIR.
+Both run SGD steps (forward, backward, momentum update) with `--threads` BLAS/intra-op threads, each in its
+own subprocess. kaffe's subprocesses run with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset: some machines set
+them to force an older OpenBLAS kernel that halves numpy's GEMM speed.
+- lenet (batch 64): kaffe runs models/lenet twice: with preloaded batches (a MemoryData layer, as PyTorch gets
+  its tensors) and reading the LMDB of `kaffe data mnist` (run from the repository root). MNIST's raw files come
+  from ../shared/data/mnist or $KAFFE_MNIST_DIR.
+- cifar10_quick (batch 100): models/cifar10_quick on preloaded random images (speed does not depend on them).
 """
 import argparse
 import json
@@ -40,8 +41,20 @@ def mnist_batches(count):
     return images.astype(np.float32).reshape(-1, 1, 28, 28) / 256.0, labels.astype(np.float32)
 
 
-def measure_kaffe(iterations, warmup, source):
-    """ms per LeNet SGD step; source "lmdb": the Data layer reads the LMDB of `kaffe data mnist` on its
+NETS = {"lenet": {"batch": 64, "shape": (1, 28, 28)}, "cifar10_quick": {"batch": 100, "shape": (3, 32, 32)}}
+
+
+def training_batches(net, count):
+    """`count` images and labels: MNIST's first ones for LeNet, random ones for CIFAR-10 quick."""
+    if net == "lenet":
+        return mnist_batches(count)
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((count, *NETS[net]["shape"]), np.float32) * 50,
+            rng.integers(0, 10, count).astype(np.float32))
+
+
+def measure_kaffe(net_name, iterations, warmup, source):
+    """ms per SGD step; source "lmdb": the Data layer reads the LMDB of `kaffe data mnist` on its
     prefetch thread; "memory": a MemoryData layer cycles through preloaded batches, as PyTorch gets them."""
     from kaffe.engine import device
     from kaffe.engine.log import init_log
@@ -49,7 +62,8 @@ def measure_kaffe(iterations, warmup, source):
     from kaffe.proto import caffe_pb2
     from kaffe.solvers import get_solver, read_solver_param
     init_log(level=40)  # errors only: the log would be timed too
-    param = read_solver_param("models/lenet/lenet_solver.prototxt")
+    param = read_solver_param("models/lenet/lenet_solver.prototxt" if net_name == "lenet" else
+                              f"models/{net_name}/solver.prototxt")
     param.ClearField("test_iter")
     param.ClearField("test_interval")
     param.ClearField("test_net")
@@ -57,6 +71,7 @@ def measure_kaffe(iterations, warmup, source):
     param.snapshot = 0
     param.snapshot_after_train = False
     param.random_seed = 1
+    batch, (channels, height, width) = NETS[net_name]["batch"], NETS[net_name]["shape"]
     if source == "memory":
         net = read_net_param(param.net)
         for layer in net.layer:
@@ -65,14 +80,14 @@ def measure_kaffe(iterations, warmup, source):
                 layer.ClearField("data_param")
                 layer.ClearField("transform_param")
                 layer.memory_data_param.CopyFrom(caffe_pb2.MemoryDataParameter(
-                    batch_size=64, channels=1, height=28, width=28))
+                    batch_size=batch, channels=channels, height=height, width=width))
         param.ClearField("net")
         param.net_param.CopyFrom(net)
     device.set_mode_cpu()
     solver = get_solver(param)
     solver.test_nets = []
     if source == "memory":
-        solver.net.set_input_arrays(*mnist_batches(64 * 50))
+        solver.net.set_input_arrays(*training_batches(net_name, batch * 50))
     solver.step(warmup)
     start = time.perf_counter()
     solver.step(iterations)
@@ -80,22 +95,30 @@ def measure_kaffe(iterations, warmup, source):
     return {"ms_per_iter": seconds / iterations * 1e3, "numpy": np.__version__}
 
 
-def measure_torch(iterations, warmup, threads):
+def measure_torch(net_name, iterations, warmup, threads):
     import torch
     from torch import nn
 
     torch.set_num_threads(threads)
     torch.manual_seed(1)
-    images, labels = mnist_batches(64 * 50)
+    size = NETS[net_name]["batch"]
+    images, labels = training_batches(net_name, size * 50)
     x = torch.from_numpy(images)
     y = torch.from_numpy(labels.astype(np.int64))
-    model = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2, 2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2, 2),
-                          nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0005)
+    if net_name == "lenet":
+        model = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2, 2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2, 2),
+                              nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0005)
+    else:  # models/cifar10_quick: Caffe's pooling rounds up (ceil_mode)
+        model = nn.Sequential(nn.Conv2d(3, 32, 5, padding=2), nn.MaxPool2d(3, 2, ceil_mode=True), nn.ReLU(),
+                              nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True),
+                              nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True),
+                              nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.Linear(64, 10))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=0.004)
     loss_fn = nn.CrossEntropyLoss()
 
     def step(i):
-        batch = slice((i % 50) * 64, (i % 50 + 1) * 64)
+        batch = slice((i % 50) * size, (i % 50 + 1) * size)
         optimizer.zero_grad()
         loss = loss_fn(model(x[batch]), y[batch])
         loss.backward()
@@ -111,7 +134,7 @@ def measure_torch(iterations, warmup, threads):
 
 
 def _run_child(which, args, drop_openblas_overrides):
-    cmd = [sys.executable, "-m", "kaffe.tools.benchmark_lenet", "--child", which,
+    cmd = [sys.executable, "-m", "kaffe.tools.benchmark_lenet", "--child", which, "--net", args.net,
            "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     out = subprocess.run(cmd, env=_thread_env(args.threads, drop_openblas_overrides), capture_output=True,
                          text=True)
@@ -123,6 +146,7 @@ def _run_child(which, args, drop_openblas_overrides):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--net", choices=sorted(NETS), default="lenet")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
@@ -130,28 +154,34 @@ def main(argv=None):
     parser.add_argument("--child", choices=("kaffe-lmdb", "kaffe-memory", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child and args.child.startswith("kaffe-"):
-        print(RESULT_TAG + json.dumps(measure_kaffe(args.iterations, args.warmup, args.child[len("kaffe-"):])))
+        print(RESULT_TAG + json.dumps(measure_kaffe(args.net, args.iterations, args.warmup,
+                                                    args.child[len("kaffe-"):])))
         return 0
     if args.child == "torch":
-        print(RESULT_TAG + json.dumps(measure_torch(args.iterations, args.warmup, args.threads)))
+        print(RESULT_TAG + json.dumps(measure_torch(args.net, args.iterations, args.warmup, args.threads)))
         return 0
-    # the three measurements take turns, `--repeats` rounds: a slow spell of a shared machine then touches
-    # each of them, and the medians compare like with like
-    runs = {"kaffe-memory": [], "kaffe-lmdb": [], "torch": []}
+    # the measurements take turns, `--repeats` rounds: a slow spell of a shared machine then touches each of
+    # them, and the medians compare like with like
+    runs = {"kaffe-memory": [], "kaffe-lmdb": [], "torch": []} if args.net == "lenet" else \
+        {"kaffe-memory": [], "torch": []}
     for _ in range(args.repeats):
         for which, times in runs.items():
             times.append(_run_child(which, args, drop_openblas_overrides=which != "torch"))
     median = {which: float(np.median([r["ms_per_iter"] for r in times])) for which, times in runs.items()}
-    print(f"LeNet training step, batch 64, {args.threads} threads, {args.iterations} iterations after "
+    print(f"{args.net} training step, batch {NETS[args.net]['batch']}, {args.threads} threads, "
+          f"{args.iterations} iterations after "
           f"{args.warmup} warm-up, median of {args.repeats} alternating runs (kaffe: numpy "
           f"{runs['kaffe-memory'][0]['numpy']}, OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset)")
     for label, which in (("kaffe, preloaded batches (MemoryData)", "kaffe-memory"),
                          ("kaffe, LMDB Data layer with prefetch thread", "kaffe-lmdb"),
                          (f"PyTorch {runs['torch'][0]['torch']} CPU, preloaded batches", "torch")):
+        if which not in runs:
+            continue
         each = ", ".join(f"{r['ms_per_iter']:.2f}" for r in runs[which])
         print(f"  {label}: {median[which]:.2f} ms/iter ({1e3 / median[which]:.1f} iter/s; runs: {each})")
+    lmdb = f", {median['kaffe-lmdb'] / median['torch']:.2f} (kaffe from LMDB)" if "kaffe-lmdb" in median else ""
     print(f"  ratio kaffe/PyTorch time per iteration: {median['kaffe-memory'] / median['torch']:.2f} "
-          f"(same input path), {median['kaffe-lmdb'] / median['torch']:.2f} (kaffe from LMDB)")
+          f"(same input path){lmdb}")
     return 0
 
 
