@@ -68,6 +68,12 @@ def _only_indices(name, readers):
     return bool(readers) and all(r.op_type == "Gather" and list(r.input[1:]) == [name] for r in readers)
 
 
+def _copy(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
 def _shape_text(shape):
     return "x".join(map(str, shape)) if len(shape) else "scalar"
 
@@ -94,8 +100,7 @@ class _Importer:
         onnx = self.onnx
         source = "<model>"
         if isinstance(model, onnx.ModelProto):
-            parsed = onnx.ModelProto()
-            parsed.CopyFrom(model)  # the import fixes input shapes and names nodes: on a copy
+            parsed = model  # read only: the import works on copies of its nodes and inputs
         else:
             if not isinstance(model, (bytes, bytearray)):
                 source = os.fspath(model)
@@ -114,9 +119,9 @@ class _Importer:
         return parsed
 
     def _fix_inputs(self):
-        """Graph inputs (not initializers) with every dimension static; a dynamic batch becomes `batch`."""
-        initializers = {t.name for t in self.model.graph.initializer}
-        inputs = [i for i in self.model.graph.input if i.name not in initializers]
+        """Copies of the graph inputs (not initializers) with every dimension static; a dynamic batch becomes
+        `batch`."""
+        inputs = [_copy(i) for i in self.model.graph.input if i.name not in self.const]
         for value in inputs:
             tensor = value.type.tensor_type
             if tensor.elem_type not in (self.onnx.TensorProto.FLOAT, self.onnx.TensorProto.DOUBLE,
@@ -134,7 +139,17 @@ class _Importer:
                                      f"(only the batch may be left open)")
         return inputs
 
-    def _infer(self, model):
+    def _infer(self, nodes, inputs):
+        """The static shapes of all tensors (None where unknown). Big constants enter the inference as typed
+        inputs: their shapes are all it needs, and serializing their values would take most of the time."""
+        helper = self.onnx.helper
+        read = {name for node in nodes for name in node.input}
+        small = [self.onnx.numpy_helper.from_array(v, n) for n, v in self.const.items()
+                 if n in read and (v.size <= 4096 or v.dtype.kind != "f")]
+        big = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+               for n, v in self.const.items() if n in read and v.size > 4096 and v.dtype.kind == "f"]
+        graph = helper.make_graph(nodes, "shapes", list(inputs) + big, self.model.graph.output, small)
+        model = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         try:
             inferred = self.onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
         except Exception as e:  # onnx.shape_inference.InferenceError, or a type error it reports as RuntimeError
@@ -144,9 +159,6 @@ class _Importer:
 
     def _fold(self, nodes):
         """Evaluate the nodes whose inputs are all constants (and Shape of a static shape); the rest remain."""
-        numpy_helper = self.onnx.numpy_helper
-        for t in self.model.graph.initializer:
-            self.const[t.name] = numpy_helper.to_array(t)
         kept = []
         for node in nodes:
             inputs = [n for n in node.input if n]
@@ -177,23 +189,21 @@ class _Importer:
 
     def run(self):
         graph = self.model.graph
-        for index, node in enumerate(graph.node):
+        nodes = [_copy(node) for node in graph.node]
+        for index, node in enumerate(nodes):
             node.name = node.name or f"{node.op_type}_{index}"
             if node.domain not in ("", "ai.onnx"):
                 self._refuse(node, f"operator of domain '{node.domain}' has no Caffe layer")
+        for t in graph.initializer:
+            self.const[t.name] = self.onnx.numpy_helper.to_array(t)
         inputs = self._fix_inputs()
-        self.shapes = self._infer(self.model)
-        nodes = self._fold(graph.node)
+        self.shapes = self._infer(nodes, inputs)
+        nodes = self._fold(nodes)
         # once folded, the remaining graph's shapes are inferred again: Reshape targets are constants now
-        helper = self.onnx.helper
+        self.shapes = self._infer(nodes, inputs)
         for node in nodes:
             for name in node.input:
                 self.readers.setdefault(name, []).append(node)
-        folded = helper.make_graph(nodes, graph.name, inputs, graph.output,
-                                   [self.onnx.numpy_helper.from_array(v, n) for n, v in self.const.items()
-                                    if n in self.readers])
-        self.shapes = self._infer(helper.make_model(folded, opset_imports=self.model.opset_import,
-                                                    ir_version=self.model.ir_version))
         outputs = [o.name for o in graph.output]
         self.uses = {name: len(readers) for name, readers in self.readers.items()}
         for name in outputs:
@@ -482,7 +492,9 @@ class _Importer:
         if a.get("transA", 0):
             self._refuse(node, "transA = 1 (a transposed input) has no Caffe counterpart")
         matrix = self._constant(node, 1, "B (the weights)")
-        weights = a.get("alpha", 1.0) * (matrix if a.get("transB", 0) else matrix.T)
+        weights = matrix if a.get("transB", 0) else matrix.T
+        if a.get("alpha", 1.0) != 1:
+            weights = a["alpha"] * weights
         bias = self._optional_constant(node, 2, "C (the bias)", None)
         if bias is not None:
             if bias.size not in (1, weights.shape[0]) or bias.ndim == 2 and bias.shape[0] != 1:
