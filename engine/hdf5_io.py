@@ -20,8 +20,11 @@ import numpy as np
 from .errors import KaffeError
 from .io import write_file_atomically
 from .log import logger
+from .memory_limits import check_count
 
 MAX_BLOB_AXES = 32   # Caffe's kMaxBlobAxes
+# what h5py raises for a damaged file, beyond OSError: corrupt headers, heaps, datatypes
+H5PY_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 RESUME_STATE = "kaffe_resume_state"
 
 
@@ -44,7 +47,12 @@ def _open(path, what):
     except OSError as e:
         raise KaffeError(f"{path}: not a readable HDF5 file (expected a {what} file): {e}") from None
     with f:
-        yield f
+        try:
+            yield f
+        except KaffeError:
+            raise
+        except H5PY_ERRORS as e:   # the file opens but its insides are corrupt
+            raise KaffeError(f"{path}: a corrupt HDF5 file (expected a {what} file): {e}") from None
 
 
 def _save_string(group, name, text):
@@ -77,6 +85,7 @@ def _dataset_array(dataset, path):
         raise KaffeError(f"{path}: {dataset.name} holds {dataset.dtype} values; blobs need float or integer")
     if dataset.ndim > MAX_BLOB_AXES:
         raise KaffeError(f"{path}: {dataset.name} has {dataset.ndim} axes (at most {MAX_BLOB_AXES})")
+    check_count(dataset.shape, f"{path}: {dataset.name} of")   # a corrupt header may claim terabytes
     return np.asarray(dataset[()], dtype=np.float32)
 
 

@@ -15,6 +15,7 @@ from .errors import KaffeError, StorageError
 from .upgrade import rewrite_fork_spellings, unknown_field_hint
 
 _UNKNOWN_FIELD = re.compile(r'has no field named "(\w+)"')
+MAX_DETAIL = 300
 
 
 def _read_bytes(path, what):
@@ -45,6 +46,8 @@ def parse_text_proto(text, message, source="<string>"):
         prefix = f"{line}:{column} : "
         if detail.startswith(prefix):
             detail = detail[len(prefix):]
+        if len(detail) > MAX_DETAIL:   # protobuf quotes the offending text, which may be a whole file's line
+            detail = detail[:MAX_DETAIL] + "..."
         unknown = _UNKNOWN_FIELD.search(detail)
         hint = unknown_field_hint(unknown.group(1)) if unknown else ""
         raise KaffeError(f"{where}: error parsing {message.DESCRIPTOR.name} text: {detail}{hint}") from None

@@ -15,10 +15,12 @@ import numpy as np
 
 from ..engine import device
 from ..engine.bad_records import RecordChecker
+from ..engine.hdf5_io import H5PY_ERRORS
 from ..engine.errors import KaffeError
 from ..engine.filler import fill
 from ..engine.layer import Layer, register_layer
 from ..engine.log import logger
+from ..engine.memory_limits import check_count
 from ..proto import caffe_pb2
 from .transform import DataTransformer, read_image, resize_bilinear
 
@@ -475,15 +477,18 @@ class _PrefetchingLayer(_SourceLayer):
 
 # -- Data ----------------------------------------------------------------------------------------------
 class _DatumSource:
-    def __init__(self, owner, db, transformer, batch_size, labels):
+    def __init__(self, owner, db, transformer, batch_size, labels, gap=0):
         self.owner, self.db, self.transformer = owner, db, transformer
         self.batch_size, self.labels = batch_size, labels
+        self.gap = gap   # over MPI: the records of the other ranks' batches, skipped after each batch
         self.checker = RecordChecker(f"data source {db.path}", db.count)
 
     def check_state(self, state):
         bytes.fromhex(state["key"])
         _rng_from(state["rng"])
-        return {"key": state["key"], "rng": state["rng"]}
+        # skip_batches: a resume with another rank count starts this rank's share after rank 0's position
+        skip = {"skip_batches": int(state["skip_batches"])} if state.get("skip_batches") else {}
+        return {"key": state["key"], "rng": state["rng"], **skip}
 
     def batches(self, state):
         rng = _rng_from(state["rng"])
@@ -491,8 +496,12 @@ class _DatumSource:
         try:
             if not cursor.seek(bytes.fromhex(state["key"])):
                 raise KaffeError(f"{self.owner}: data source {self.db.path} is empty")
+            for _ in range(state.get("skip_batches", 0) * self.batch_size):
+                cursor.advance()
             while True:
                 tops = self._read_batch(cursor, rng)
+                for _ in range(self.gap):
+                    cursor.advance()
                 yield tops, {"key": cursor.item()[0].hex(), "rng": rng.bit_generator.state}
         finally:
             cursor.close()
@@ -554,6 +563,8 @@ class DataLayer(_PrefetchingLayer):
                                            force_color=param.force_encoded_color)
         # a private generator, so the thread's draws neither disturb nor depend on the main thread's
         rng = np.random.default_rng(device.rng().integers(2 ** 63))
+        from ..solvers.distributed import record_share, warn_uneven_share
+        ranks, rank = record_share(self.phase)   # over MPI: this rank's share of the records
         db = Database(param.source, BACKENDS[param.backend], owner)
         try:
             cursor = db.cursor()
@@ -566,6 +577,8 @@ class DataLayer(_PrefetchingLayer):
                     logger.info(f"Skipping first {skip} data points.")
                     for _ in range(skip):
                         cursor.advance()
+                for _ in range(rank * self.batch_size):
+                    cursor.advance()
                 start_key, value = cursor.item()
             finally:
                 cursor.close()
@@ -581,7 +594,10 @@ class DataLayer(_PrefetchingLayer):
         if len(top) > 1:
             top[1].reshape(self.batch_size)
         logger.info(f"output data size: {','.join(str(d) for d in top[0].shape)}")
-        source = _DatumSource(owner, db, self.transformer, self.batch_size, len(top) > 1)
+        if ranks > 1:
+            warn_uneven_share(f"{owner} ({param.source})", db.count(), self.batch_size)
+        source = _DatumSource(owner, db, self.transformer, self.batch_size, len(top) > 1,
+                              (ranks - 1) * self.batch_size)
         self._start(source, {"key": start_key.hex(), "rng": rng.bit_generator.state})
 
 
@@ -750,8 +766,11 @@ class _HDF5Source:
                     if dataset.dtype.kind not in "fiub" or dataset.ndim < 1:
                         raise KaffeError(f"{self.owner}: dataset '{name}' in {path} must be a numeric array of at "
                                          f"least one axis, got {dataset.dtype} of shape {dataset.shape}")
+                    check_count(dataset.shape, f"{self.owner}: dataset '{name}' in {path} of")
                     arrays.append(np.asarray(dataset[()], dtype=np.float32))
-        except OSError as e:
+        except KaffeError:
+            raise
+        except H5PY_ERRORS as e:   # an unreadable or corrupt file
             raise KaffeError(f"{self.owner}: cannot read HDF5 file {path} (listed in {self.list_path}): "
                              f"{e}") from None
         rows = {len(a) for a in arrays}
