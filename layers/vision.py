@@ -25,8 +25,18 @@ SUM_GROUP = 256  # work-group size of channel_sum
 # the most floats one convolution's column buffer may hold: a batch whose columns need more is done in chunks
 # of samples (one GEMM per group and chunk) so that memory stays bounded for big images and batches
 COLUMN_BUFFER_LIMIT = 1 << 25
-# the column buffer that convolutions which never run backward take turns with (nothing to keep for backward)
-_shared_columns = np.empty(0, dtype=np.float32)
+_work_buffers = {}
+
+
+def work_buffer(role, count):
+    """A flat float32 array of `count` values that every layer shares for one role of short-lived work (layers
+    run one at a time): a fresh large array page-faults on every first touch, which costs as much as the copy
+    into it. Roles: "inference columns" (convolutions that never run backward keep no columns), "rows" (a
+    transposed top diff), "rows product" and "columns product" (GEMM results before they are laid out)."""
+    buffer = _work_buffers.get(role)
+    if buffer is None or buffer.size < count:
+        buffer = _work_buffers[role] = np.empty(count, dtype=np.float32)
+    return buffer[:count]
 
 
 def _shape(shape):
@@ -315,7 +325,7 @@ class BaseConvolutionLayer(Layer):
         out/group, positions)."""
         if not self.batch_last:
             return x.reshape(self.num, self.group, self.conv_out_channels // self.group, self.column_count)
-        rows = np.empty((self.conv_out_channels * self.column_count, self.num), dtype=np.float32)
+        rows = work_buffer("rows", self.conv_out_channels * self.column_count * self.num).reshape(-1, self.num)
         transpose_into(x.reshape(self.num, -1), rows)
         return rows.reshape(self.group, -1, self.column_count * self.num)
 
@@ -325,7 +335,9 @@ class BaseConvolutionLayer(Layer):
         Batch innermost: one GEMM per group over the whole batch, then a transpose into NCHW. Batch outer: one
         GEMM per sample and group, written straight into NCHW (numpy's matmul loops over them in C)."""
         if self.batch_last:
-            transpose_into(np.matmul(weight, col).reshape(-1, self.num), out.reshape(self.num, -1))
+            product = work_buffer("rows product", self.conv_out_channels * col.shape[2])
+            product = np.matmul(weight, col, out=product.reshape(self.group, -1, col.shape[2]))
+            transpose_into(product.reshape(-1, self.num), out.reshape(self.num, -1))
         else:
             np.matmul(weight, self._columns_by_sample(col), out=self._rows(out))
 
@@ -333,8 +345,10 @@ class BaseConvolutionLayer(Layer):
         """W^T @ rows (see _rows): columns in this layer's layout."""
         weight_t = self._weights().transpose(0, 2, 1)
         if self.batch_last:
-            return np.matmul(weight_t, rows)
-        col = np.empty((self.group, self.kernel_dim, self.num * self.column_count), dtype=np.float32)
+            product = work_buffer("columns product", self.group * self.kernel_dim * rows.shape[2])
+            return np.matmul(weight_t, rows, out=product.reshape(self.group, self.kernel_dim, -1))
+        col = work_buffer("columns product", self.group * self.kernel_dim * self.num * self.column_count)
+        col = col.reshape(self.group, self.kernel_dim, -1)
         np.matmul(weight_t, rows, out=self._columns_by_sample(col))
         return col
 
@@ -513,11 +527,8 @@ class ConvolutionLayer(BaseConvolutionLayer):
             return cached[1]
         reuse = cached[1] if cached is not None else None
         if not self.needs_backward:
-            global _shared_columns
-            size = (self.kernel_dim * self.group + self.fold_bias) * self.column_count * self.num
-            if _shared_columns.size < size:
-                _shared_columns = np.empty(size, dtype=np.float32)
-            reuse = _shared_columns[:size]
+            reuse = work_buffer("inference columns",
+                                (self.kernel_dim * self.group + self.fold_bias) * self.column_count * self.num)
         col = self._im2col(blob.cpu_data(), extra_rows=int(self.fold_bias), reuse=reuse)
         if self.fold_bias:
             col[0, -1] = 1
