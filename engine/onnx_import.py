@@ -354,18 +354,7 @@ class _Importer:
                 self._refuse(node, f"padding {b} before and {end[axis]} after along spatial axis {axis} gives "
                                    f"{o} outputs, which Caffe's symmetric padding {b} does not (Caffe pads both "
                                    f"ends alike)")
-        bias = self._optional_constant(node, 2, "bias", None)
-        layer = self._layer(node.name, "Convolution", [self._blob(node, x)], [node.output[0]],
-                            [weights] + ([] if bias is None else [bias]))
-        p = layer.convolution_param
-        p.num_output = weights.shape[0]
-        p.bias_term = bias is not None
-        self._per_axis(p, "kernel_size", kernel)
-        self._per_axis(p, "pad", begin, 0)
-        self._per_axis(p, "stride", strides, 1)
-        self._per_axis(p, "dilation", dilations, 1)
-        if a.get("group", 1) != 1:
-            p.group = a["group"]
+        self._convolution(node, a, "Convolution", x, weights.shape[0], kernel, begin, strides, dilations)
 
     def _op_ConvTranspose(self, node, a):
         weights = self._constant(node, 1, "weights")
@@ -385,19 +374,23 @@ class _Importer:
                 self._refuse(node, f"output size {o} along spatial axis {axis} (padding {b} before, {end[axis]} "
                                    f"after, output_padding {a.get('output_padding', [0] * len(kernel))[axis]}) is "
                                    f"not what Caffe's Deconvolution computes with symmetric padding")
+        self._convolution(node, a, "Deconvolution", node.input[0], weights.shape[1] * a.get("group", 1), kernel,
+                          begin, strides, dilations)
+
+    def _convolution(self, node, a, kind, x, num_output, kernel, pads, strides, dilations):
+        """The Convolution / Deconvolution layer of a Conv / ConvTranspose node (weights in Caffe's layout)."""
         bias = self._optional_constant(node, 2, "bias", None)
-        group = a.get("group", 1)
-        layer = self._layer(node.name, "Deconvolution", [self._blob(node, node.input[0])], [node.output[0]],
-                            [weights] + ([] if bias is None else [bias]))
+        layer = self._layer(node.name, kind, [self._blob(node, x)], [node.output[0]],
+                            [self.const[node.input[1]]] + ([] if bias is None else [bias]))
         p = layer.convolution_param
-        p.num_output = weights.shape[1] * group
+        p.num_output = num_output
         p.bias_term = bias is not None
         self._per_axis(p, "kernel_size", kernel)
-        self._per_axis(p, "pad", begin, 0)
+        self._per_axis(p, "pad", pads, 0)
         self._per_axis(p, "stride", strides, 1)
         self._per_axis(p, "dilation", dilations, 1)
-        if group != 1:
-            p.group = group
+        if a.get("group", 1) != 1:
+            p.group = a["group"]
 
     def _pool(self, node, a, method):
         if len(self._shape(node, node.input[0])) != 4:
@@ -447,15 +440,10 @@ class _Importer:
                 setattr(p, f"{field}_w", values[1])
             elif values[0] != default:
                 setattr(p, "kernel_size" if field == "kernel" else field, values[0])
-        if correction is not None:
-            self._fixed_scale(f"{node.name}_divisor", top, node.output[0], correction, 2)
-
-    def _fixed_scale(self, name, bottom, top, factor, axis):
-        """A Scale layer by a constant the solver leaves alone (lr_mult 0)."""
-        layer = self._layer(name, "Scale", [bottom], [top], [factor])
-        layer.scale_param.axis = axis
-        layer.scale_param.num_axes = factor.ndim
-        layer.param.add(lr_mult=0, decay_mult=0)
+        if correction is not None:  # a fixed factor: the solver leaves it alone (lr_mult 0)
+            fixed = self._layer(f"{node.name}_divisor", "Scale", [top], [node.output[0]], [correction])
+            fixed.scale_param.axis, fixed.scale_param.num_axes = 2, 2
+            fixed.param.add(lr_mult=0, decay_mult=0)
 
     def _op_MaxPool(self, node, a):
         if a.get("storage_order", 0):

@@ -261,6 +261,24 @@ def test_operator_matches_onnxruntime(case):
     check(model, feeds)
 
 
+def test_dynamic_batch_imports_at_one_and_runs_at_another():
+    """Reshape targets folded at batch 1 keep the batch free (0 / -1 in front), so batch 2 runs as in ONNX."""
+    model, _ = CASES["reshape_shape_arithmetic"]
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    net, _ = import_onnx(model)
+    assert list(net.layer[0].input_param.shape[0].dim) == [1, 3, 4]
+    assert list(net.layer[1].reshape_param.shape.dim) == [0, 12]
+    check(model, {"a": random(2, 3, 4)})
+
+
+def test_average_pooling_divisor_correction_is_a_fixed_scale():
+    net, weights = import_onnx(CASES["avepool_pad_exclude"][0])
+    assert [layer.type for layer in net.layer] == ["Input", "Pooling", "Scale"]
+    assert (net.layer[2].param[0].lr_mult, net.layer[2].param[0].decay_mult) == (0, 0)
+    # Caffe divides the corner windows by 9 (the padded window), ONNX by the 4 cells inside the input
+    assert np.asarray(weights.layer[2].blobs[0].data)[0] == pytest.approx(9 / 4)
+
+
 REFUSED = {
     "transpose": (graph([node("Transpose", ["a"], perm=[1, 0])], {"a": [2, 3]}),
                   "node 'Transpose_0' (Transpose): operator has no Caffe counterpart"),
