@@ -34,6 +34,9 @@ NEURONS = {
     "Reciprocal": ("Power", "power_param", lambda a: {"power": -1.0}),
 }
 
+# operators of a blob and a constant scalar that are one Caffe layer: op type -> (layer type, field, its key)
+SCALAR_OPERAND = {"Pow": ("Power", "power_param", "power"), "Greater": ("Threshold", "threshold_param", "threshold")}
+
 
 def onnx_module():
     """The onnx package, or a KaffeError naming the extra that installs it."""
@@ -299,6 +302,9 @@ class _Importer:
             layer = self._layer(node.name, kind, [self._blob(node, node.input[0])], [node.output[0]])
             for key, value in values(a).items():
                 setattr(getattr(layer, field), key, value)
+            return
+        if node.op_type in SCALAR_OPERAND:
+            self._scalar_operand(node)
             return
         handler = getattr(self, f"_op_{node.op_type}", None)
         if handler is None:
@@ -636,13 +642,6 @@ class _Importer:
         if shared:
             layer.prelu_param.channel_shared = True
 
-    def _op_Pow(self, node, a):
-        exponent = self._constant(node, 1, "exponent")
-        if exponent.size != 1:
-            self._refuse(node, "a non-scalar exponent has no Caffe counterpart (Power takes one)")
-        layer = self._layer(node.name, "Power", [self._blob(node, node.input[0])], [node.output[0]])
-        layer.power_param.power = float(exponent.reshape(()))
-
     def _op_BatchNormalization(self, node, a):
         if self._extra_outputs_used(node) or a.get("training_mode", 0):
             self._refuse(node, "training-mode outputs (running mean and variance) have no Caffe counterpart")
@@ -842,12 +841,13 @@ class _Importer:
             kept = shape[:axis] + (1,) + shape[axis + 1:]
             self._reshape_to(f"{node.name}_squeeze", top, kept, self._shape(node, out), out)
 
-    def _op_Greater(self, node, a):
-        threshold = self._constant(node, 1, "threshold")
-        if threshold.size != 1:
-            self._refuse(node, "a non-scalar threshold has no Caffe counterpart (Threshold takes one)")
-        layer = self._layer(node.name, "Threshold", [self._blob(node, node.input[0])], [node.output[0]])
-        layer.threshold_param.threshold = float(threshold.reshape(()))
+    def _scalar_operand(self, node):
+        kind, field, key = SCALAR_OPERAND[node.op_type]
+        value = self._constant(node, 1, key)
+        if value.size != 1:
+            self._refuse(node, f"a non-scalar {key} has no Caffe counterpart ({kind} takes one)")
+        layer = self._layer(node.name, kind, [self._blob(node, node.input[0])], [node.output[0]])
+        setattr(getattr(layer, field), key, float(value.reshape(())))
 
     def _op_Pad(self, node, a):
         """Zero padding of the spatial axes, for the convolutions that read it (Caffe has no Pad layer)."""
