@@ -28,6 +28,8 @@ def _read_bytes(path, what):
         raise KaffeError(f"{path}: is a directory, not a {what} file") from None
     except OSError as e:
         raise KaffeError(f"{path}: cannot read the {what} file: {e.strerror}") from None
+    except ValueError:   # a NUL byte in the name, e.g. a learned_net read from a damaged .solverstate
+        raise KaffeError(f"{path!r}: not a file name (it holds a NUL byte)") from None
 
 
 def parse_text_proto(text, message, source="<string>"):
@@ -72,7 +74,25 @@ def read_binary_proto(path, message):
     except DecodeError as e:
         raise KaffeError(f"{path}: not a valid binary {message.DESCRIPTOR.name} "
                          f"(truncated or not a protobuf file: {e})") from None
+    bad = _non_text_field(message)
+    if bad:
+        raise KaffeError(f"{path}: not a valid binary {message.DESCRIPTOR.name}: its field {bad} is not UTF-8 "
+                         f"text (a damaged file?)")
     return message
+
+
+def _non_text_field(message):
+    """The name of a string field holding bytes that are not UTF-8 (protobuf then returns bytes, not str)."""
+    for field, value in message.ListFields():
+        values = value if field.is_repeated else [value]
+        if field.type == field.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+            return field.full_name
+        if field.type == field.TYPE_MESSAGE:
+            for item in values:
+                bad = _non_text_field(item)
+                if bad:
+                    return bad
+    return None
 
 
 TEMP_PREFIX = ".tmp-"

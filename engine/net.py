@@ -43,7 +43,7 @@ def _is_hdf5(path):
     try:
         with open(path, "rb") as f:
             return f.read(8) == b"\x89HDF\r\n\x1a\n"
-    except OSError:
+    except (OSError, ValueError):   # ValueError: a path with a NUL byte
         return False
 
 
