@@ -15,6 +15,7 @@ from ..engine.log import logger
 from ..engine.net import Net, read_net_param
 from ..engine.upgrade import upgrade_solver_param
 from ..proto import caffe_pb2
+from . import distributed
 from .divergence import first_non_finite
 from .lr_policy import check_policy
 from .run_report import RunReport
@@ -84,6 +85,9 @@ def get_solver(solver, tensorboard=None):
     cls = SOLVER_TYPES.get(param.type)
     if cls is None:
         raise KaffeError(f"Unknown solver type: '{param.type}' (known: {', '.join(sorted(SOLVER_TYPES))})")
+    world = distributed.join()   # several ranks started by an MPI launcher: data-parallel training
+    if world is not None:
+        return world.solver(cls, param, tensorboard=tensorboard)
     return cls(param, tensorboard=tensorboard)
 
 
@@ -100,7 +104,7 @@ class Solver:
             check_writable(param.snapshot_prefix, 0)
         self.snapshot_failure = "stop"
         if param.random_seed >= 0:
-            device.set_random_seed(param.random_seed)
+            device.set_random_seed(param.random_seed + distributed.solver_rank())   # as Caffe: draws per rank
         self.iter = 0
         self.current_step = 0
         self.losses = []
@@ -109,6 +113,7 @@ class Solver:
         self.action_request = None   # a function returning NONE/STOP/SNAPSHOT (set by signal handlers)
         self._pending_actions = []
         self._callbacks = []         # (on_start, on_gradients_ready) pairs of add_callback
+        self.data_parallel = None    # over MPI: the gradient reduction of solvers/distributed.py
         self.report = RunReport(self)
         self.watchers = [self.report]  # told of each start, display, test pass, snapshot and restore
         tensorboard = tensorboard or os.environ.get(TENSORBOARD_ENV)
@@ -294,6 +299,8 @@ class Solver:
                 index += 1
 
     def test_all(self):
+        if not distributed.root_solver():
+            return   # rank 0 runs the test nets (Caffe's multi-GPU rule)
         for i in range(len(self.test_nets)):
             if self.requested_early_exit:
                 break
@@ -359,6 +366,8 @@ class Solver:
         self._pending_actions.append(action)
 
     def _requested_action(self):
+        if self.action_request is not None:   # over MPI: the action that every rank agreed on
+            return self.action_request()
         if self._pending_actions:
             return self._pending_actions.pop(0)
         return NONE
@@ -384,6 +393,9 @@ class Solver:
         """Write a snapshot pair; returns both paths. A write that fails (a full disk, `ulimit -f`) leaves the
         previous snapshots as they were and stops training, or, with snapshot_failure "continue", is logged and
         training goes on (returns None)."""
+        if self.data_parallel is not None and self.data_parallel.world.rank:
+            self._resume_state()   # over MPI, rank 0 writes the snapshot; the others send it their data cursors
+            return None
         try:
             files = self._write_snapshot()
             for watcher in self.watchers:
@@ -434,6 +446,8 @@ class Solver:
                  "test_nets": [net.resume_state() for net in self.test_nets]}
         if self.report.tensorboard:   # a resumed run appends to the same TensorBoard run
             state["tensorboard_run"] = self.report.tensorboard.open_run()
+        if self.data_parallel is not None:   # over MPI, the snapshot holds every rank's data cursors
+            state = self.data_parallel.all_resume_states(state)
         return state
 
     def restore(self, state_file):
@@ -457,7 +471,7 @@ class Solver:
         if weights:
             self.net.copy_from(weights)
         if extra:
-            extra = json.loads(extra)
+            extra = distributed.rank_resume_state(json.loads(extra))
             device.set_rng_state(extra["rng"])
             self.net.set_resume_state(extra["train_net"])
             for net, net_state in zip(self.test_nets, extra.get("test_nets", [])):
