@@ -271,6 +271,16 @@ def test_dynamic_batch_imports_at_one_and_runs_at_another():
     check(model, {"a": random(2, 3, 4)})
 
 
+def test_train_phase_net_keeps_the_stored_statistics():
+    model, feeds = graph([node("Conv", ["a", "w"], ["c"]), node("BatchNormalization", ["c", "g", "b", "m", "v"])],
+                         {"a": [2, 3, 5, 5]}, initializers={"w": CONV_W, "g": random(4), "b": random(4),
+                                                            "m": random(4), "v": random(4, low=0.5, high=2)})
+    net = kaffe.Net.from_onnx(model, kaffe.TRAIN)
+    out = net.forward(a=feeds["a"])["y"]
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert relative_error(expected[0], out) < 1e-4   # use_global_stats: the ONNX statistics, not the batch's
+
+
 def test_average_pooling_divisor_correction_is_a_fixed_scale():
     net, weights = import_onnx(CASES["avepool_pad_exclude"][0])
     assert [layer.type for layer in net.layer] == ["Input", "Pooling", "Scale"]
