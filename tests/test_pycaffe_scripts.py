@@ -168,10 +168,10 @@ def test_net_surgery(tmp_path, way):
     saved = np.load(folder / "net_surgery.npz")
     image = saved["image"]
     np.testing.assert_allclose(image, np.asarray(Image.open(folder / "gray.png")) / 255, atol=1e-6)
-    assert np.abs(saved["biased"] - _correlate(image, np.zeros((5, 5))) - 1).max() < 0.5  # the bias of 1
+    np.testing.assert_allclose(saved["biased"], _correlate(image, saved["random_filter"]) + 1, rtol=1e-4, atol=1e-5)
     sobel = np.pad(saved["sobel"], 1)
-    for k, kernel in enumerate([saved["gaussian"], sobel, sobel.T]):
-        np.testing.assert_allclose(saved["designed"][k], _correlate(image, kernel), rtol=1e-4, atol=1e-5)
+    for k, (kernel, bias) in enumerate([(saved["gaussian"], 1), (sobel, 0), (sobel.T, 0)]):
+        np.testing.assert_allclose(saved["designed"][k], _correlate(image, kernel) + bias, rtol=1e-4, atol=1e-5)
 
 
 # -- brewing-logreg ------------------------------------------------------------------------------------------
@@ -186,12 +186,13 @@ def test_brewing_logreg(tmp_path):
 
 # -- 02-fine-tuning ------------------------------------------------------------------------------------------
 def test_fine_tuning(tmp_path, mnist_lmdb):
-    results = [run_script("fine_tuning", [mnist_lmdb, _folder(tmp_path, way), 100, 40], tmp_path, way)
+    results = [run_script("fine_tuning", [mnist_lmdb, _folder(tmp_path, way), 50, 20], tmp_path, way)
                for way in WAYS]
     assert results[0] == results[1]
     result = results[0]
     assert result["copied"] and result["renamed_kept_its_init"] and result["still_frozen"]
-    assert result["accuracy"]["finetuned"] > 0.7 and result["accuracy"]["finetuned"] > result["accuracy"]["scratch"] + 0.3
+    accuracy = result["accuracy"]
+    assert accuracy["finetuned"] > 0.5 and accuracy["finetuned"] > accuracy["scratch"] + 0.3
     assert result["final_loss"]["finetuned"] < result["final_loss"]["scratch"]
 
 

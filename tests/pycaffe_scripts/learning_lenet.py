@@ -3,7 +3,8 @@ prototxt files, an SGDSolver, and a hand-written loop of solver.step(1) that rec
 first test batch's scores, and the test accuracy every test_interval iterations.
 
 Usage: learning_lenet.py MNIST_DIR OUT_DIR [NITER [TEST_BATCHES]]
-(MNIST_DIR holds mnist_train_lmdb and mnist_test_lmdb; the notebook runs 200 iterations, tests on 100 batches)
+(MNIST_DIR holds mnist_train_lmdb and mnist_test_lmdb; the notebook runs 200 iterations and tests on 100
+batches, also in the solver's own test at iteration 0)
 """
 import json
 import os
@@ -42,7 +43,7 @@ with open(train_path, "w") as f:
 with open(test_path, "w") as f:
     f.write(str(lenet(os.path.join(mnist_dir, "mnist_test_lmdb"), 100)))
 with open(solver_path, "w") as f:
-    f.write(f'train_net: "{train_path}"\ntest_net: "{test_path}"\ntest_iter: 100\ntest_interval: 500\n'
+    f.write(f'train_net: "{train_path}"\ntest_net: "{test_path}"\ntest_iter: {test_batches}\ntest_interval: 500\n'
             'base_lr: 0.01\nmomentum: 0.9\nweight_decay: 0.0005\nlr_policy: "inv"\ngamma: 0.0001\npower: 0.75\n'
             f'display: 100\nmax_iter: 10000\nsnapshot: 5000\nsnapshot_prefix: "{out_dir}/lenet"\n'
             'random_seed: 1\n')

@@ -45,6 +45,7 @@ net.blobs["data"].data[...] = im_input
 net.params["conv"][1].data[0] = 1.   # a bias on the first output only
 net.forward()
 biased = net.blobs["conv"].data[0, 0].copy()
+random_filter = net.params["conv"][0].data[0, 0].copy()
 
 ksize = net.params["conv"][0].data.shape[2:]
 sigma = 1.
@@ -125,7 +126,8 @@ for i in range(out["prob"].shape[2]):
         largest = max(largest, float(np.abs(window - out["prob"][0, :, i, j]).max()))
 print("largest difference from the classifier on each window:", largest)
 
-np.savez(os.path.join(out_dir, "net_surgery.npz"), image=im_input[0, 0], biased=biased, designed=designed,
+np.savez(os.path.join(out_dir, "net_surgery.npz"), image=im_input[0, 0], biased=biased, random_filter=random_filter,
+         designed=designed,
          gaussian=gaussian, sobel=sobel, prob_map=out["prob"])
 print("RESULT", json.dumps({"map_shape": list(out["prob"].shape), "largest_difference": largest,
                            "conv1_copied": bool(np.array_equal(reloaded.params["conv1"][0].data,
