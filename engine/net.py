@@ -474,6 +474,8 @@ class Net(NetBatches):
             raise KaffeError("set_input_arrays may only be called if the first layer is a MemoryData layer")
         self.layers[0].reset(data, labels)
 
+    _set_input_arrays = set_input_arrays  # _caffe.cpp's name, which pycaffe's set_input_arrays calls
+
     def _debug_forward(self, layer_id):
         for blob_id, blob in zip(self.top_ids[layer_id], self.top_vecs[layer_id]):
             logger.info(f"    [Forward] Layer {self._layer_names[layer_id]}, top blob "
