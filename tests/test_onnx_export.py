@@ -64,9 +64,8 @@ def uniform(low=-1.0, high=1.0):
     return lambda rng, shape: rng.uniform(low, high, shape).astype(np.float32)
 
 
-def compare(net, model, batch, feed=uniform(), extra=(), seed=1):
-    """{blob: relative error} of onnxruntime against kaffe's forward at `batch`, for the net's outputs and the
-    `extra` blobs (which the test adds to the model's outputs)."""
+def compare_inputs(net, batch, feed, seed=1):
+    """Reshapes the net to `batch` and fills its inputs from feed(rng, shape); returns them by name."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for name in net.inputs:
@@ -77,6 +76,13 @@ def compare(net, model, batch, feed=uniform(), extra=(), seed=1):
     net.reshape()
     for name, value in feeds.items():
         net.blobs[name].data[...] = value
+    return feeds
+
+
+def compare(net, model, batch, feed=uniform(), extra=(), seed=1):
+    """{blob: relative error} of onnxruntime against kaffe's forward at `batch`, for the net's outputs and the
+    `extra` blobs (which the test adds to the model's outputs)."""
+    feeds = compare_inputs(net, batch, feed, seed)
     net.forward()
     checked = onnx.ModelProto()
     checked.CopyFrom(model)
@@ -88,10 +94,15 @@ def compare(net, model, batch, feed=uniform(), extra=(), seed=1):
             for name, value in zip(net.outputs + list(extra), session.run(None, feeds))}
 
 
+def final_softmaxes(net):
+    """(layer index, bottom blob) of each Softmax whose top is an output of the net."""
+    return [(i, net.bottom_names[layer.name][0]) for i, layer in enumerate(net.layers)
+            if layer.type == "Softmax" and net.top_names[layer.name][0] in net.outputs]
+
+
 def logits(net):
     """The blobs a final Softmax reads (its probabilities flatten small errors)."""
-    return [b for layer, bottoms in zip(net.layers, net.bottom_names.values()) if layer.type == "Softmax"
-            for b in bottoms if net.top_names[layer.name][0] in net.outputs]
+    return [blob for _, blob in final_softmaxes(net)]
 
 
 def net_of(text, phase=caffe_pb2.TEST, **inputs):
@@ -297,15 +308,29 @@ def test_zoo_list_is_every_exportable_net():
     assert [_id(p) for p in zoo_net_files() if exportable(p)] == ZOO_EXPORTABLE
 
 
+def calibrate(net, feed):
+    """Scales the last weighted layer before each final Softmax so that the logits have an RMS of 1 (random
+    weights otherwise give logits in the tens, whose float32 rounding a Softmax turns into a large error of the
+    probabilities); ReLU and pooling between them scale along."""
+    for index, blob in final_softmaxes(net):
+        compare_inputs(net, 1, feed)
+        net.forward()
+        rms = np.sqrt(np.mean(np.square(net.blobs[blob].data.astype(np.float64))))
+        last = max(i for i in range(index) if net.layers[i].blobs)
+        for b in net.layers[last].blobs:
+            b.data[...] /= rms
+
+
 def net_errors(path, weights=None):
     """{(batch, blob): relative error} of a net exported with a dynamic batch, at batch 1 and 4."""
     net = Net(str(path), kaffe.TEST)
+    feed = uniform(0, 1) if weights else uniform()
     if weights:
         net.copy_from(str(weights))
     else:
         fill(net)
+        calibrate(net, feed)
     model = export_onnx(net, batch="dynamic")
-    feed = uniform(0, 1) if weights else uniform()
     return {(batch, blob): error for batch in (1, 4)
             for blob, error in compare(net, model, batch, feed, extra=logits(net)).items()}
 
