@@ -41,13 +41,19 @@ def run_script(name, args, folder, way):
         copy = Path(folder) / f"{name}_kaffe_as_caffe.py"
         copy.write_text(as_kaffe(script.read_text()))
         assert "import kaffe as caffe" in copy.read_text() or "from kaffe import" in copy.read_text()
-        saved, sys.argv = sys.argv, [str(copy)] + args
+        helpers = [path.stem for path in SCRIPTS.glob("*_layers.py")]   # Python layers' modules, beside the script
+        for helper in helpers:
+            (Path(folder) / f"{helper}.py").write_text(as_kaffe((SCRIPTS / f"{helper}.py").read_text()))
+        saved = sys.argv, list(sys.path)
+        sys.argv, sys.path[:0] = [str(copy)] + args, [str(folder)]   # as `python SCRIPT.py ARGS` sets them
         captured = io.StringIO()
         try:
             with contextlib.redirect_stdout(captured):
                 runpy.run_path(str(copy), run_name="__main__")
         finally:
-            sys.argv = saved
+            sys.argv, sys.path[:] = saved
+            for helper in helpers:
+                sys.modules.pop(helper, None)
         stdout = captured.getvalue()
     results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     return json.loads(results[-1][len("RESULT "):]) if results else None
@@ -242,3 +248,13 @@ def test_caffenet_netspec(tmp_path):
     assert (conv2.num_output, list(conv2.kernel_size), list(conv2.pad), conv2.group) == (256, [5], [2], 2)
     assert train.layer[3].pooling_param.pool == caffe_pb2.PoolingParameter.MAX
     assert train.layer[4].lrn_param.local_size == 5 and train.layer[22].inner_product_param.num_output == 1000
+
+
+# -- FCN's net.py, surgery.py, score.py and solve.py ------------------------------------------------------------
+@pytest.mark.parametrize("way", WAYS)
+def test_fcn_segmentation(tmp_path, way):
+    result = run_script("fcn", [_folder(tmp_path, way), 2, 60], tmp_path, way)
+    assert result["crop_offset"] == [2] and result["interp_layers"] == ["upscore"] and result["iter"] == 120
+    assert result["upscore_kept"] and result["bilinear_centre"] == pytest.approx((1 - 0.5 / 4) ** 2)
+    (accuracy_before, _), (accuracy, mean_iu) = result["scores"][0], result["scores"][-1]
+    assert accuracy > 0.95 and mean_iu > 0.8 and accuracy > accuracy_before
