@@ -152,7 +152,8 @@ class _Importer:
         big = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
                for n, v in self.const.items() if n in read and v.size > 4096 and v.dtype.kind == "f"]
         graph = helper.make_graph(nodes, "shapes", list(inputs) + big, self.model.graph.output, small)
-        model = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        # the current IR version: old ones (< 4) see only the initializers that are also graph inputs
+        model = helper.make_model(graph, opset_imports=self.model.opset_import)
         try:
             inferred = self.onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
         except Exception as e:  # onnx.shape_inference.InferenceError, or a type error it reports as RuntimeError
@@ -226,6 +227,9 @@ class _Importer:
     def _finish(self, outputs):
         """Graph outputs that alias another blob get a copy under their own name; dangling tops are silenced."""
         for name in outputs:
+            if name in self.zero_pads:
+                self._refuse(self.zero_pads[name][0], "Caffe pads only inside a Convolution; this padding is a "
+                                                      "graph output")
             if name in self.const:
                 raise KaffeError(f"output '{name}' is a constant; a Caffe net computes its outputs from its inputs")
             if self.alias.get(name, name) != name:
@@ -366,27 +370,35 @@ class _Importer:
         weights = self._constant(node, 1, "weights")
         kernel = list(a.get("kernel_shape", weights.shape[2:]))
         strides, dilations, in_spatial, out_spatial = self._spatial(node, a, kernel)
+        full = [s * (i - 1) + (k - 1) * d + 1 for i, s, k, d in zip(in_spatial, strides, kernel, dilations)]
         auto = a.get("auto_pad", "NOTSET")
-        if "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):  # padding made from the output size
+        if "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):  # the padding that gives this output size
             extra = list(a.get("output_padding", [0] * len(kernel)))
-            totals = [s * (i - 1) + x + (k - 1) * d + 1 - o for i, s, x, k, d, o in
-                      zip(in_spatial, strides, extra, kernel, dilations, out_spatial)]
+            totals = [f + x - o for f, x, o in zip(full, extra, out_spatial)]
             begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in totals]
-            end = [t - b for t, b in zip(totals, begin)]
         else:
-            begin, end = self._pads(a, in_spatial, kernel, strides, dilations)
-        for axis, (i, o, k, s, d, b) in enumerate(zip(in_spatial, out_spatial, kernel, strides, dilations, begin)):
-            if s * (i - 1) + (k - 1) * d + 1 - 2 * b != o or b != end[axis]:
-                self._refuse(node, f"output size {o} along spatial axis {axis} (padding {b} before, {end[axis]} "
-                                   f"after, output_padding {a.get('output_padding', [0] * len(kernel))[axis]}) is "
-                                   f"not what Caffe's Deconvolution computes with symmetric padding")
+            begin = self._pads(a, in_spatial, kernel, strides, dilations)[0]
+        # ONNX keeps rows [b, b + o) of the full transposed convolution, Caffe rows [pad, full - pad): Caffe pads
+        # by the smaller margin, and a Slice cuts the rest (output_padding, asymmetric padding)
+        pads = [min(b, f - b - o) for b, f, o in zip(begin, full, out_spatial)]
+        for axis, (b, f, o, p) in enumerate(zip(begin, full, out_spatial, pads)):
+            if p < 0:
+                self._refuse(node, f"output rows {b} to {b + o - 1} along spatial axis {axis} reach past the {f} "
+                                   f"rows of the transposed convolution (output_padding larger than the end "
+                                   f"padding): rows that hold only the bias, which Caffe's Deconvolution lacks")
+        shape = self._shape(node, node.output[0])[:2] + tuple(f - 2 * p for f, p in zip(full, pads))
+        cuts = [(axis, b - p, b - p + o) for axis, b, p, o in zip(range(2, len(shape)), begin, pads, out_spatial)
+                if (b - p, o) != (0, shape[axis])]
+        top = self._temporary(f"{node.output[0]}_uncut") if cuts else node.output[0]
         self._convolution(node, a, "Deconvolution", node.input[0], weights.shape[1] * a.get("group", 1), kernel,
-                          begin, strides, dilations)
+                          pads, strides, dilations, top)
+        if cuts:
+            self._cut(node, top, shape, cuts, node.output[0])
 
-    def _convolution(self, node, a, kind, x, num_output, kernel, pads, strides, dilations):
+    def _convolution(self, node, a, kind, x, num_output, kernel, pads, strides, dilations, top=None):
         """The Convolution / Deconvolution layer of a Conv / ConvTranspose node (weights in Caffe's layout)."""
         bias = self._optional_constant(node, 2, "bias", None)
-        layer = self._layer(node.name, kind, [self._blob(node, x)], [node.output[0]],
+        layer = self._layer(node.name, kind, [self._blob(node, x)], [top or node.output[0]],
                             [self.const[node.input[1]]] + ([] if bias is None else [bias]))
         p = layer.convolution_param
         p.num_output = num_output
@@ -409,12 +421,14 @@ class _Importer:
         if any(d != 1 for d in dilations):
             self._refuse(node, f"dilated pooling (dilations {dilations}) has no Caffe counterpart")
         begin, end = self._pads(a, in_spatial, kernel, strides, dilations)
-        if any(b >= k for b, k in zip(begin, kernel)):
-            self._refuse(node, f"padding {begin} is not smaller than the kernel {kernel}, as Caffe requires")
         geometry = list(zip(in_spatial, kernel, strides, begin))
+        # one window covering the whole input is Caffe's global pooling, whatever ONNX's padding around it
+        covering = out_spatial == (1, 1) and all(k - b >= n for n, k, s, b in geometry)
         modes = [m for m in (Pool.CEIL, Pool.FLOOR) if all(
             pooled_size(n, k, s, b, m == Pool.CEIL) == o for (n, k, s, b), o in zip(geometry, out_spatial))]
-        if not modes:
+        if any(b >= k for b, k in zip(begin, kernel)) and not covering:
+            self._refuse(node, f"padding {begin} is not smaller than the kernel {kernel}, as Caffe requires")
+        if not modes and not covering:
             self._refuse(node, f"output {_shape_text(out_spatial)} from input {_shape_text(in_spatial)} (kernel "
                                f"{kernel}, stride {strides}, padding {begin} before and {end} after) is not a "
                                f"size Caffe's pooling gives with either rounding")
@@ -427,7 +441,8 @@ class _Importer:
             onnx_divisors = [np.minimum(np.arange(o) * s - b + k, n + (e if include else 0))
                              - np.maximum(np.arange(o) * s - b, -b if include else 0)
                              for (n, k, s, b), e, o in zip(geometry, end, out_spatial)]
-            caffe_divisors = [ave_pool_divisors(n, o, k, s, b) for (n, k, s, b), o in zip(geometry, out_spatial)]
+            caffe_divisors = [np.array([n]) if covering else ave_pool_divisors(n, o, k, s, b)
+                              for (n, k, s, b), o in zip(geometry, out_spatial)]
             if min(d.min() for d in onnx_divisors) <= 0:
                 self._refuse(node, "a window lies entirely in the padding")
             correction = np.multiply.outer(*caffe_divisors) / np.multiply.outer(*onnx_divisors)
@@ -438,9 +453,12 @@ class _Importer:
         layer = self._layer(node.name, "Pooling", [self._blob(node, node.input[0])], [top])
         p = layer.pooling_param
         p.pool = method
-        if modes[0] == Pool.FLOOR:
+        if covering:
+            p.global_pooling = True
+        elif modes[0] == Pool.FLOOR:
             p.round_mode = Pool.FLOOR
-        for field, values, default in (("kernel", kernel, None), ("stride", strides, 1), ("pad", begin, 0)):
+        fields = () if covering else (("kernel", kernel, None), ("stride", strides, 1), ("pad", begin, 0))
+        for field, values, default in fields:
             if values[0] != values[1]:
                 setattr(p, f"{field}_h", values[0])
                 setattr(p, f"{field}_w", values[1])
@@ -722,7 +740,7 @@ class _Importer:
                          node.output[0])
 
     def _op_Flatten(self, node, a):
-        if a.get("axis", 1) == 1:
+        if a.get("axis", 1) == 1 and len(self._shape(node, node.input[0])) > 1:
             self._layer(node.name, "Flatten", [self._blob(node, node.input[0])], [node.output[0]])
         else:
             self._reshape(node)
@@ -769,13 +787,17 @@ class _Importer:
                 self._refuse(node, f"the range along axis {axis} is empty; Caffe blobs cannot be")
             if (begin, stop) != (0, shape[axis]):
                 cuts.append((axis, begin, stop))
-        x = self._blob(node, node.input[0])
+        self._cut(node, self._blob(node, node.input[0]), shape, cuts, node.output[0])
+
+    def _cut(self, node, x, shape, cuts, out):
+        """Blob `x` of `shape` cut to the ranges [begin, stop) of (axis, begin, stop) `cuts`, into blob `out`: one
+        Slice layer per axis, whose other parts are left to the final Silence layer."""
         if not cuts:
-            self.alias[node.output[0]] = x
+            self.alias[out] = x
         for n, (axis, begin, stop) in enumerate(cuts):
             points = [p for p in (begin, stop) if 0 < p < shape[axis]]
-            keep = node.output[0] if n == len(cuts) - 1 else self._temporary(f"{node.output[0]}_{axis}")
-            tops = [self._temporary(f"{node.output[0]}_unused") for _ in range(len(points) + 1)]
+            keep = out if n == len(cuts) - 1 else self._temporary(f"{out}_{axis}")
+            tops = [self._temporary(f"{out}_unused") for _ in range(len(points) + 1)]
             tops[1 if begin else 0] = keep
             layer = self._layer(node.name, "Slice", [x], tops)
             layer.slice_param.axis = axis
