@@ -611,6 +611,130 @@ def _argmax(ex, c):
     ex.node("Concat", parts, c.y, axis=1)
 
 
+# -- losses and accuracy: a TEST net's scores with its labels (graph inputs too) ---------------------------------------
+Loss = caffe_pb2.LossParameter
+FLT_MIN = float(np.finfo(np.float32).tiny)   # Caffe's floor under a probability before its log
+
+
+def _class_labels(ex, c, axis):
+    """The labels (bottom[1]) as int64 indices shaped like the scores with one class on `axis`, ignored labels
+    turned into 0, and the float mask of the labels that count (None: all count)."""
+    shape = list(c.bottom_shapes[0])
+    shape[axis] = 1
+    if axis:
+        shape[0] = -1   # the batch
+    else:
+        ex.static_batch(c, "a class axis of 0")
+    labels = ex.node("Cast", [ex.reshape(c.inputs[1], shape)], to=ex.onnx.TensorProto.INT64)
+    if c.layer.ignore_label is None:
+        return labels, None
+    ignored = ex.node("Equal", [labels, ex.ints(f"{c.name}_ignore_label", c.layer.ignore_label)])
+    valid = ex.node("Cast", [ex.node("Not", [ignored])], to=ex.onnx.TensorProto.FLOAT)
+    return ex.node("Where", [ignored, ex.ints(f"{c.name}_zero", 0), labels]), valid
+
+
+def _count(ex, values, valid):
+    """How many of `values` count: the sum of the mask, or their number."""
+    if valid is not None:
+        return ex.node("ReduceSum", [valid], keepdims=0)
+    return ex.node("Cast", [ex.node("Size", [values])], to=ex.onnx.TensorProto.FLOAT)
+
+
+def _at_least_one(ex, c, value):
+    return ex.node("Max", [value, ex.constant(f"{c.name}_one", 1.0)])
+
+
+def _normalized(ex, c, losses, valid, mode, inner):
+    """Caffe's loss: the sum of the losses that count over get_normalizer (never below 1)."""
+    if valid is not None:
+        losses = ex.node("Mul", [losses, valid])
+    total = ex.node("ReduceSum", [losses], c.y if mode == Loss.NONE else None, keepdims=0)
+    if mode == Loss.NONE:
+        return
+    count = _count(ex, losses, valid if mode == Loss.VALID else None)
+    if mode == Loss.BATCH_SIZE and inner != 1:
+        count = ex.node("Div", [count, ex.constant(f"{c.name}_inner", inner)])
+    ex.node("Div", [total, _at_least_one(ex, c, count)], c.y)
+
+
+@converts("SoftmaxWithLoss")
+def _softmax_loss(ex, c):
+    layer = c.layer
+    prob = ex.node("Softmax", [c.x], c.outputs[1] if len(c.outputs) > 1 else None, axis=layer.axis)
+    index, valid = _class_labels(ex, c, layer.axis)
+    picked = ex.node("GatherElements", [prob, index], axis=layer.axis)
+    floor = ex.node("Max", [picked, ex.constant(f"{c.name}_flt_min", FLT_MIN)])
+    _normalized(ex, c, ex.node("Neg", [ex.node("Log", [floor])]), valid, layer.normalization, layer.dims[2])
+
+
+@converts("Accuracy")
+def _accuracy(ex, c):
+    layer = c.layer
+    if len(c.outputs) > 1:
+        c.fail("the per-class accuracy top has no ONNX form here")
+    axis = axis_index(layer, c.bottoms[0], c.param.accuracy_param.axis)
+    index, valid = _class_labels(ex, c, axis)
+    # right when fewer than top_k other classes score at least as high (ties count as wrong), as Caffe counts
+    true_score = ex.node("GatherElements", [c.x, index], axis=axis)
+    as_high = ex.node("Cast", [ex.node("GreaterOrEqual", [c.x, true_score])], to=ex.onnx.TensorProto.FLOAT)
+    ranks = ex.node("ReduceSum", [as_high, ex.ints(f"{c.name}_axes", [axis])], keepdims=1)
+    right = ex.node("Cast", [ex.node("Less", [ranks, ex.constant(f"{c.name}_top_k", layer.top_k + 1)])],
+                    to=ex.onnx.TensorProto.FLOAT)
+    if valid is not None:
+        right = ex.node("Mul", [right, valid])
+    hits = ex.node("ReduceSum", [right], keepdims=0)
+    ex.node("Div", [hits, _at_least_one(ex, c, _count(ex, right, valid))], c.y)   # no labels: 0
+
+
+@converts("SigmoidCrossEntropyLoss")
+def _sigmoid_cross_entropy_loss(ex, c):
+    layer = c.layer
+    x = c.x
+    targets = ex.reshape(c.inputs[1], [0] + list(c.bottom_shapes[0][1:]))
+    # log(1 + exp(-|x|)) - x (t - [x >= 0]), the overflow-free form
+    positive = ex.node("Cast", [ex.node("GreaterOrEqual", [x, ex.constant(f"{c.name}_zero", 0.0)])],
+                       to=ex.onnx.TensorProto.FLOAT)
+    softplus = ex.node("Softplus", [ex.node("Neg", [ex.node("Abs", [x])])])
+    losses = ex.node("Sub", [softplus, ex.node("Mul", [x, ex.node("Sub", [targets, positive])])])
+    valid = None
+    if layer.ignore_label is not None:   # Caffe compares static_cast<int>(target)
+        target_ints = ex.node("Cast", [targets], to=ex.onnx.TensorProto.INT64)
+        kept = ex.node("Not", [ex.node("Equal", [target_ints, ex.ints(f"{c.name}_ignore_label",
+                                                                      layer.ignore_label)])])
+        valid = ex.node("Cast", [kept], to=ex.onnx.TensorProto.FLOAT)
+    _normalized(ex, c, losses, valid, layer.normalization, layer.inner)
+
+
+@converts("EuclideanLoss")
+def _euclidean_loss(ex, c):
+    difference = ex.node("Sub", [c.x, ex.reshape(c.inputs[1], [0] + list(c.bottom_shapes[0][1:]))])
+    total = ex.node("ReduceSum", [ex.node("Mul", [difference, difference])], keepdims=0)
+    num = ex.node("Cast", [ex.node("Gather", [ex.node("Shape", [c.x]), ex.ints(f"{c.name}_batch_axis", 0)])],
+                  to=ex.onnx.TensorProto.FLOAT)
+    ex.node("Div", [ex.node("Div", [total, num]), ex.constant(f"{c.name}_two", 2.0)], c.y)
+
+
+@converts("ContrastiveLoss")
+def _contrastive_loss(ex, c):
+    layer = c.layer
+    pairs = [ex.reshape(x, [0, -1]) for x in c.inputs[:2]]
+    difference = ex.node("Sub", pairs)
+    dist_sq = ex.node("ReduceSum", [ex.node("Mul", [difference, difference]), ex.ints(f"{c.name}_axes", [1])],
+                      keepdims=0)
+    margin = ex.constant(f"{c.name}_margin", layer.margin)
+    zero = ex.constant(f"{c.name}_zero", 0.0)
+    if layer.legacy:   # max(margin - d^2, 0)
+        dissimilar = ex.node("Max", [ex.node("Sub", [margin, dist_sq]), zero])
+    else:              # max(margin - d, 0)^2
+        gap = ex.node("Max", [ex.node("Sub", [margin, ex.node("Sqrt", [dist_sq])]), zero])
+        dissimilar = ex.node("Mul", [gap, gap])
+    similarity = ex.node("Cast", [ex.reshape(c.inputs[2], [-1])], to=ex.onnx.TensorProto.INT64)
+    similar = ex.node("Not", [ex.node("Equal", [similarity, ex.ints(f"{c.name}_dissimilar", 0)])])
+    total = ex.node("ReduceSum", [ex.node("Where", [similar, dist_sq, dissimilar])], keepdims=0)
+    num = ex.node("Cast", [ex.node("Size", [similarity])], to=ex.onnx.TensorProto.FLOAT)
+    ex.node("Div", [ex.node("Div", [total, num]), ex.constant(f"{c.name}_two", 2.0)], c.y)
+
+
 @converts("BatchReindex")
 def _batch_reindex(ex, c):
     ex.node("Gather", [c.x, ex.node("Cast", [c.inputs[1]], to=ex.onnx.TensorProto.INT64)], c.y, axis=0)

@@ -13,6 +13,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from conftest import REPO, SHARED  # noqa: E402
+from test_zoo import STAGES, with_stand_ins  # noqa: E402
 import kaffe  # noqa: E402
 from kaffe.engine.errors import KaffeError  # noqa: E402
 from kaffe.engine.graph import filter_net  # noqa: E402
@@ -65,13 +66,15 @@ def uniform(low=-1.0, high=1.0):
 
 
 def compare_inputs(net, batch, feed, seed=1):
-    """Reshapes the net to `batch` and fills its inputs from feed(rng, shape); returns them by name."""
+    """Reshapes the net to `batch` and fills its inputs from feed(rng, shape) (or feed[name](rng, shape), uniform
+    in [-1, 1) for the names it lacks); returns them by name."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for name in net.inputs:
         blob = net.blobs[name]
         shape = (batch,) + blob.shape[1:] if blob.shape else ()
-        feeds[name] = np.asarray(feed(rng, shape), np.float32)
+        fill_input = feed.get(name, uniform()) if isinstance(feed, dict) else feed
+        feeds[name] = np.asarray(fill_input(rng, shape), np.float32)
         blob.reshape(*shape)
     net.reshape()
     for name, value in feeds.items():
@@ -94,15 +97,23 @@ def compare(net, model, batch, feed=uniform(), extra=(), seed=1):
             for name, value in zip(net.outputs + list(extra), session.run(None, feeds))}
 
 
-def final_softmaxes(net):
-    """(layer index, bottom blob) of each Softmax whose top is an output of the net."""
-    return [(i, net.bottom_names[layer.name][0]) for i, layer in enumerate(net.layers)
-            if layer.type == "Softmax" and net.top_names[layer.name][0] in net.outputs]
+def logit_layers(net):
+    """The last weighted layer before each Softmax and SoftmaxWithLoss: the layers writing logits."""
+    return [max(i for i in range(index) if net.layers[i].blobs) for index, layer in enumerate(net.layers)
+            if layer.type in ("Softmax", "SoftmaxWithLoss")]
 
 
 def logits(net):
-    """The blobs a final Softmax reads (its probabilities flatten small errors)."""
-    return [blob for _, blob in final_softmaxes(net)]
+    """The logit blobs (a Softmax flattens small errors of its input; a loss sums them)."""
+    return [net.top_names[net.layer_names[i]][0] for i in logit_layers(net)]
+
+
+def label_feeds(net):
+    """Labels in range for the second top of each data source (Caffe's label; 0 or 1 for nets that score no
+    classes, such as the siamese pairs' similarity)."""
+    classes = [layer.dims[1] for layer in net.layers if layer.type in ("SoftmaxWithLoss", "Accuracy")]
+    return {tops[1]: labels(min(classes, default=2)) for layer, tops in zip(net.layers, net.top_names.values())
+            if not layer.layer_param.bottom and len(tops) > 1}
 
 
 def net_of(text, phase=caffe_pb2.TEST, **inputs):
@@ -125,6 +136,12 @@ def one(layer_type, params="", bottom="data", top="out", name="layer"):
 
 
 IMAGE = {"data": [2, 3, 9, 10]}
+
+
+def labels(classes):
+    return lambda rng, shape: rng.integers(0, classes, shape)
+
+
 POSITIVE = uniform(0.1, 2.0)
 LAYER_CASES = {
     "conv_group_dilation": (one("Convolution", "convolution_param { num_output: 4 kernel_size: 3 pad: 2 stride: 2 "
@@ -227,6 +244,40 @@ LAYER_CASES = {
                     lambda rng, s: rng.integers(0, 3, s) / 2),
     "argmax_axis_max_val": (one("ArgMax", "argmax_param { axis: -1 out_max_val: true }"), IMAGE),
     "tile": (one("Tile", "tile_param { axis: 1 tiles: 3 }"), IMAGE),
+    "softmax_loss_with_prob": ('layer { name: "layer" type: "SoftmaxWithLoss" bottom: "data" bottom: "label" '
+                               'top: "out" top: "prob" }', {"data": [2, 5], "label": [2]}, {"label": labels(5)}),
+    "softmax_loss_spatial_ignore": ('layer { name: "layer" type: "SoftmaxWithLoss" bottom: "data" bottom: "label" '
+                                    'top: "out" loss_param { ignore_label: 4 } }',
+                                    {"data": [2, 4, 3, 3], "label": [2, 1, 3, 3]}, {"label": labels(5)}),
+    "softmax_loss_full": ('layer { name: "layer" type: "SoftmaxWithLoss" bottom: "data" bottom: "label" top: "out" '
+                          'loss_param { ignore_label: 0 normalization: FULL } softmax_param { axis: 2 } }',
+                          {"data": [2, 3, 4], "label": [2, 3]}, {"label": labels(4)}),
+    "softmax_loss_batch_size": ('layer { name: "layer" type: "SoftmaxWithLoss" bottom: "data" bottom: "label" '
+                                'top: "out" loss_param { normalize: false } }',
+                                {"data": [2, 4, 3], "label": [2, 3]}, {"label": labels(4)}),
+    "softmax_loss_none": ('layer { name: "layer" type: "SoftmaxWithLoss" bottom: "data" bottom: "label" top: "out" '
+                          'loss_param { normalization: NONE } }', {"data": [2, 4], "label": [2]},
+                          {"label": labels(4)}),
+    "accuracy_top2_ties": ('layer { name: "layer" type: "Accuracy" bottom: "data" bottom: "label" top: "out" '
+                           'accuracy_param { top_k: 2 } }', {"data": [2, 6], "label": [2]},
+                           {"data": lambda rng, s: rng.integers(0, 3, s), "label": labels(6)}),
+    "accuracy_spatial_ignore": ('layer { name: "layer" type: "Accuracy" bottom: "data" bottom: "label" top: "out" '
+                                'accuracy_param { ignore_label: 1 } }', {"data": [2, 3, 4, 4], "label": [2, 4, 4]},
+                                {"label": labels(3)}),
+    "sigmoid_cross_entropy_loss": ('layer { name: "layer" type: "SigmoidCrossEntropyLoss" bottom: "data" '
+                                   'bottom: "t" top: "out" }', {"data": [2, 6], "t": [2, 6]},
+                                   {"data": uniform(-5, 5), "t": uniform(0, 1)}),
+    "sigmoid_cross_entropy_loss_ignore": ('layer { name: "layer" type: "SigmoidCrossEntropyLoss" bottom: "data" '
+                                          'bottom: "t" top: "out" loss_param { ignore_label: 2 normalization: '
+                                          'VALID } }', {"data": [2, 3, 2], "t": [2, 3, 2]}, {"t": labels(3)}),
+    "euclidean_loss": ('layer { name: "layer" type: "EuclideanLoss" bottom: "data" bottom: "b" top: "out" }',
+                       {"data": [2, 3, 2], "b": [2, 6]}),
+    "contrastive_loss": ('layer { name: "layer" type: "ContrastiveLoss" bottom: "data" bottom: "b" bottom: "sim" '
+                         'top: "out" contrastive_loss_param { margin: 2 } }',
+                         {"data": [2, 3], "b": [2, 3, 1, 1], "sim": [2, 1, 1, 1]}, {"sim": labels(2)}),
+    "contrastive_loss_legacy": ('layer { name: "layer" type: "ContrastiveLoss" bottom: "data" bottom: "b" '
+                                'bottom: "sim" top: "out" contrastive_loss_param { legacy_version: true } }',
+                                {"data": [2, 3], "b": [2, 3], "sim": [2]}, {"sim": labels(2)}),
     "parameter_and_batch_reindex": ('layer { name: "param" type: "Parameter" top: "p" parameter_param { shape { '
                                     'dim: 3 dim: 4 } } } '
                                     'layer { name: "layer" type: "BatchReindex" bottom: "p" bottom: "data" '
@@ -279,6 +330,7 @@ def exportable(path):
     """Whether every layer of the file's TEST-phase net has an ONNX form."""
     param = read_net_param(path)
     param.state.phase = caffe_pb2.TEST
+    param.state.stage.extend(STAGES.get(os.path.basename(path), {}).get(caffe_pb2.TEST, []))
     return all(layer.type in CONVERTERS or layer.type in SOURCE_TYPES for layer in filter_net(param).layer)
 
 
@@ -287,44 +339,56 @@ def _id(path):
     return os.path.relpath(path, ZOO) if path.startswith(str(ZOO)) else os.path.relpath(path, REPO)
 
 
-# the zoo's TEST-phase nets that have only exportable layers (the others end in loss and accuracy layers)
-ZOO_EXPORTABLE = ["bvlc/examples/cifar10/cifar10_full.prototxt", "bvlc/examples/cifar10/cifar10_quick.prototxt",
-                  "bvlc/examples/mnist/lenet.prototxt", "bvlc/examples/siamese/mnist_siamese.prototxt",
-                  "bvlc/models/bvlc_alexnet/deploy.prototxt", "bvlc/models/bvlc_googlenet/deploy.prototxt",
-                  "bvlc/models/bvlc_reference_caffenet/deploy.prototxt", "legacy_v0/examples/lenet/lenet.prototxt",
-                  "legacy_v1/examples/mnist/lenet.prototxt", "legacy_v1/models/bvlc_reference_caffenet/deploy.prototxt",
-                  "weights/lenet_v2/lenet.prototxt"]
 BIG = ("alexnet", "caffenet", "googlenet", "vgg16", "resnet50")
-OUR_DEPLOY = [REPO / "models" / "lenet" / "lenet_deploy.prototxt"] + sorted(
-    REPO / "models" / name / "deploy.prototxt" for name in os.listdir(REPO / "models")
-    if (REPO / "models" / name / "deploy.prototxt").exists())
-ALL_NETS = OUR_DEPLOY + [ZOO / p for p in ZOO_EXPORTABLE]
+# models/: every deploy net, and the train_val nets whose data test_zoo has stand-ins for
+OUR_NETS = sorted(glob.glob(str(REPO / "models" / "*" / "deploy.prototxt")) +
+                  glob.glob(str(REPO / "models" / "*" / "train_val.prototxt")) +
+                  glob.glob(str(REPO / "models" / "lenet" / "lenet_*.prototxt")))
+OUR_NETS = [p for p in OUR_NETS if "solver" not in p]
+ALL_NETS = OUR_NETS + [p for p in zoo_net_files() if exportable(p)]
+assert all(exportable(p) for p in OUR_NETS)
 NET_PARAMS = [pytest.param(p, id=_id(p), marks=[pytest.mark.slow] if any(b in str(p) for b in BIG) else [])
               for p in ALL_NETS]
 
 
 @pytest.mark.skipif(not ZOO.exists(), reason="../shared/zoo not found")
-def test_zoo_list_is_every_exportable_net():
-    assert [_id(p) for p in zoo_net_files() if exportable(p)] == ZOO_EXPORTABLE
+def test_every_zoo_net_is_exportable():
+    assert [_id(p) for p in zoo_net_files() if not exportable(p)] == []
 
 
 def calibrate(net, feed):
-    """Scales the last weighted layer before each final Softmax so that the logits have an RMS of 1 (random
-    weights otherwise give logits in the tens, whose float32 rounding a Softmax turns into a large error of the
-    probabilities); ReLU and pooling between them scale along."""
-    for index, blob in final_softmaxes(net):
+    """Scales the layers writing logits so that these have an RMS of 1 (random weights otherwise give logits in
+    the tens, whose float32 rounding a Softmax turns into large errors of the probabilities and the loss)."""
+    for index in logit_layers(net):
         compare_inputs(net, 1, feed)
         net.forward()
-        rms = np.sqrt(np.mean(np.square(net.blobs[blob].data.astype(np.float64))))
-        last = max(i for i in range(index) if net.layers[i].blobs)
-        for b in net.layers[last].blobs:
+        logit = net.blobs[net.top_names[net.layer_names[index]][0]].data
+        rms = np.sqrt(np.mean(np.square(logit.astype(np.float64))))
+        for b in net.layers[index].blobs:
             b.data[...] /= rms
+
+
+def test_net(path):
+    """The file's TEST-phase net; data layers (whose sources are absent) become Input layers of the shapes
+    they would give (test_zoo's stand-ins) for batch 1: the export makes graph inputs of either."""
+    param = with_stand_ins(read_net_param(str(path)), path)
+    for layer in param.layer:
+        if layer.type == "DummyData":
+            shapes = list(layer.dummy_data_param.shape)
+            layer.ClearField("dummy_data_param")
+            layer.type = "Input"
+            for shape in shapes:
+                shape.dim[0] = 1
+            layer.input_param.shape.extend(shapes)
+    param.state.phase = caffe_pb2.TEST
+    param.state.stage.extend(STAGES.get(os.path.basename(path), {}).get(caffe_pb2.TEST, []))
+    return Net(param)
 
 
 def net_errors(path, weights=None):
     """{(batch, blob): relative error} of a net exported with a dynamic batch, at batch 1 and 4."""
-    net = Net(str(path), kaffe.TEST)
-    feed = uniform(0, 1) if weights else uniform()
+    net = test_net(path)
+    feed = dict(label_feeds(net), data=uniform(0, 1) if weights else uniform())
     if weights:
         net.copy_from(str(weights))
     else:
