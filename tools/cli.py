@@ -13,6 +13,7 @@ from ..engine.bad_records import set_skip_bad_records
 from ..engine.errors import KaffeError
 from ..engine.log import init_log, logger
 from ..proto import caffe_pb2
+from .progress import Progress, stream
 
 SIGNAL_EFFECTS = ("stop", "snapshot", "none")
 
@@ -58,6 +59,7 @@ def _build_parser():
     test = commands.add_parser("test", help="score a model")
     _flag(test, "model", default="", help="net prototxt")
     _flag(test, "weights", default="", help="comma-separated .caffemodel files")
+    _flag(test, "quiet", action="store_true", help="no progress bar on a terminal")
     _flag(test, "no-python-layers", action="store_true", help="refuse Python layers (for model files from strangers)")
     _flag(test, "no-optimize", action="store_true", help="run every layer as written (no deploy-time optimiser)")
     _add_common(test)
@@ -159,6 +161,7 @@ def test(args):
     net.copy_from(args.weights)
     logger.info(f"Running for {args.iterations} iterations.")
     totals, loss = None, 0.0
+    bar = Progress(args.iterations, "Scoring", stream(args.quiet), unit="batch", lines=False)
     for i in range(args.iterations):
         loss += net.forward_from_to(0, len(net.layers) - 1)
         values = [b.cpu_data().astype(np.float64).ravel() for b in net.output_blobs]
@@ -166,6 +169,7 @@ def test(args):
             for v in vals:
                 logger.info(f"Batch {i}, {name} = {format(v, '.6g')}")
         totals = values if totals is None else [t + v for t, v in zip(totals, values)]
+        bar.update()
     logger.info(f"Loss: {format(loss / args.iterations, '.6g')}")
     for name, weight, total in zip(net.outputs, net.output_loss_weights, totals):
         for v in total / args.iterations:

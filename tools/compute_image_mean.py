@@ -18,7 +18,7 @@ from ..layers.data import Database, parse_datum
 from ..layers.transform import DataTransformer
 from ..proto import caffe_pb2
 from .convert_imageset import gflags_argv, run
-from .data import Progress
+from .progress import Progress, add_quiet_flag, stream
 
 PROG = "compute_image_mean"
 
@@ -70,6 +70,7 @@ def build_parser():
                     "transform_param.mean_file); the per-channel means (for mean_value) are logged.")
     parser.add_argument("--backend", default="lmdb", choices=("lmdb", "leveldb"),
                         help="the input database's format (default: lmdb)")
+    add_quiet_flag(parser)
     parser.add_argument("db", metavar="INPUT_DB", help="the LMDB or LevelDB directory")
     parser.add_argument("output", metavar="OUTPUT_FILE", nargs="?",
                         help="where to write the mean BlobProto (e.g. mean.binaryproto); omitted: only log it")
@@ -79,7 +80,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(gflags_argv(sys.argv[1:] if argv is None else argv, parser))
-    mean = compute_image_mean(args.db, args.backend, args.output)
+    mean = compute_image_mean(args.db, args.backend, args.output, progress=stream(args.quiet))
     per_channel = mean.reshape(mean.shape[0], -1).mean(axis=1, dtype=np.float64)
     print("mean_value per channel: " + " ".join(f"{v:g}" for v in per_channel))
     return 0

@@ -19,7 +19,8 @@ from ..engine.log import init_log, logger
 from ..layers.data import read_image_list
 from ..layers.transform import array_to_datum, encode_image, image_to_chw, open_image, resize_bilinear
 from ..proto import caffe_pb2
-from .data import DatumWriter, Progress
+from .data import DatumWriter
+from .progress import Progress, add_quiet_flag, stream
 
 PROG = "convert_imageset"
 
@@ -150,6 +151,7 @@ def build_parser():
                         help="store the images as encoded files (PNG/JPEG) rather than raw pixels")
     parser.add_argument("--encode_type", default="", metavar="png|jpg",
                         help="the encoding for --encoded (implies it); default: each file's own format")
+    add_quiet_flag(parser)
     parser.add_argument("root", metavar="ROOTFOLDER/", help="the folder the listed paths are relative to")
     parser.add_argument("list_file", metavar="LISTFILE", help="the `path label` list")
     parser.add_argument("db", metavar="DB_NAME", help="the database to create (it must not exist)")
@@ -162,7 +164,7 @@ def main(argv=None):
     count = convert_imageset(args.root, args.list_file, args.db, gray=args.gray, shuffle=args.shuffle,
                              backend=args.backend, resize_height=args.resize_height,
                              resize_width=args.resize_width, check_size=args.check_size, encoded=args.encoded,
-                             encode_type=args.encode_type)
+                             encode_type=args.encode_type, progress=stream(args.quiet))
     print(f"Wrote {count} images to {args.db}")
     return 0
 

@@ -1,5 +1,5 @@
 """`kaffe data`: fetch and convert public datasets into Caffe's LMDB (or LevelDB) format, and the database
-writer and progress bar that the dataset tools share.
+writer that the dataset tools share.
 
 `kaffe data mnist` does what Caffe's get_mnist.sh + convert_mnist_data do: it reads the four MNIST IDX
 files (from a folder, or downloaded from a public mirror and checked against the canonical MD5s) and writes
@@ -25,6 +25,7 @@ import numpy as np
 from ..engine.errors import KaffeError
 from ..engine.log import logger
 from ..proto import caffe_pb2
+from .progress import Progress, add_quiet_flag, stream
 
 # md5 of the uncompressed files (mirrors serve them gzipped, and gzip headers differ between mirrors)
 MNIST_FILES = {
@@ -82,28 +83,6 @@ def read_idx(path):
 
 
 # -- writing databases ---------------------------------------------------------------------------------
-class Progress:
-    """A progress bar on a stream (stderr): redrawn in place on a terminal, a line per 10% otherwise."""
-
-    def __init__(self, total, what, stream=sys.stderr):
-        self.total, self.what, self.stream = total, what, stream
-        self.done = 0
-        self._tty = stream is not None and getattr(stream, "isatty", lambda: False)()
-        self._every = max(1, total // (200 if self._tty else 10))
-        self._next = self._every
-
-    def update(self, step=1):
-        self.done += step
-        if self.stream is None or self.done < min(self._next, self.total):
-            return
-        self._next = self.done + self._every
-        share = self.done / self.total if self.total else 1.0
-        line = f"{self.what}: [{'#' * int(30 * share):<30}] {self.done}/{self.total} ({100 * share:.0f}%)"
-        end = "\n" if not self._tty or self.done >= self.total else ""
-        self.stream.write(("\r" if self._tty else "") + line + end)
-        self.stream.flush()
-
-
 class DatumWriter:
     """Puts (key, value) records into a NEW LMDB or LevelDB, committing every `commit_every` records.
 
@@ -221,7 +200,7 @@ def _md5_ok(payload, name):
 
 
 def _download(url, target, progress):
-    """Fetch url into target (via a .part file), printing a progress line."""
+    """Fetch url into target (via a .part file), showing its progress."""
     part = target + ".part"
     try:
         _fetch(url, part, progress)
@@ -235,21 +214,10 @@ def _download(url, target, progress):
 def _fetch(url, part, progress):
     with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0)
-        done = 0
-        try:
-            while True:
-                chunk = response.read(1 << 16)
-                if not chunk:
-                    break
+        with Progress(total, f"Downloading {url}", progress, unit="B") as bar:
+            for chunk in iter(lambda: response.read(1 << 16), b""):
                 out.write(chunk)
-                done += len(chunk)
-                if progress:
-                    share = f"{100 * done // total:3d}% of {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-                    progress.write(f"\rDownloading {url}: {share}")
-                    progress.flush()
-        finally:
-            if progress and done:
-                progress.write("\n")
+                bar.update(len(chunk))
 
 
 def download_mnist(raw_dir, mirrors=None, progress=sys.stderr):
@@ -503,9 +471,11 @@ def main(argv=None):
     for sub in (mnist, cifar):
         sub.add_argument("--backend", choices=("lmdb", "leveldb"), default="lmdb",
                          help="database format (default: lmdb; leveldb needs the plyvel package)")
+        add_quiet_flag(sub)
     args = parser.parse_args(argv)
     convert = convert_mnist if args.dataset == "mnist" else convert_cifar10
-    outputs = convert(args.out, args.source, verify=not args.skip_md5, backend=args.backend)
+    outputs = convert(args.out, args.source, verify=not args.skip_md5, progress=stream(args.quiet),
+                      backend=args.backend)
     for path in outputs:
         print(f"Wrote {path}")
     return 0

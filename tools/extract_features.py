@@ -18,12 +18,13 @@ from ..engine.net import Net
 from ..proto import caffe_pb2
 from .convert_imageset import run
 from .data import DatumWriter
+from .progress import Progress, add_quiet_flag, stream
 
 PROG = "extract_features"
 COMMIT_EVERY = 1000  # records per transaction, and how often progress is logged (Caffe's)
 
 
-def extract_features(weights, net_path, blob_names, db_names, num_batches, backend="lmdb"):
+def extract_features(weights, net_path, blob_names, db_names, num_batches, backend="lmdb", progress=sys.stderr):
     """Run the net num_batches times and write each blob's items into its new database; returns the record
     counts. A failure leaves no database behind (each is built under NAME.partial)."""
     if len(blob_names) != len(db_names):
@@ -40,10 +41,12 @@ def extract_features(weights, net_path, blob_names, db_names, num_batches, backe
             logger.info(f"Opening dataset {db_name}")
             writers.append(stack.enter_context(DatumWriter(db_name, backend, commit_every=COMMIT_EVERY)))
         logger.error("Extracting Features")
+        bar = Progress(num_batches, "Extracting features", progress, unit="batch", lines=False)
         for _ in range(num_batches):
             net.forward()
             for name, writer in zip(blob_names, writers):
                 _write_items(net.blobs[name], name, writer)
+            bar.update()
         for name, writer in zip(blob_names, writers):
             logger.error(f"Extracted features of {writer.count} query images for feature blob {name}")
     logger.error("Successfully extracted the features!")
@@ -73,6 +76,7 @@ def build_parser():
     parser.add_argument("caffe_args", metavar="DB_TYPE [CPU|GPU] [DEVICE_ID]", nargs="*",
                         help="Caffe's positional spelling of the backend and the device")
     parser.add_argument("--backend", choices=("lmdb", "leveldb"), help="the databases' format (default: lmdb)")
+    add_quiet_flag(parser)
     return parser
 
 
@@ -97,7 +101,7 @@ def main(argv=None):
         logger.error("Using CPU")
         device.set_mode_cpu()
     extract_features(args.weights, args.net, args.blobs.split(","), args.dbs.split(","), args.num_batches,
-                     db_type or args.backend or "lmdb")
+                     db_type or args.backend or "lmdb", stream(args.quiet))
     return 0
 
 

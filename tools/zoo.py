@@ -24,6 +24,7 @@ import urllib.request
 import yaml
 
 from ..engine.errors import KaffeError
+from .progress import Progress, add_quiet_flag, stream
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 CHUNK = 1 << 20
@@ -138,15 +139,11 @@ def _download(url, destination, algorithm, progress):
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0)
-            done, shown = 0, -1
-            for chunk in iter(lambda: response.read(CHUNK), b""):
-                f.write(chunk)
-                h.update(chunk)
-                done += len(chunk)
-                percent = done * 100 // total if total else -1
-                if percent // 10 != shown // 10:
-                    shown = percent
-                    print(f"  {done / 1e6:.1f} MB" + (f" ({percent}%)" if total else ""), file=progress)
+            with Progress(total, "Downloading", progress, unit="B") as bar:
+                for chunk in iter(lambda: response.read(CHUNK), b""):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
     except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -156,7 +153,7 @@ def _download(url, destination, algorithm, progress):
     return tmp, h.hexdigest()
 
 
-def fetch_model(name, out, force=False):
+def fetch_model(name, out, force=False, progress=sys.stderr):
     """Download a model's weights into the cache and check them; returns the weights' path."""
     _, fields, _ = model_info(name)
     if not fields.get("caffemodel_url") or not fields.get("caffemodel"):
@@ -169,7 +166,7 @@ def fetch_model(name, out, force=False):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     print(f"Downloading {fields['caffemodel_url']} to {path}", file=out)
-    tmp, digest = _download(fields["caffemodel_url"], path, algorithm, out)
+    tmp, digest = _download(fields["caffemodel_url"], path, algorithm, progress)
     if expected is not None and digest != expected:   # checked before the file enters the cache
         os.unlink(tmp)
         raise KaffeError(f"model '{name}' did not download correctly: {algorithm} is {digest}, the README says "
@@ -193,6 +190,7 @@ def main(argv=None):
     fetch = commands.add_parser("fetch", help="download a model's weights into the cache and check the checksum")
     fetch.add_argument("name")
     fetch.add_argument("--force", action="store_true", help="download again even if the file is there")
+    add_quiet_flag(fetch)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.command:
         parser.print_help(sys.stderr)
@@ -203,7 +201,7 @@ def main(argv=None):
         elif args.command == "show":
             show_model(args.name, sys.stdout)
         else:
-            fetch_model(args.name, sys.stdout, force=args.force)
+            fetch_model(args.name, sys.stdout, force=args.force, progress=stream(args.quiet))
     except KaffeError as e:
         print(f"kaffe zoo {args.command}: error: {e}", file=sys.stderr)
         return 1
