@@ -57,6 +57,11 @@ def parse_batch(text):
     return value
 
 
+def _is_source(layer):
+    """Data layers and Input: the layers without bottoms, except Parameter (whose top is a learned blob)."""
+    return not layer.layer_param.bottom and layer.type != "Parameter"
+
+
 def converts(*types):
     def register(function):
         for name in types:
@@ -103,7 +108,7 @@ class _Exporter:
         if batch is not None and batch != DYNAMIC and not (isinstance(batch, int) and batch > 0):
             raise KaffeValueError(f"batch must be None, 'dynamic' or a positive integer, got {batch!r}")
         self.net, self.batch = net, batch
-        inputs = [b for b, layer in zip(net.top_vecs, net.layers) if not layer.layer_param.bottom]
+        inputs = [tops for tops, layer in zip(net.top_vecs, net.layers) if _is_source(layer)]
         self.net_batch = next((t[0].shape[0] for t in inputs if t and t[0].num_axes), None)
         self.nodes, self.initializers, self.graph_inputs, self.metadata = [], [], [], {}
         self.current = {}      # Caffe blob name -> the ONNX tensor now holding it
@@ -124,11 +129,11 @@ class _Exporter:
         return candidate
 
     def node(self, op, inputs, output=None, outputs=1, **attributes):
-        """Adds an ONNX node; returns its output name (or names when outputs > 1). `output` names the first."""
-        names = [output or self.fresh(f"{self.where}/{op}")]
-        names += [self.fresh(f"{self.where}/{op}") for _ in range(outputs - 1)]
-        self.nodes.append(self.helper.make_node(op, list(inputs), names, name=self.fresh(f"{self.where}/{op}#"),
-                                                **attributes))
+        """Adds an ONNX node; returns its output name (or names when outputs > 1). `output` names the first, or as
+        a list all of them."""
+        names = list(output) if isinstance(output, list) else [output or self.fresh(f"{self.where}/{op}")]
+        names += [self.fresh(f"{self.where}/{op}") for _ in range(outputs - len(names))]
+        self.nodes.append(self.helper.make_node(op, list(inputs), names, name=names[0], **attributes))
         return names[0] if outputs == 1 else names
 
     def constant(self, name, value, dtype=np.float32):
@@ -169,7 +174,7 @@ class _Exporter:
             self.where = layer.name
             bottoms = [net.blob_names[i] for i in net.bottom_ids[index]]
             tops = [net.blob_names[i] for i in net.top_ids[index]]
-            if not bottoms and layer.type != "Parameter":
+            if _is_source(layer):
                 self.add_inputs(layer, tops, net.top_vecs[index])
                 continue
             converter = CONVERTERS.get(layer.type)
@@ -262,7 +267,7 @@ def _pooling(ex, c):
         if len(c.outputs) == 1:
             ex.node("MaxPool", [c.x], c.y, **attributes)
             return
-        pooled, index = ex.node("MaxPool", [c.x], c.y, outputs=2, **attributes)
+        _, index = ex.node("MaxPool", [c.x], c.y, outputs=2, **attributes)
         # ONNX indexes the whole N x C x H x W tensor, Caffe's mask the H x W plane
         plane = ex.node("Mod", [index, ex.ints(f"{c.name}_plane", layer.in_spatial[0] * layer.in_spatial[1])])
         ex.node("Cast", [plane], c.outputs[1], to=ex.onnx.TensorProto.FLOAT)
@@ -533,8 +538,7 @@ def _slice(ex, c):
     if c.layer.axis == 0:
         ex.static_batch(c, "slicing the batch axis")
     sizes = ex.ints(f"{c.name}_split", c.layer.sizes)
-    ex.nodes.append(ex.helper.make_node("Split", [c.x, sizes], c.outputs, name=ex.fresh(f"{c.name}/Split#"),
-                                        axis=c.layer.axis))
+    ex.node("Split", [c.x, sizes], c.outputs, outputs=len(c.outputs), axis=c.layer.axis)
 
 
 @converts("Tile")

@@ -463,6 +463,27 @@ def test_data_layer_transform_is_the_input_contract(mnist_lmdb):
     assert relative_error(net.blobs["ip"].data, ip) < 1e-5
 
 
+@pytest.mark.skipif(not LENET_WEIGHTS.exists(), reason="Caffe-trained LeNet weights not found")
+def test_caffe_lenet_train_test_exports_with_its_data_layer(mnist_lmdb, tmp_path, monkeypatch):
+    """Caffe's own TEST net, reading MNIST's test LMDB where Caffe would (examples/mnist/), with Caffe's weights:
+    onnxruntime gives its accuracy and loss from the batch the Data layer delivered."""
+    (tmp_path / "examples" / "mnist").mkdir(parents=True)
+    (tmp_path / "examples" / "mnist" / "mnist_test_lmdb").symlink_to(mnist_lmdb / "mnist_test_lmdb")
+    monkeypatch.chdir(tmp_path)
+    net = Net(str(ZOO / "bvlc" / "examples" / "mnist" / "lenet_train_test.prototxt"), kaffe.TEST,
+              weights=str(LENET_WEIGHTS))
+    model = export_onnx(net)
+    assert [i.name for i in model.graph.input] == ["data", "label"]
+    assert [o.name for o in model.graph.output] == ["accuracy", "loss"]
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["kaffe.transform_param.data"] == "scale: 0.00390625"
+    net.forward()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    accuracy, loss = session.run(None, {"data": net.blobs["data"].data, "label": net.blobs["label"].data})
+    assert accuracy == net.blobs["accuracy"].data and accuracy > 0.95
+    assert relative_error(net.blobs["loss"].data, loss) < 1e-5
+
+
 # -- refusals --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text,message", [
     (one("MVN"), "MVN layer 'layer' has no ONNX counterpart"),
