@@ -18,6 +18,8 @@ from .engine.pycaffe import Timer, init_log, log
 from .engine.pycaffe_modules import SUBMODULES as _PYCAFFE_SUBMODULES, install_as_caffe, install_submodules
 from .proto import caffe_pb2
 from .solvers import AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver, SGDSolver, get_solver
+from .solvers.distributed import (NCCL, has_nccl, set_multiprocess, set_solver_count, set_solver_rank, solver_count,
+                                  solver_rank)
 
 __version__ = "1.0.0"
 

@@ -205,6 +205,8 @@ class World:
         """A solver of class cls built on every rank, its parameters those of rank 0, reducing its gradients."""
         self.check_same_setup(param)
         solver, error = None, None
+        if self.rank:
+            options["tensorboard"] = None   # rank 0 writes the TensorBoard events
         try:
             solver = cls(param, **options)
         except KaffeError as e:
@@ -237,7 +239,7 @@ class World:
         while not self.MPI.Request.Testall(requests):
             self.check_peers()
             if time.monotonic() - start > self.timeout:
-                raise KaffeError(f"{self.where()}: no answer from the other ranks for {self.timeout:g} s while "
+                raise KaffeError(f"no answer from the other ranks for {self.timeout:g} s while "
                                  f"{what}: a rank hung or died (set {TIMEOUT_ENV} for longer waits)")
             time.sleep(2e-5)
 
@@ -357,6 +359,7 @@ class DataParallel:
         self._vote = np.zeros(2, dtype=np.int32)
         self._agreed = "none"
         self.exposed_s = 0.0        # time spent waiting for reductions after backward (what overlap did not hide)
+        self.gathers_cursors = True   # snapshots are taken by every rank together and hold every rank's cursors
         solver.data_parallel = self
         solver.action_request = self._agreed_action
 
@@ -443,6 +446,8 @@ class DataParallel:
     # -- snapshots: rank 0 writes, with every rank's data cursors ---------------------------------------------
     def all_resume_states(self, state):
         """Rank 0: its resume state with the other ranks' (solver_count, other_ranks); the others send theirs."""
+        if not self.gathers_cursors:
+            return state
         if self.world.rank:
             self.world.wait([self.world.comm.isend(state, dest=0, tag=_STATE_TAG)], "sending the data cursors")
             return state
@@ -456,7 +461,7 @@ class DataParallel:
                     break
                 self.world.check_peers()
                 if time.monotonic() - start > self.world.timeout:
-                    raise KaffeError(f"{self.world.where()}: rank {rank} did not send its data cursors for the "
+                    raise KaffeError(f"rank {rank} did not send its data cursors for the "
                                      f"snapshot within {self.world.timeout:g} s")
                 time.sleep(1e-4)
             others.append(value)
@@ -478,3 +483,30 @@ def rank_resume_state(state):
     mine["train_net"] = {name: dict(layer, skip_batches=rank) if "key" in layer else layer
                          for name, layer in state["train_net"].items()}
     return mine
+
+
+class NCCL(DataParallel):
+    """pycaffe's NCCL(solver, uid) on the MPI reduction, for Caffe's python/train.py pattern run by an MPI
+    launcher (`mpiexec -n K python script.py`): set_solver_count(K), set_solver_rank(rank), SGDSolver(...),
+    NCCL(solver, uid), bcast(), solver.add_callback(nccl), solver.net.after_backward(nccl), solver.step(n).
+    (train.py's own multiprocessing start cannot join an MPI job: its processes are started by mpiexec here.)"""
+
+    def __init__(self, solver, uid=""):
+        world = join()
+        if world is None:
+            raise KaffeError("caffe.NCCL reduces gradients over MPI: start the ranks with an MPI launcher, e.g. "
+                             "mpiexec -n 2 python script.py (one process per rank, each calling "
+                             "set_solver_count(2) and set_solver_rank(its rank))")
+        if (solver_count(), solver_rank()) != (world.size, world.rank):
+            raise KaffeError(f"caffe.NCCL: set_solver_count({solver_count()}) / set_solver_rank({solver_rank()}) "
+                             f"do not match the MPI job: {world.size} ranks, this one is rank {world.rank}")
+        super().__init__(solver, world)
+        self.gathers_cursors = False   # as in Caffe, rank 0 alone may snapshot (with its own data cursors)
+
+    @staticmethod
+    def new_uid():
+        """The id Caffe's NCCL uses to find its ranks; MPI's launcher has already joined them, so any id does."""
+        return os.urandom(16).hex()
+
+    def bcast(self):
+        self.broadcast()

@@ -100,7 +100,7 @@ class Solver:
             param = read_solver_param(os.fspath(param))
         self.param = param
         self._check_param()
-        if param.snapshot:
+        if param.snapshot and distributed.root_solver():   # rank 0 writes the snapshots
             check_writable(param.snapshot_prefix, 0)
         self.snapshot_failure = "stop"
         if param.random_seed >= 0:
