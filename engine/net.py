@@ -485,10 +485,17 @@ class Net(NetBatches):
                         f"{_format_number(blob.asum_data() / max(blob.count, 1))}")
 
     def _debug_backward(self, layer_id):
-        for blob_id, blob in zip(self.bottom_ids[layer_id], self.bottom_vecs[layer_id]):
-            logger.info(f"    [Backward] Layer {self._layer_names[layer_id]}, bottom blob "
-                        f"{self._blob_names[blob_id]} diff: {_format_number(blob.asum_diff() / max(blob.count, 1))}")
-        for i, blob in enumerate(self.layers[layer_id].blobs):
+        """Caffe's BackwardDebugInfo: the bottoms and params that received a gradient."""
+        for blob_id, blob, need in zip(self.bottom_ids[layer_id], self.bottom_vecs[layer_id],
+                                       self.bottom_need_backward[layer_id]):
+            if need:
+                logger.info(f"    [Backward] Layer {self._layer_names[layer_id]}, bottom blob "
+                            f"{self._blob_names[blob_id]} diff: "
+                            f"{_format_number(blob.asum_diff() / max(blob.count, 1))}")
+        layer = self.layers[layer_id]
+        for i, blob in enumerate(layer.blobs):
+            if not layer.param_propagate_down[i]:
+                continue
             logger.info(f"    [Backward] Layer {self._layer_names[layer_id]}, param blob {i} diff: "
                         f"{_format_number(blob.asum_diff() / max(blob.count, 1))}")
 
