@@ -35,23 +35,24 @@ class NetBatches:
 
     def forward_all(self, blobs=None, **kwargs):
         """{blob name: array of every item} for the outputs and `blobs`, inputs given by name as in forward()."""
-        if not kwargs:  # no inputs: the net's data layers give one batch
-            return {name: array.copy() for name, array in self.forward(blobs=blobs).items()}
-        outs = {name: [] for name in set(self.outputs + list(blobs or []))}
-        for batch in self._batch(kwargs):
-            for name, array in self.forward(blobs=blobs, **batch).items():
-                outs[name].extend(array.copy())
-        return self._unpad(outs, kwargs)
+        return self._every_item(lambda batch: self.forward(blobs=blobs, **batch), self.outputs + list(blobs or []),
+                                kwargs)
 
     def backward_all(self, diffs=None, **kwargs):
         """{blob name: array of every item's diff} for the inputs and `diffs`, output diffs given by name."""
+        return self._every_item(lambda batch: self.backward(diffs=diffs, **batch), self.inputs + list(diffs or []),
+                                kwargs)
+
+    def _every_item(self, run, names, kwargs):
+        """run(batch) over the batches of kwargs, the named arrays collected item by item; without kwargs one run
+        on what the net holds (its data layers' batch)."""
         if not kwargs:
-            return {name: array.copy() for name, array in self.backward(diffs=diffs).items()}
-        all_diffs = {name: [] for name in set(self.inputs + list(diffs or []))}
+            return {name: array.copy() for name, array in run({}).items()}
+        collected = {name: [] for name in set(names)}
         for batch in self._batch(kwargs):
-            for name, array in self.backward(diffs=diffs, **batch).items():
-                all_diffs[name].extend(array.copy())
-        return self._unpad(all_diffs, kwargs)
+            for name, array in run(batch).items():
+                collected[name].extend(array.copy())
+        return self._unpad(collected, kwargs)
 
     def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
         """(outputs, diffs) of forward_all and backward_all in one pass per batch; kwargs name inputs (for
