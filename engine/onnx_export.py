@@ -151,6 +151,13 @@ class _Exporter:
         data = c.layer.blobs[index].data if value is None else value
         return self.constant(f"{c.name}_{index}", data if shape is None else data.reshape(shape))
 
+    def reduce(self, op, x, axis, output=None, keepdims=0):
+        """ReduceSum or ReduceMean of x over one axis (its axes are an input from opset 13 for ReduceSum, from 18
+        for ReduceMean)."""
+        if op == "ReduceSum" or self.opset >= 18:
+            return self.node(op, [x, self.ints(f"{self.where}_axes", [axis])], output, keepdims=keepdims)
+        return self.node(op, [x], output, keepdims=keepdims, axes=[axis])
+
     def reshape(self, x, target, output=None):
         return self.node("Reshape", [x, self.ints(f"{self.where}_shape", target)], output)
 
@@ -468,6 +475,20 @@ def _operand_axis(c, field):
     return axis_index(c.layer, c.bottoms[0], getattr(c.param, field).axis), operand
 
 
+@converts("MVN")
+def _mvn(ex, c):
+    layer = c.layer
+    # rows of Caffe's legacy num x channels (or num alone across channels), each normalised on its own
+    rows = ex.reshape(c.x, [0, -1] if layer.across_channels or len(c.bottom_shapes[0]) < 2 else [0, 0, -1])
+    axis = 1 if layer.across_channels or len(c.bottom_shapes[0]) < 2 else 2
+    centered = ex.node("Sub", [rows, ex.reduce("ReduceMean", rows, axis, keepdims=1)])
+    if layer.normalize_variance:   # divided by the biased std plus eps
+        variance = ex.reduce("ReduceMean", ex.node("Mul", [centered, centered]), axis, keepdims=1)
+        std = ex.node("Add", [ex.node("Sqrt", [variance]), ex.constant(f"{c.name}_eps", layer.eps)])
+        centered = ex.node("Div", [centered, std])
+    ex.reshape(centered, [0] + list(c.bottom_shapes[0][1:]), c.y)
+
+
 @converts("Scale")
 def _scale(ex, c):
     axis, shape = _operand_axis(c, "scale_param")
@@ -577,11 +598,7 @@ def _reduction(ex, c):
     # MEAN divides by the count it reduces, which a dynamic batch changes when axis is 0
     op = "ReduceMean" if param.operation == Reduction.MEAN else "ReduceSum"
     coeff = np.float32(param.coeff)
-    if op == "ReduceSum" or ex.opset >= 18:   # the axes became an input of ReduceSum at 13, ReduceMean at 18
-        inputs, attributes = [rows, ex.ints(f"{c.name}_axes", [axis])], {}
-    else:
-        inputs, attributes = [rows], {"axes": [axis]}
-    total = ex.node(op, inputs, c.y if coeff == 1 else None, keepdims=0, **attributes)
+    total = ex.reduce(op, rows, axis, c.y if coeff == 1 else None)
     if coeff != 1:
         ex.node("Mul", [total, ex.constant(f"{c.name}_coeff", coeff)], c.y)
 
@@ -681,7 +698,7 @@ def _accuracy(ex, c):
     # right when fewer than top_k other classes score at least as high (ties count as wrong), as Caffe counts
     true_score = ex.node("GatherElements", [c.x, index], axis=axis)
     as_high = ex.node("Cast", [ex.node("GreaterOrEqual", [c.x, true_score])], to=ex.onnx.TensorProto.FLOAT)
-    ranks = ex.node("ReduceSum", [as_high, ex.ints(f"{c.name}_axes", [axis])], keepdims=1)
+    ranks = ex.reduce("ReduceSum", as_high, axis, keepdims=1)
     right = ex.node("Cast", [ex.node("Less", [ranks, ex.constant(f"{c.name}_top_k", layer.top_k + 1)])],
                     to=ex.onnx.TensorProto.FLOAT)
     if valid is not None:
@@ -723,8 +740,7 @@ def _contrastive_loss(ex, c):
     layer = c.layer
     pairs = [ex.reshape(x, [0, -1]) for x in c.inputs[:2]]
     difference = ex.node("Sub", pairs)
-    dist_sq = ex.node("ReduceSum", [ex.node("Mul", [difference, difference]), ex.ints(f"{c.name}_axes", [1])],
-                      keepdims=0)
+    dist_sq = ex.reduce("ReduceSum", ex.node("Mul", [difference, difference]), 1)
     margin = ex.constant(f"{c.name}_margin", layer.margin)
     zero = ex.constant(f"{c.name}_zero", 0.0)
     if layer.legacy:   # max(margin - d^2, 0)

@@ -204,6 +204,10 @@ LAYER_CASES = {
                     {"data": [2, 3, 4, 5], "b": [2, 3, 4]}),
     "bias": (one("Bias", "bias_param { axis: 2 num_axes: -1 }"), IMAGE),
     "bias_scalar": (one("Bias", "bias_param { num_axes: 0 }"), IMAGE),
+    "mvn": (one("MVN"), IMAGE),
+    "mvn_across_channels_mean_only": (one("MVN", "mvn_param { across_channels: true normalize_variance: false }"),
+                                      IMAGE),
+    "mvn_2d": (one("MVN", "mvn_param { eps: 0.01 }"), {"data": [2, 5]}),
     "lrn_across": (one("LRN", "lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 2 }"), {"data": [2, 7, 4, 5]}),
     "lrn_within": (one("LRN", "lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 norm_region: WITHIN_CHANNEL }"),
                    IMAGE),
@@ -287,14 +291,21 @@ LAYER_CASES = {
 
 
 @pytest.mark.parametrize("case", list(LAYER_CASES))
-def test_layer_matches_onnxruntime(case):
+def test_layer_matches_onnxruntime(case, opset=None):
     text, inputs, *feed = LAYER_CASES[case]
     net = net_of(text, **inputs)
     fill(net)
-    model = export_onnx(net, batch="dynamic")
+    model = export_onnx(net, opset=opset, batch="dynamic")
     for batch in (2, 3):
         errors = compare(net, model, batch, *feed)
         assert errors and max(errors.values()) < 1e-5, (batch, errors)
+
+
+@pytest.mark.parametrize("opset", [13, 18, 21])
+@pytest.mark.parametrize("case", ["reduction_mean_all", "mvn", "accuracy_spatial_ignore", "slice", "lrn_within"])
+def test_opset_dependent_forms_match(case, opset):
+    """ReduceMean takes its axes as an input from opset 18 on (17, the default, is covered above)."""
+    test_layer_matches_onnxruntime(case, opset)
 
 
 # 3x3/2 on 112 and 113 inputs, with and without pad: Caffe's output sizes (rounded up, then clipped) where ONNX's
@@ -486,7 +497,6 @@ def test_caffe_lenet_train_test_exports_with_its_data_layer(mnist_lmdb, tmp_path
 
 # -- refusals --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text,message", [
-    (one("MVN"), "MVN layer 'layer' has no ONNX counterpart"),
     (one("SPP", "spp_param { pyramid_height: 2 }"), "SPP layer 'layer' has no ONNX counterpart"),
     (pooling(2, 2, pool="STOCHASTIC"), "Pooling layer 'pool': STOCHASTIC pooling has no ONNX counterpart"),
     (one("BatchNorm", "batch_norm_param { use_global_stats: false }"), "BatchNorm layer 'layer': use_global_stats"),
@@ -545,12 +555,14 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
 
 
 def test_cli_unsupported_layer_is_one_line_without_traceback(tmp_path):
-    model = tmp_path / "mvn.prototxt"
-    model.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
-                     + one("MVN", name="norm"))
+    model = tmp_path / "spp.prototxt"
+    model.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 4 '
+                     'dim: 4 } } }\n' + one("SPP", "spp_param { pyramid_height: 2 }", name="pyramid"))
     result = subprocess.run([sys.executable, "-m", "kaffe.tools.cli", "export", "onnx", "--model", str(model),
-                             "--out", str(tmp_path / "mvn.onnx")], capture_output=True, text=True, cwd=tmp_path)
+                             "--out", str(tmp_path / "spp.onnx")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == ("kaffe export: error: MVN layer 'norm' has no ONNX counterpart; "
-                                                       "the export stops (see the layer table under ONNX in README.md)")
+    assert result.stderr.strip().splitlines()[-1] == ("kaffe export: error: SPP layer 'pyramid' has no ONNX "
+                                                       "counterpart; the export stops (see the layer table under "
+                                                       "ONNX in README.md)")
+    assert "Traceback" not in result.stderr and not (tmp_path / "spp.onnx").exists()
     assert "Traceback" not in result.stderr
