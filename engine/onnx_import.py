@@ -105,15 +105,16 @@ class _Importer:
         if isinstance(model, onnx.ModelProto):
             parsed = model  # read only: the import works on copies of its nodes and inputs
         else:
-            if not isinstance(model, (bytes, bytearray)):
-                source = os.fspath(model)
-                try:
-                    with open(source, "rb") as f:
-                        model = f.read()
-                except OSError as e:
-                    raise KaffeError(f"{source}: cannot read the ONNX model: {e.strerror}") from None
             try:
-                parsed = onnx.load_model_from_string(bytes(model))
+                if isinstance(model, (bytes, bytearray)):
+                    parsed = onnx.load_model_from_string(bytes(model))
+                else:  # a file, with the weights that big models keep in files beside it
+                    source = os.fspath(model)
+                    parsed = onnx.load_model(source)
+            except OSError as e:
+                raise KaffeError(f"{source}: cannot read the ONNX model: {e.strerror or e}") from None
+            except onnx.checker.ValidationError as e:  # weights in a file beside the model that is not there
+                raise KaffeError(f"{source}: cannot read the ONNX model's weights: {str(e).strip()}") from None
             except Exception as e:  # protobuf's DecodeError, or a RuntimeError from its C++ parser
                 raise KaffeError(f"{source}: not an ONNX model (the file does not parse as an ONNX ModelProto: "
                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

@@ -382,6 +382,17 @@ def test_cli_refuses_bad_files_in_one_line(tmp_path, capsys, content, message):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_weights_stored_beside_the_model_are_read(tmp_path):
+    model, feeds = CASES["conv_pad_stride"]
+    onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    net, weights = import_onnx(tmp_path / "model.onnx")
+    assert len(weights.layer[1].blobs) == 2
+    (tmp_path / "weights.bin").unlink()
+    with pytest.raises(KaffeError, match="cannot read the ONNX model's weights: .*weights.bin"):
+        import_onnx(tmp_path / "model.onnx")
+
+
 def test_cli_refuses_unsupported_operator_in_one_line(tmp_path, capsys):
     path = tmp_path / "model.onnx"
     onnx.save(REFUSED["transpose"][0][0], str(path))
