@@ -330,6 +330,8 @@ def _inner_product(ex, c):
         x = c.x if len(c.bottom_shapes[0]) == 2 else ex.node("Flatten", [c.x], axis=1)
         ex.node("Gemm", [x, weight] + bias, c.y, transB=0 if layer.transpose else 1)
         return
+    if axis == 0:
+        ex.static_batch(c, "an inner product over the batch axis")
     rows = ex.reshape(c.x, [0] * axis + [-1])
     if not layer.transpose:
         weight = ex.node("Transpose", [weight])
@@ -462,6 +464,8 @@ def _operand(ex, c, index, axis, operand_shape):
     the parameter blob `index`, or bottom[1] when the layer has two bottoms and index is None."""
     trailing = len(c.bottom_shapes[0]) - axis - len(operand_shape)
     if index is not None:
+        if axis == 0 and operand_shape:
+            ex.static_batch(c, "a learned operand over the batch axis")
         return ex.param(c, index, tuple(operand_shape) + (1,) * trailing)
     if not trailing:
         return c.inputs[1]

@@ -1,4 +1,5 @@
-"""`kaffe export onnx --model DEPLOY.prototxt [--weights W.caffemodel] --out MODEL.onnx [--opset N] [--batch dynamic|N]`.
+"""`kaffe export onnx --model DEPLOY.prototxt [--weights W.caffemodel] --out MODEL.onnx [--opset N]
+[--batch dynamic|N]`.
 
 Builds the net in the TEST phase (with its weights, if given) and writes the ONNX model that computes what it
 computes; engine/onnx_export.py says how each layer maps. Bad flags are one error line, as every other error.
