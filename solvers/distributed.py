@@ -38,6 +38,9 @@ _STOP, _SNAPSHOT = 0, 1      # the slots of the per-iteration action vote
 _LAUNCHER_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
                   ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"))
 
+# TRAIN data layers that every rank reads whole (only Data splits its records over the ranks), and how
+UNSPLIT_SOURCES = {"ImageData": " (in its own shuffled order when shuffle is set)", "HDF5Data": "",
+                   "WindowData": " (drawing its own windows)", "MemoryData": " (the arrays this rank was given)"}
 _settings = {"count": None, "rank": None, "multiprocess": False}   # pycaffe's set_solver_count/... values
 _world = None
 
@@ -214,6 +217,11 @@ class World:
         except Exception as e:   # a bug is a failure too: the other ranks must not wait for this one
             error = f"{type(e).__name__}: {e}"
         self.agree(error)
+        for layer in solver.net.layers:
+            if layer.type in UNSPLIT_SOURCES:
+                logger.warning(f"{layer.type} layer '{layer.name}' is not split over the {self.size} ranks: each rank "
+                               f"reads the whole source{UNSPLIT_SOURCES[layer.type]}; use a Data layer (LMDB/LevelDB) "
+                               f"for K ranks to train as one process with a K times larger batch")
         trainer = DataParallel(solver, self)
         trainer.broadcast()
         solver.add_callback(trainer)
@@ -360,6 +368,7 @@ class DataParallel:
         self._agreed = "none"
         self.exposed_s = 0.0        # time spent waiting for reductions after backward (what overlap did not hide)
         self.gathers_cursors = True   # snapshots are taken by every rank together and hold every rank's cursors
+        self.overlap = True           # False: every bucket starts after backward (the benchmark's reference)
         solver.data_parallel = self
         solver.action_request = self._agreed_action
 
@@ -400,7 +409,7 @@ class DataParallel:
 
     def __call__(self, layer_id):
         """After layer layer_id's backward: in the last pass of iter_size, start the buckets it completes."""
-        if not self._in_step:
+        if not (self._in_step and self.overlap):
             return   # a backward outside the solver's step (pycaffe) reduces nothing
         if layer_id == 0:
             self._pass += 1   # a forward/backward pass ends with layer 0

@@ -165,6 +165,24 @@ def test_lenet_200_iterations(tmp_path, mnist_lmdb, extra, norm):
                       rtol={key: max(1e-5, 4 * value) for key, value in spread.items()})
 
 
+@pytest.mark.slow
+def test_lenet_10000_iterations_reaches_99_percent_and_resumes_exactly(tmp_path, mnist_lmdb):
+    """Caffe's LeNet and solver, 2 ranks x batch 32; rank 0 tests on all 10,000 test images at the end; the run
+    resumed from its 5,000-iteration snapshot (with both ranks' data cursors) ends with the same weights."""
+    extra = SGD + " snapshot: 5000 test_iter: 100 test_interval: 10000"
+    solver_path = write_run(tmp_path, mnist_lmdb, 32, 10000, FULL, extra=extra)
+    result = mpiexec(["train", "--solver", str(solver_path)], timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(result.stderr.split("Test net output #0: accuracy = ")[-1].split()[0])
+    assert accuracy >= 0.99
+    final = tmp_path / "run_iter_10000.caffemodel"
+    final.rename(tmp_path / "straight.caffemodel")
+    resumed = mpiexec(["train", "--solver", str(solver_path), "--snapshot", str(tmp_path / "run_iter_5000.solverstate")],
+                      timeout=1800)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(final, tmp_path / "straight.caffemodel", rtol=0)
+
+
 # -- pycaffe's multi-GPU names -------------------------------------------------------------------------------
 def test_pycaffe_train_py_pattern(tmp_path, mnist_lmdb):
     """Caffe's python/train.py solve() under mpiexec: set_solver_count/rank, set_multiprocess, NCCL, bcast,
@@ -260,6 +278,14 @@ def _start_and_signal(tmp_path, mnist_lmdb, signum, env=()):
         process.kill()
         raise
     return process.returncode, out + err
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path, mnist_lmdb):
+    code, output = _start_and_signal(tmp_path, mnist_lmdb, signal.SIGINT)
+    assert code == 0 and "Optimization stopped early." in output
+    last = max(int(p.name.split("_")[-1].split(".")[0]) for p in tmp_path.glob("run_iter_*.solverstate"))
+    state = read_binary_proto(str(tmp_path / f"run_iter_{last}.solverstate"), caffe_pb2.SolverState())
+    assert '"solver_count": 2' in state.kaffe_resume_state   # both ranks took part in the final snapshot
 
 
 def test_a_killed_rank_stops_every_rank(tmp_path, mnist_lmdb):
