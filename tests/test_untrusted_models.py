@@ -3,10 +3,8 @@ sys.path only (never from the model's folder unless --python-path names it); Net
 and `kaffe test/time --no-python-layers` refuse Python layers; `kaffe zoo fetch` checks the checksum before the
 file enters the cache and never writes outside it."""
 import hashlib
-import http.server
 import subprocess
 import sys
-import threading
 
 import pytest
 from google.protobuf import text_format
@@ -15,6 +13,7 @@ from kaffe.engine.errors import KaffeError
 from kaffe.engine.net import Net
 from kaffe.proto import caffe_pb2
 from kaffe.tools import zoo
+from test_zoo import served  # noqa: F401  (a local web server and a zoo in tmp_path)
 
 MODULE = "stranger_layer_for_kaffe_tests"
 NET = f"""
@@ -105,57 +104,34 @@ def test_a_module_that_is_not_a_dotted_name_is_refused(module):
 
 
 # -- kaffe zoo fetch -------------------------------------------------------------------------------------------------
-@pytest.fixture
-def web(tmp_path, monkeypatch):
-    """A local web server with a weights file and a stranger's replacement of it; a zoo in tmp_path."""
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "w.caffemodel").write_bytes(b"the published weights" * 1000)
-    (tmp_path / "www" / "tampered.caffemodel").write_bytes(b"someone else's weights" * 1000)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tmp_path / "www"), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(zoo, "MODELS", str(tmp_path / "models"))
-    monkeypatch.setenv("KAFFE_CACHE", str(tmp_path / "cache"))
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def zoo_model(tmp_path, name, caffemodel, url):
-    digest = hashlib.sha1((tmp_path / "www" / "w.caffemodel").read_bytes()).hexdigest()
-    (tmp_path / "models" / name).mkdir(parents=True)
-    (tmp_path / "models" / name / "README.md").write_text(
-        f"---\nname: {name}\ncaffemodel: '{caffemodel}'\ncaffemodel_url: {url}\nsha1: {digest}\n---\n")
-
-
-def test_a_download_with_the_wrong_checksum_never_enters_the_cache(web, tmp_path, capsys):
-    zoo_model(tmp_path, "net", "w.caffemodel", f"{web}/w.caffemodel")
+def test_a_download_with_the_wrong_checksum_never_enters_the_cache(served, tmp_path, capsys):
+    payload, url, model = served
+    model("net", url, f"sha1: {hashlib.sha1(payload).hexdigest()}")
     assert zoo.main(["fetch", "net"]) == 0
-    cached = tmp_path / "cache" / "net" / "w.caffemodel"
-    good = cached.read_bytes()
-    (tmp_path / "models" / "net" / "README.md").write_text(
-        (tmp_path / "models" / "net" / "README.md").read_text().replace("/w.caffemodel", "/tampered.caffemodel"))
+    readme = tmp_path / "models" / "net" / "README.md"
+    readme.write_text(readme.read_text().replace(hashlib.sha1(payload).hexdigest(), "0" * 40))
     assert zoo.main(["fetch", "net", "--force"]) == 1
     assert "did not download correctly" in capsys.readouterr().err
-    assert cached.read_bytes() == good   # the checked file was never replaced by the unchecked one
+    cached = tmp_path / "cache" / "net" / "w.caffemodel"
+    assert cached.read_bytes() == payload   # the checked file was never replaced by the unchecked one
     assert sorted(p.name for p in cached.parent.iterdir()) == ["w.caffemodel"]
 
 
+def zoo_model(tmp_path, url, caffemodel):
+    (tmp_path / "models" / "net").mkdir(parents=True)
+    (tmp_path / "models" / "net" / "README.md").write_text(
+        f"---\nname: net\ncaffemodel: '{caffemodel}'\ncaffemodel_url: {url}\nsha1: {'0' * 40}\n---\n")
+
+
 @pytest.mark.parametrize("caffemodel", ["../../outside.caffemodel", "/tmp/outside.caffemodel", "..", "a/b.caffemodel"])
-def test_a_readme_cannot_make_fetch_write_outside_the_cache(web, tmp_path, capsys, caffemodel):
-    zoo_model(tmp_path, "net", caffemodel, f"{web}/w.caffemodel")
+def test_a_readme_cannot_make_fetch_write_outside_the_cache(served, tmp_path, capsys, caffemodel):
+    zoo_model(tmp_path, served[1], caffemodel)
     assert zoo.main(["fetch", "net"]) == 1
     assert f"refusing the caffemodel file name {caffemodel!r}: it must be a plain name" in capsys.readouterr().err
     assert not (tmp_path / "outside.caffemodel").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("name", ["../models", "/etc", "..", "a/../../b"])
-def test_fetch_refuses_model_names_that_are_paths(web, capsys, name):
+def test_fetch_refuses_model_names_that_are_paths(served, capsys, name):
     assert zoo.main(["fetch", name]) == 1
     assert f"refusing the model name {name!r}" in capsys.readouterr().err
