@@ -900,3 +900,34 @@ class _Importer:
         layer = self._layer(node.name, "Embed", [self._blob(node, node.input[1])], [node.output[0]], [table])
         p = layer.embed_param
         p.input_dim, p.num_output, p.bias_term = table.shape[0], table.shape[1], False
+
+    def _op_Resize(self, node, a):
+        """Nearest-neighbour upsampling by whole factors: a Deconvolution whose fixed one-hot kernels copy each
+        pixel into its factor-by-factor block (output size factor x input, as ONNX computes it)."""
+        in_shape, out_shape = self._shape(node, node.input[0]), self._shape(node, node.output[0])
+        # Upsample and Resize before opset 11 map output pixel i to input pixel floor(i / factor)
+        coordinates = a.get("coordinate_transformation_mode", "asymmetric" if node.op_type == "Upsample" or
+                            self.opset < 11 else "half_pixel")
+        rounding = a.get("nearest_mode", "floor" if coordinates == "asymmetric" else "round_prefer_floor")
+        factors = [o // i for i, o in zip(in_shape, out_shape)]
+        if a.get("mode", "nearest") != "nearest" or len(in_shape) != 4 or factors[:2] != [1, 1] or any(
+                i * f != o for i, f, o in zip(in_shape, factors, out_shape)):
+            self._refuse(node, f"{a.get('mode', 'nearest')} resizing of {_shape_text(in_shape)} to "
+                               f"{_shape_text(out_shape)}: Caffe upsamples (a Deconvolution) only 4-D blobs, "
+                               f"nearest, by whole factors of the spatial axes")
+        if (coordinates, rounding) not in (("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"),
+                                           ("half_pixel", "round_prefer_ceil"),
+                                           ("pytorch_half_pixel", "round_prefer_floor"),
+                                           ("pytorch_half_pixel", "round_prefer_ceil")):
+            self._refuse(node, f"coordinate_transformation_mode '{coordinates}' with nearest_mode '{rounding}' "
+                               f"does not copy each pixel into its block")
+        channels, kernel = in_shape[1], factors[2:]
+        layer = self._layer(node.name, "Deconvolution", [self._blob(node, node.input[0])], [node.output[0]],
+                            [np.ones((channels, 1, *kernel))])
+        p = layer.convolution_param
+        p.num_output, p.group, p.bias_term = channels, channels, False
+        self._per_axis(p, "kernel_size", kernel)
+        self._per_axis(p, "stride", kernel, 1)
+        layer.param.add(lr_mult=0, decay_mult=0)
+
+    _op_Upsample = _op_Resize
