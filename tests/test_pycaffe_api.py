@@ -414,3 +414,13 @@ def test_install_as_caffe_in_a_fresh_interpreter(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ))
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_timer_and_hooks_in_gpu_mode(gpu_mode, deploy):
+    timers = [caffe.Timer() for _ in deploy.layers]
+    deploy.before_forward(lambda i: timers[i].start())
+    deploy.after_forward(lambda i: timers[i].stop())
+    x = np.random.default_rng(6).normal(size=(6, 3)).astype(np.float32)
+    out = deploy.forward_all(data=x)
+    np.testing.assert_allclose(out["out"], _deploy_expected(deploy, x), rtol=1e-4, atol=1e-5)
+    assert all(t.ms > 0 for t in timers)  # device time, not rounded to whole milliseconds
