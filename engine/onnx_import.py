@@ -562,18 +562,24 @@ class _Importer:
     def _binary(self, node, operation):
         """Add, Sub, Mul, Div: Eltwise between equal shapes, Bias/Scale for a broadcast operand."""
         first, second = node.input[0], node.input[1]
-        if first in self.const and operation in ("Add", "Mul"):
-            first, second = second, first
         out_shape = self._shape(node, node.output[0])
+        x = None
+        if first in self.const:
+            first, second = second, first
+            if operation in ("Sub", "Div"):  # c - x, c / x: -x, 1 / x (a Power layer), then Bias / Scale by c
+                x = self._temporary(f"{node.output[0]}_{'negated' if operation == 'Sub' else 'inverted'}")
+                flip = self._layer(f"{node.name}_{operation.lower()}", "Power", [self._blob(node, first)], [x])
+                setattr(flip.power_param, "scale" if operation == "Sub" else "power", -1)
+                operation = "Add" if operation == "Sub" else "Mul"
         if second in self.const:
             value = self.const[second].astype(np.float32)
             if operation == "Sub":
                 value, operation = -value, "Add"
             elif operation == "Div":
                 value, operation = 1 / value, "Mul"
-            x = self._blob(node, first)
-            if operation == "Add" and self._fuse_bias(node, first, value):
+            if x is None and operation == "Add" and self._fuse_bias(node, first, value):
                 return
+            x = x or self._blob(node, first)
             axes = self._broadcast_axes(self._shape(node, first), value.shape)
             if axes is None or self._shape(node, first) != out_shape:
                 self._refuse(node, f"constant of shape {_shape_text(value.shape)} does not broadcast over "
