@@ -7,6 +7,7 @@ import pytest
 
 from kaffe.engine.errors import KaffeError
 from kaffe.tools.parse_log import parse_log
+from test_cli import TINY_NET
 
 # a LeNet log in real Caffe's glog format: a prototxt dump, a warning, a blank line, the new year, an output
 # in an exponent spelling, and a nan loss (which Caffe's number pattern does not read)
@@ -106,23 +107,9 @@ def test_a_single_test_pass_is_dropped_and_nan_rates_stay(tmp_path):
     assert parse_log(str(only_first)) == ([], [])
 
 
-TINY_NET = """
-name: "tiny"
-layer { name: "data" type: "DummyData" top: "data" top: "label"
-        dummy_data_param { shape { dim: 8 dim: 5 } shape { dim: 8 }
-                           data_filler { type: "gaussian" } data_filler { type: "constant" value: 1 } } }
-layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
-        inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
-layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc" include { phase: TEST } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
-"""
 TWO_TEST_NETS = ('net: "net.prototxt" test_iter: 2 test_iter: 3 test_state {} test_state {} base_lr: 0.1 '
                  'momentum: 0.9 lr_policy: "step" gamma: 0.5 stepsize: 10 max_iter: 20 display: 5 '
                  'test_interval: 10 snapshot: 10 snapshot_prefix: "snap/tiny" random_seed: 1\n')
-
-
-def _number(text):
-    return float(text)
 
 
 def test_kaffe_log_with_two_test_nets_and_a_restart(tmp_path):
@@ -139,15 +126,15 @@ def test_kaffe_log_with_two_test_nets_and_a_restart(tmp_path):
     # displays 0 5 10 15 of the first run, 10 15 of the resumed one (the final "Iteration 20, loss" line has
     # no Train net output lines, as in Caffe)
     assert [row["NumIters"] for row in train] == [0.0, 5.0, 10.0, 15.0, 10.0, 15.0]
-    logged = [_number(v) for v in re.findall(r"Train net output #0: loss = (\S+)", log.read_text())]
+    logged = [float(v) for v in re.findall(r"Train net output #0: loss = (\S+)", log.read_text())]
     assert [row["loss"] for row in train] == logged
-    rates = [_number(v) for v in re.findall(r"Iteration \d+, lr = (\S+)", log.read_text())]
+    rates = [float(v) for v in re.findall(r"Iteration \d+, lr = (\S+)", log.read_text())]
     assert [row["LearningRate"] for row in train] == [rates[0]] + rates[:5]   # the rate logged before each
     # the two test nets share output names; Caffe's rows: at iteration 0 net #1's values overwrite net #0's in
     # the first row, then, the first row being as long as a full pass, one row per test net
     assert [row["NumIters"] for row in test] == [0.0, 10.0, 10.0, 20.0, 20.0, 10.0, 10.0, 20.0, 20.0]
     passes = re.findall(r"Test net output #0: acc = (\S+)\n.*Test net output #1: loss = (\S+) ", log.read_text())
-    assert [(row["acc"], row["loss"]) for row in test] == [(_number(a), _number(b)) for a, b in passes[1:]]
+    assert [(row["acc"], row["loss"]) for row in test] == [(float(a), float(b)) for a, b in passes[1:]]
     assert all(row["Seconds"] >= 0 for row in train + test)
 
 

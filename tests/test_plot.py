@@ -7,7 +7,8 @@ import pytest
 from kaffe.engine.errors import KaffeError
 from kaffe.tools.parse_log import parse_log
 from kaffe.tools.plot import plot_logs
-from test_parse_log import CAFFE_LOG, CAFFE_TEST, CAFFE_TRAIN, TINY_NET, TWO_TEST_NETS
+from test_cli import TINY_NET
+from test_parse_log import CAFFE_LOG, CAFFE_TEST, CAFFE_TRAIN, TWO_TEST_NETS
 
 
 @pytest.fixture

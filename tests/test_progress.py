@@ -15,7 +15,7 @@ import pytest
 
 from kaffe.tools.data import write_datums
 from kaffe.tools.progress import Progress
-from test_parse_log import TINY_NET
+from test_cli import TINY_NET
 
 
 def run_in_terminal(args, cwd):
