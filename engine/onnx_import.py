@@ -11,7 +11,7 @@ import numpy as np
 from ..layers.vision import ave_pool_divisors, pooled_size
 from ..proto import caffe_pb2
 from .blob import Blob
-from .errors import KaffeError
+from .errors import KaffeError, KaffeImportError, KaffeValueError
 
 ONNX_EXTRA = 'pip install "kaffe[onnx]"'
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -39,11 +39,11 @@ SCALAR_OPERAND = {"Pow": ("Power", "power_param", "power"), "Greater": ("Thresho
 
 
 def onnx_module():
-    """The onnx package, or a KaffeError naming the extra that installs it."""
+    """The onnx package, or a KaffeImportError naming the extra that installs it."""
     try:
         import onnx
     except ImportError:
-        raise KaffeError(f"ONNX support needs the onnx package: {ONNX_EXTRA}") from None
+        raise KaffeImportError(f"ONNX support needs the onnx package: {ONNX_EXTRA}") from None
     return onnx
 
 
@@ -54,6 +54,8 @@ def import_onnx(model, batch=None):
     net reads its inputs from an Input layer whose tops are the ONNX input names; blobs keep the ONNX tensor
     names, layers the node names. The weights NetParameter is the net with each layer's parameter blobs.
     """
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise KaffeValueError(f"batch must be a positive integer, got {batch!r}")
     return _Importer(model, batch).run()
 
 

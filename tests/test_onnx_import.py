@@ -380,8 +380,9 @@ def test_unexpressible_model_is_refused_naming_the_node(case):
 
 def test_missing_onnx_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
-    with pytest.raises(KaffeError, match=re.escape('pip install "kaffe[onnx]"')):
+    with pytest.raises(ImportError, match=re.escape('pip install "kaffe[onnx]"')) as raised:
         import_onnx(b"")
+    assert isinstance(raised.value, KaffeError)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -410,6 +411,13 @@ def test_weights_stored_beside_the_model_are_read(tmp_path):
     (tmp_path / "weights.bin").unlink()
     with pytest.raises(KaffeError, match="cannot read the ONNX model's weights: .*weights.bin"):
         import_onnx(tmp_path / "model.onnx")
+
+
+def test_cli_refuses_a_batch_below_one(tmp_path, capsys):
+    onnx.save(CASES["relu"][0], str(tmp_path / "model.onnx"))
+    assert cli.main(["import", "onnx", str(tmp_path / "model.onnx"), "--out-model", str(tmp_path / "n.prototxt"),
+                     "--out-weights", str(tmp_path / "w.caffemodel"), "--batch", "0"]) == 1
+    assert capsys.readouterr().err == "kaffe import: error: batch must be a positive integer, got 0\n"
 
 
 def test_cli_refuses_unsupported_operator_in_one_line(tmp_path, capsys):
