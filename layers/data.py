@@ -336,6 +336,13 @@ def _rng_from(state):
     return rng
 
 
+def _size_mismatch(owner, name, shape, first_name, first_shape):
+    return KaffeError(f"{owner}: {name} is {' x '.join(map(str, shape))} but {first_name}, the first item of its "
+                      f"batch, is {' x '.join(map(str, first_shape))}; the items of a batch must have one size "
+                      f"(resize them, e.g. with convert_imageset --resize_height/--resize_width or "
+                      f"image_data_param new_height/new_width, or crop them to one size with crop_size)")
+
+
 def _transform_items(owner, transformer, items, names, rng):
     """Stack and transform the items of one batch; differently sized items only with crop_size, as in Caffe."""
     first = items[0].shape
@@ -343,10 +350,7 @@ def _transform_items(owner, transformer, items, names, rng):
         return transformer.transform(np.stack(items), rng)
     bad = next(i for i, a in enumerate(items) if a.shape != first)
     if not transformer.crop_size or items[bad].shape[0] != first[0]:
-        raise KaffeError(f"{owner}: {names[bad]} is {' x '.join(map(str, items[bad].shape))} but {names[0]}, the "
-                         f"first item of its batch, is {' x '.join(map(str, first))}; the items of a batch must "
-                         f"have one size (resize them, e.g. with convert_imageset --resize_height/--resize_width "
-                         f"or image_data_param new_height/new_width, or crop them to one size with crop_size)")
+        raise _size_mismatch(owner, names[bad], items[bad].shape, names[0], first)
     # differently sized items cropped to one size: transform each group of one size as a batch
     out = None
     for shape in sorted({a.shape for a in items}):
@@ -506,11 +510,17 @@ class _DatumSource:
         finally:
             cursor.close()
 
-    def _read_record(self, key, value):
-        """The Datum and its pixels (decoded when encoded), or a KaffeError naming the source, key and reason."""
+    def _read_record(self, key, value, first):
+        """The Datum and its pixels (decoded when encoded), or a KaffeError naming the source, key and reason;
+        without crop_size, its size must be that of the first item of its batch (`first`: key, pixels), as in
+        Caffe."""
         try:
             datum = parse_datum(value, key, self.owner)
-            return datum, self.transformer.datum_array(datum, f" {key!r}")
+            item = self.transformer.datum_array(datum, f" {key!r}")
+            if first and item.shape != first[1].shape and not self.transformer.crop_size:
+                raise _size_mismatch(self.owner, f"the record with key {key!r}", item.shape,
+                                     f"the record with key {first[0]!r}", first[1].shape)
+            return datum, item
         except KaffeError as e:
             raise KaffeError(f"{e} (data source {self.db.path})") from None
 
@@ -520,7 +530,7 @@ class _DatumSource:
             key, value = cursor.item()
             cursor.advance()
             try:
-                datum, item = self._read_record(key, value)
+                datum, item = self._read_record(key, value, (keys[0], items[0]) if items else None)
             except KaffeError as e:
                 self.checker.bad(e)
                 continue

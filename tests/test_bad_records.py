@@ -17,7 +17,7 @@ from kaffe.engine.net import Net
 from kaffe.proto import caffe_pb2
 
 RECORDS = 5050
-BAD_AT = 5000     # the position of the corrupt record: iteration 100 of batches of 50
+BAD_AT = 5000     # the position of the corrupt record: in the batch of iteration 166 (batches of 30)
 KEY = b"%08d" % BAD_AT
 
 
@@ -38,6 +38,8 @@ CORRUPTIONS = {
                    "declares 1 x 4 x 4 but holds 15 values"),
     "undecodable image": (lambda: caffe_pb2.Datum(encoded=True, data=png_bytes(np.zeros((4, 4), np.uint8))[:30])
                           .SerializeToString(), "cannot decode the encoded image"),
+    "another size": (lambda: caffe_pb2.Datum(channels=1, height=5, width=5, data=bytes(25)).SerializeToString(),
+                     "is 1 x 5 x 5 but the record with key b'00004980', the first item of its batch, is 1 x 4 x 4"),
 }
 
 
@@ -62,7 +64,7 @@ def net_text(source):
     return f"""
 name: "records"
 layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
-        transform_param {{ scale: 0.00390625 }} data_param {{ source: "{source}" batch_size: 50 backend: LMDB }} }}
+        transform_param {{ scale: 0.00390625 }} data_param {{ source: "{source}" batch_size: 30 backend: LMDB }} }}
 layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
         inner_product_param {{ num_output: 3 weight_filler {{ type: "xavier" }} }} }}
 layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
@@ -81,17 +83,18 @@ def train(folder, net, max_iter, *flags):
 def test_a_corrupt_record_at_position_5000_stops_training_with_source_key_and_reason(databases, tmp_path,
                                                                                       corruption):
     source = databases[corruption]
-    result = train(tmp_path, net_text(source), 150)
+    result = train(tmp_path, net_text(source), 200)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("kaffe train: error: Data layer 'data': "), error
     assert repr(KEY) in error and f"(data source {source})" in error and CORRUPTIONS[corruption][1] in error, error
-    assert "Iteration 80 (" in result.stderr and "Iteration 100 (" not in result.stderr
+    assert "Iteration 160 (" in result.stderr and "Iteration 180 (" not in result.stderr
 
 
-def test_skip_bad_records_skips_and_counts_them(databases, tmp_path):
-    result = train(tmp_path, net_text(databases["undecodable image"]), 120, "--skip_bad_records")
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_skip_bad_records_skips_and_counts_them(databases, tmp_path, corruption):
+    result = train(tmp_path, net_text(databases[corruption]), 180, "--skip_bad_records")
     assert result.returncode == 0, result.stderr[-3000:]
     skipped = [line for line in result.stderr.splitlines() if "Skipped bad record" in line]
     assert len(skipped) == 1 and "#1 (--skip_bad_records)" in skipped[0] and repr(KEY) in skipped[0]
@@ -100,7 +103,7 @@ def test_skip_bad_records_skips_and_counts_them(databases, tmp_path):
 
 def test_the_error_reaches_a_pycaffe_forward_from_the_prefetch_thread(databases):
     param = caffe_pb2.NetParameter()
-    text_format.Parse(net_text(databases["wrong size"]).replace("batch_size: 50", "batch_size: 2500"), param)
+    text_format.Parse(net_text(databases["wrong size"]).replace("batch_size: 30", "batch_size: 2500"), param)
     net = Net(param, caffe_pb2.TRAIN)
     net.forward()
     net.forward()   # records 0..4999
