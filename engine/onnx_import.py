@@ -73,6 +73,14 @@ def _only_indices(name, readers):
     return bool(readers) and all(r.op_type == "Gather" and list(r.input[1:]) == [name] for r in readers)
 
 
+def _add_blob(layer, value):
+    """Appends `value` to the layer's parameter blobs, as float32 (Caffe's BlobProto)."""
+    value = np.asarray(value, dtype=np.float32)
+    blob = Blob(value.shape)
+    blob.mutable_cpu_data()[...] = value
+    blob.to_proto(layer.blobs.add())
+
+
 def _copy(message):
     copy = type(message)()
     copy.CopyFrom(message)
@@ -261,10 +269,7 @@ class _Importer:
         for top in tops:
             self.producer[top] = layer
         for value in blobs:
-            value = np.asarray(value, dtype=np.float32)
-            blob = Blob(value.shape)
-            blob.mutable_cpu_data()[...] = value
-            blob.to_proto(layer.blobs.add())
+            _add_blob(layer, value)
         return layer
 
     def _temporary(self, name):
@@ -536,9 +541,7 @@ class _Importer:
                 or value.size != p.num_output or value.shape[-1:] != (value.size,)):
             return False
         p.bias_term = True
-        blob = Blob(value.size)
-        blob.mutable_cpu_data()[...] = value.reshape(-1)
-        blob.to_proto(layer.blobs.add())
+        _add_blob(layer, value.reshape(-1))
         layer.top[0] = node.output[0]
         self.producer[node.output[0]] = layer
         return True
