@@ -34,7 +34,7 @@ def make_model(nodes, inputs, outputs, initializers=None, opset=17):
 
 
 def relative_error(expected, actual):
-    """Max abs error over the output's RMS (Issue 13's measure)."""
+    """Max abs error over the expected output's RMS."""
     assert expected.shape == actual.shape, (expected.shape, actual.shape)
     rms = float(np.sqrt(np.mean(np.square(expected.astype(np.float64))))) or 1.0
     return float(np.abs(expected.astype(np.float64) - actual).max()) / rms
@@ -163,7 +163,7 @@ CASES = {
     "mul_plane_constant": single("Mul", [2, 3, 4, 5], {}, {"c": random(1, 3, 4, 5)}, ["c"]),
     "sub_constant": single("Sub", [2, 3, 4, 5], {}, {"c": random(1, 3, 1, 1)}, ["c"]),
     "div_constant": single("Div", [2, 3, 4], {}, {"c": random(3, 4, low=1, high=2)}, ["c"]),
-    # normalization at the front of a net (Dropout is the identity at test time)
+    # Dropout is the identity in the TEST phase; Identity and Cast alias their input
     "dropout_ratio_input": single("Dropout", [2, 3, 4], {}, {"r": np.float32(0.3)}, ["r"]),
     "dropout_attribute": single("Dropout", [2, 3, 4], dict(ratio=0.2), opset=10),
     "identity": single("Identity", [2, 3]),
