@@ -12,6 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 import kaffe  # noqa: E402
+from gradient_check import opencl_available  # noqa: E402
 from kaffe.engine.errors import KaffeError  # noqa: E402
 from kaffe.engine.onnx_import import import_onnx  # noqa: E402
 from kaffe.tools import cli  # noqa: E402
@@ -281,6 +282,14 @@ CASES.update({"gather_int_indices": embedding(cast=False), "gather_cast_indices"
 def test_operator_matches_onnxruntime(case):
     model, feeds = CASES[case]
     check(model, feeds)
+
+
+@pytest.mark.opencl
+@pytest.mark.skipif(not opencl_available(), reason="no OpenCL platform (install pocl-opencl-icd)")
+@pytest.mark.parametrize("case", ["avepool_pad_exclude", "broadcast_mul_gate", "deconv_output_padding",
+                                  "resize_nearest_scales", "slice_two_axes_negative", "batchnorm"])
+def test_imported_layers_match_onnxruntime_on_the_opencl_device(gpu_mode, case):
+    check(*CASES[case])
 
 
 def test_dynamic_batch_imports_at_one_and_runs_at_another():
