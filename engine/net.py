@@ -178,6 +178,9 @@ class Net(NetBatches):
                 check_total(self._blobs + [b for each in self.layers for b in each.blobs], "the net's blobs")
             except BlobShapeError as e:
                 raise KaffeError(f"{layer_param.type} layer '{layer_param.name}': {e}") from None
+            except MemoryError:   # shapes that fit, but not beside what this process and others hold
+                raise KaffeError(f"{layer_param.type} layer '{layer_param.name}': out of memory while setting it up "
+                                 f"(its blobs fit the memory limit, not beside the memory already in use)") from None
             logger.info(f"Setting up {layer_param.name}")
             for top_id, blob in enumerate(self.top_vecs[layer_id]):
                 blob_id = self.top_ids[layer_id][top_id]

@@ -117,3 +117,20 @@ def test_in_gpu_mode_the_opencl_device_limit_counts(gpu_mode):
     text = INPUT % f"dim: {largest // 4 + 1}"
     with pytest.raises(KaffeError, match=r"Input layer 'in': .* more than the OpenCL device's (largest buffer|memory)"):
         Net(net_param(text), caffe_pb2.TEST)
+
+
+def test_a_layer_that_fits_the_limit_but_not_the_memory_left_is_a_clear_error(tmp_path):
+    """Under `ulimit -v` 3 GiB, 2.8 GB of InnerProduct weights pass the size check but cannot be allocated
+    beside the interpreter: a KaffeError naming the layer, not a MemoryError."""
+    if memory_limits.host_limit()[0] < 4 << 30:
+        pytest.skip("needs a machine of 4 GiB or more, so that 3 GiB is the lower limit")
+    (tmp_path / "net.prototxt").write_text(
+        VECTORS.replace("dim: 2 dim: 5", "dim: 1 dim: 700") + 'layer { name: "ip" type: "InnerProduct" bottom: "x" '
+        'top: "y" inner_product_param { num_output: 1000000 weight_filler { type: "gaussian" } } }')
+
+    def limit_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY))
+    result = subprocess.run([sys.executable, "-m", "kaffe.tools.cli", "time", "--model", "net.prototxt"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=limit_address_space)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "kaffe time: error: InnerProduct layer 'ip': out of memory while setting it up" in result.stderr
