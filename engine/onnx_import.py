@@ -18,20 +18,25 @@ FLT_MAX = float(np.finfo(np.float32).max)
 Pool = caffe_pb2.PoolingParameter
 Eltwise = caffe_pb2.EltwiseParameter
 
-# elementwise operators that are one Caffe layer: op type -> (layer type, its parameter field, attributes -> values)
+# elementwise operators that are a chain of Caffe layers: op type -> attributes -> [(layer type, its parameter
+# field, {key: value})]
 NEURONS = {
-    "Relu": ("ReLU", None, lambda a: {}),
-    "LeakyRelu": ("ReLU", "relu_param", lambda a: {"negative_slope": a.get("alpha", 0.01)}),
-    "Sigmoid": ("Sigmoid", None, lambda a: {}),
-    "Tanh": ("TanH", None, lambda a: {}),
-    "Elu": ("ELU", "elu_param", lambda a: {"alpha": a.get("alpha", 1.0)}),
-    "Abs": ("AbsVal", None, lambda a: {}),
-    "Exp": ("Exp", None, lambda a: {}),
-    "Log": ("Log", None, lambda a: {}),
-    "Softplus": ("BNLL", None, lambda a: {}),
-    "Neg": ("Power", "power_param", lambda a: {"scale": -1.0}),
-    "Sqrt": ("Power", "power_param", lambda a: {"power": 0.5}),
-    "Reciprocal": ("Power", "power_param", lambda a: {"power": -1.0}),
+    "Relu": lambda a: [("ReLU", None, {})],
+    "LeakyRelu": lambda a: [("ReLU", "relu_param", {"negative_slope": a.get("alpha", 0.01)})],
+    "Sigmoid": lambda a: [("Sigmoid", None, {})],
+    "Tanh": lambda a: [("TanH", None, {})],
+    "Elu": lambda a: [("ELU", "elu_param", {"alpha": a.get("alpha", 1.0)})],
+    "Selu": lambda a: [("ELU", "elu_param", {"alpha": a.get("alpha", 1.67326319217681884765625)}),
+                       ("Power", "power_param", {"scale": a.get("gamma", 1.05070102214813232421875)})],
+    "HardSigmoid": lambda a: [("Power", "power_param", {"scale": a.get("alpha", 0.2), "shift": a.get("beta", 0.5)}),
+                              ("Clip", "clip_param", {"min": 0.0, "max": 1.0})],
+    "Abs": lambda a: [("AbsVal", None, {})],
+    "Exp": lambda a: [("Exp", None, {})],
+    "Log": lambda a: [("Log", None, {})],
+    "Softplus": lambda a: [("BNLL", None, {})],
+    "Neg": lambda a: [("Power", "power_param", {"scale": -1.0})],
+    "Sqrt": lambda a: [("Power", "power_param", {"power": 0.5})],
+    "Reciprocal": lambda a: [("Power", "power_param", {"power": -1.0})],
 }
 
 # operators of a blob and a constant scalar that are one Caffe layer: op type -> (layer type, field, its key)
@@ -310,10 +315,7 @@ class _Importer:
     def _convert(self, node):
         a = self._attributes(node)
         if node.op_type in NEURONS:
-            kind, field, values = NEURONS[node.op_type]
-            layer = self._layer(node.name, kind, [self._blob(node, node.input[0])], [node.output[0]])
-            for key, value in values(a).items():
-                setattr(getattr(layer, field), key, value)
+            self._chain(node, NEURONS[node.op_type](a), node.output[0])
             return
         if node.op_type in SCALAR_OPERAND:
             self._scalar_operand(node)
@@ -322,6 +324,22 @@ class _Importer:
         if handler is None:
             self._refuse(node, "operator has no Caffe counterpart")
         handler(node, a)
+
+    def _chain(self, node, steps, out):
+        """The node's input through the layers of `steps` (layer type, parameter field, values), into `out`."""
+        x = self._blob(node, node.input[0])
+        for i, (kind, field, values) in enumerate(steps):
+            top = out if i == len(steps) - 1 else self._temporary(f"{out}_{kind.lower()}")
+            layer = self._layer(node.name, kind, [x], [top])
+            for key, value in values.items():
+                setattr(getattr(layer, field), key, value)
+            x = top
+
+    def _op_HardSwish(self, node, a):
+        gate = self._temporary(f"{node.output[0]}_gate")
+        self._chain(node, NEURONS["HardSigmoid"]({"alpha": 1 / 6}), gate)
+        product = self._layer(node.name, "Eltwise", [self._blob(node, node.input[0]), gate], [node.output[0]])
+        product.eltwise_param.operation = Eltwise.PROD
 
     # -- convolution and pooling --------------------------------------------------------------
     def _pads(self, a, in_spatial, kernel, strides, dilations):
@@ -634,22 +652,42 @@ class _Importer:
     def _op_Div(self, node, a):
         self._binary(node, "Div")
 
-    def _variadic(self, node, operation):
+    def _variadic(self, node, operation, bottoms=None, out=None, coeff=1.0):
+        """Sum, Max, Mean, Min of inputs of one shape: an Eltwise layer (SUM with coefficients for Mean)."""
         shapes = {self._shape(node, n) for n in node.input}
         if len(shapes) != 1:
             self._refuse(node, f"inputs of different shapes ({', '.join(_shape_text(s) for s in shapes)}): "
                                f"Caffe's Eltwise does not broadcast")
-        if len(node.input) == 1:
-            self.alias[node.output[0]] = self._blob(node, node.input[0])
+        bottoms = bottoms or [self._blob(node, n) for n in node.input]
+        if len(bottoms) == 1:
+            self.alias[node.output[0]] = bottoms[0]
             return
-        layer = self._layer(node.name, "Eltwise", [self._blob(node, n) for n in node.input], [node.output[0]])
+        layer = self._layer(node.name, "Eltwise", bottoms, [out or node.output[0]])
         layer.eltwise_param.operation = operation
+        if coeff != 1:
+            layer.eltwise_param.coeff.extend([coeff] * len(bottoms))
 
     def _op_Sum(self, node, a):
         self._variadic(node, Eltwise.SUM)
 
+    def _op_Mean(self, node, a):
+        self._variadic(node, Eltwise.SUM, coeff=1 / len(node.input))
+
     def _op_Max(self, node, a):
         self._variadic(node, Eltwise.MAX)
+
+    def _op_Min(self, node, a):
+        """-max(-a, -b, ...): negations (Power scale -1) are exact."""
+        if len(node.input) == 1:
+            self._variadic(node, Eltwise.MAX)
+            return
+        negated = []
+        for name in node.input:
+            negated.append(self._temporary(f"{name}_negated"))
+            self._layer(f"{node.name}_negate", "Power", [self._blob(node, name)], [negated[-1]]).power_param.scale = -1
+        largest = self._temporary(f"{node.output[0]}_negated")
+        self._variadic(node, Eltwise.MAX, negated, largest)
+        self._layer(f"{node.name}_negate", "Power", [largest], [node.output[0]]).power_param.scale = -1
 
     # -- activations and normalization --------------------------------------------------------
     def _op_Clip(self, node, a):

@@ -63,12 +63,12 @@ def node(op, inputs, outputs=("y",), **attributes):
     return helper.make_node(op, list(inputs), list(outputs), **attributes)
 
 
-def single(op, x_shape, attributes=None, initializers=None, extra_inputs=(), opset=17, low=-1.0):
+def single(op, x_shape, attributes=None, initializers=None, extra_inputs=(), opset=17, low=-1.0, high=1.0):
     """A model of one node reading x (and the named initializers), writing y; with a random input."""
     initializers = initializers or {}
     model = make_model([node(op, ["x", *extra_inputs], **(attributes or {}))], {"x": x_shape}, ["y"],
                        initializers, opset)
-    return model, {"x": random(*x_shape, low=low)}
+    return model, {"x": random(*x_shape, low=low, high=high)}
 
 
 def i64(*values):
@@ -144,6 +144,10 @@ CASES = {
     "clip_inputs": single("Clip", [2, 3, 4], {}, {"lo": np.float32(-0.3), "hi": np.float32(0.5)}, ["lo", "hi"]),
     "clip_min_only": single("Clip", [2, 3, 4], {}, {"lo": np.float32(0)}, ["lo"]),
     "clip_attributes": single("Clip", [2, 3, 4], dict(min=-0.2, max=0.1), opset=6),
+    "selu": single("Selu", [2, 3, 4]),
+    "selu_attributes": single("Selu", [2, 3, 4], dict(alpha=1.2, gamma=0.8)),
+    "hard_sigmoid": single("HardSigmoid", [2, 3, 4], dict(alpha=0.3, beta=0.4), low=-4, high=4),
+    "hard_swish": single("HardSwish", [2, 3, 4], low=-5, high=5),
     "abs": single("Abs", [2, 3, 4]),
     "exp": single("Exp", [2, 3, 4]),
     "log": single("Log", [2, 3, 4], low=0.1),
@@ -195,6 +199,9 @@ CASES.update({
     "sub": graph([node("Sub", ["a", "b"])], PAIR),
     "mul": graph([node("Mul", ["a", "b"])], PAIR),
     "max": graph([node("Max", ["a", "b", "c"])], dict(PAIR, c=[2, 3, 4, 5])),
+    "mean": graph([node("Mean", ["a", "b", "c"])], dict(PAIR, c=[2, 3, 4, 5])),
+    "min": graph([node("Min", ["a", "b", "c"])], dict(PAIR, c=[2, 3, 4, 5])),
+    "min_single": graph([node("Min", ["a"])], {"a": [2, 3]}),
     "sum": graph([node("Sum", ["a", "b", "c"])], dict(PAIR, c=[2, 3, 4, 5])),
     "constant_minus_blob": graph([node("Sub", ["c", "a"])], {"a": [2, 3]}, initializers={"c": random(3)}),
     "scalar_over_blob": graph([node("Div", ["c", "a"])], {"a": [2, 3]}, initializers={"c": np.float32(2.5)}),
