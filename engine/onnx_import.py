@@ -715,6 +715,9 @@ class _Importer:
             self._refuse(node, "training-mode outputs (running mean and variance) have no Caffe counterpart")
         scale, bias, mean, var = (self._constant(node, i, what)
                                   for i, what in enumerate(("scale", "bias", "mean", "variance"), 1))
+        channels = self._shape(node, node.input[0])[1:2]
+        if not a.get("spatial", 1) or any(v.shape != channels for v in (scale, bias, mean, var)):
+            self._refuse(node, "statistics per activation (spatial 0): Caffe's BatchNorm keeps one per channel")
         norm = self._layer(node.name, "BatchNorm", [self._blob(node, node.input[0])], [node.output[0]],
                            [mean, var, [1.0]])
         p = norm.batch_norm_param
