@@ -691,10 +691,11 @@ class _Importer:
 
     # -- activations and normalization --------------------------------------------------------
     def _op_Clip(self, node, a):
-        low = a.get("min", -FLT_MAX) if self.opset < 11 else float(self._optional_constant(node, 1, "min",
-                                                                                            -FLT_MAX))
-        high = a.get("max", FLT_MAX) if self.opset < 11 else float(self._optional_constant(node, 2, "max",
-                                                                                            FLT_MAX))
+        if self.opset < 11:
+            low, high = a.get("min", -FLT_MAX), a.get("max", FLT_MAX)
+        else:
+            low = float(self._optional_constant(node, 1, "min", -FLT_MAX))
+            high = float(self._optional_constant(node, 2, "max", FLT_MAX))
         layer = self._layer(node.name, "Clip", [self._blob(node, node.input[0])], [node.output[0]])
         layer.clip_param.min, layer.clip_param.max = max(low, -FLT_MAX), min(high, FLT_MAX)
 
