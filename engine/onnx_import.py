@@ -938,8 +938,7 @@ class _Importer:
             for i, axis in enumerate(int(axis) % rank for axis in axes):
                 full[axis], full[rank + axis] = pads[i], pads[len(axes) + i]
             pads = full
-        if a.get("mode", "constant") != "constant" or float(np.asarray(value).reshape(-1)[0] if np.size(value)
-                                                            else 0) != 0:
+        if a.get("mode", "constant") != "constant" or np.any(np.asarray(value) != 0):
             self._refuse(node, "only zero padding has a Caffe counterpart (a Convolution's pad)")
         if any(pads[:2]) or any(pads[rank:rank + 2]) or min(pads) < 0:
             self._refuse(node, f"pads {list(pads)}: Caffe pads only the spatial axes, by non-negative amounts")
