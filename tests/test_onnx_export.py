@@ -150,6 +150,10 @@ LAYER_CASES = {
                IMAGE),
     "deconv_group": (one("Deconvolution", "convolution_param { num_output: 2 kernel_size: 3 stride: 3 group: 2 }"),
                      {"data": [2, 4, 5, 5]}),
+    "deconv_dilation": (one("Deconvolution", "convolution_param { num_output: 2 kernel_size: 3 stride: 2 pad: 2 "
+                                             "dilation: 2 }"), IMAGE),
+    "conv_3d": (one("Convolution", "convolution_param { num_output: 2 kernel_size: 2 kernel_size: 3 kernel_size: 2 "
+                                   "stride: 2 pad: 1 }"), {"data": [2, 2, 4, 5, 6]}),
     "pool_max_global": (pooling("global_pooling: true"), IMAGE),
     "pool_ave_global": (pooling("global_pooling: true", "AVE"), IMAGE),
     "pool_max_argmax_top": (pooling("kernel_size: 3 stride: 2 pad: 1", tops='top: "pool" top: "mask"'),
