@@ -4,14 +4,16 @@ A layer implements layer_setup / reshape / forward_cpu / backward_cpu, and, wher
 kernels, forward_gpu / backward_gpu. Without them the layer runs its CPU code in GPU mode after a
 one-time warning naming its type (the blobs sync to the host and back lazily).
 """
+import contextlib
 import difflib
 
 import numpy as np
 
-from . import device
+from . import device, opencl
 from .blob import Blob
 from .errors import KaffeError
 from .log import logger
+from .syncedmem import HEAD_AT_GPU
 
 _REGISTRY = {}
 _warned_fallback = set()
@@ -164,7 +166,11 @@ class Layer:
         loss = 0.0
         for blob, weight in zip(top, self.loss_weights):
             if weight:
-                loss += float(np.dot(blob.cpu_data().ravel(), blob.cpu_diff().ravel()))
+                if blob.memory.head == HEAD_AT_GPU:   # read on the device: one value comes back, or none yet
+                    deferred = _deferred["losses"]
+                    loss += deferred.add(blob) if deferred else opencl.dot(blob.gpu_data(), blob.gpu_diff())
+                else:
+                    loss += float(np.dot(blob.cpu_data().ravel(), blob.cpu_diff().ravel()))
         return loss
 
     def backward(self, top, propagate_down, bottom):
@@ -204,6 +210,75 @@ class Layer:
 
     def __repr__(self):
         return f"<{self.type} layer '{self.name}'>"
+
+
+_deferred = {"losses": None}
+
+
+@contextlib.contextmanager
+def deferred_losses(losses):
+    """In GPU mode, Layer.forward returns the weighted losses that its device computed as PendingLoss values
+    held in `losses` (a DeviceLosses), instead of reading each from the device."""
+    saved, _deferred["losses"] = _deferred["losses"], losses
+    try:
+        yield losses
+    finally:
+        _deferred["losses"] = saved
+
+
+class DeviceLosses:
+    """Loss values left on the device, one slot each, read back in one transfer (a training run reads the
+    losses of all the iterations since the last display at once)."""
+    INITIAL_SLOTS = 256
+
+    def __init__(self):
+        self.values = None
+        self.used = 0
+
+    def add(self, blob):
+        """Enqueue the weighted loss of a loss top (the dot of its data and the loss weights in its diff)
+        into the next slot; returns it as a PendingLoss."""
+        if self.values is None or self.used == self.values.size:
+            grown = opencl.empty(max(self.INITIAL_SLOTS, 2 * self.used))
+            if self.used:
+                opencl.copy(self.values, grown, n=self.used)
+            self.values = grown
+        opencl.dot(blob.gpu_data(), blob.gpu_diff(), out=self.values[self.used:self.used + 1])
+        self.used += 1
+        return PendingLoss((self.used - 1,))
+
+    def read(self):
+        """The values of every slot since the last read, as a host array; the slots are free again."""
+        values = opencl.download(self.values[:self.used]) if self.used else np.zeros(0, np.float32)
+        self.used = 0
+        return values
+
+
+class PendingLoss:
+    """A loss not read yet: a sum of DeviceLosses slots plus host terms, divided by `divisor`. Sums and
+    division follow the host arithmetic on floats (the slots are added in order, then divided)."""
+
+    def __init__(self, slots=(), host=0.0, divisor=1.0):
+        self.slots, self.host, self.divisor = tuple(slots), host, divisor
+
+    def __add__(self, other):
+        if isinstance(other, PendingLoss):
+            if self.divisor != 1.0 or other.divisor != 1.0:
+                raise KaffeError("pending losses are summed before they are divided")
+            return PendingLoss(self.slots + other.slots, self.host + other.host)
+        return PendingLoss(self.slots, self.host + float(other), self.divisor)
+
+    __radd__ = __add__
+
+    def __truediv__(self, divisor):
+        return PendingLoss(self.slots, self.host, self.divisor * float(divisor))
+
+    def value(self, values):
+        """The loss, given the host array that DeviceLosses.read returned."""
+        total = self.host
+        for slot in self.slots:
+            total += float(values[slot])
+        return total / self.divisor if self.divisor != 1.0 else total
 
 
 class LossLayer(Layer):

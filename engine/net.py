@@ -127,6 +127,7 @@ class Net(NetBatches):
         self._param_layer_indices = []
         self._param_names_index = {}
         self.learnable_params = []
+        self.flat_params = None   # a GPU-mode solver's flat device buffers of the parameters (solvers/flat_update.py)
         self.learnable_param_ids = []
         self.params_lr = []
         self.params_weight_decay = []
@@ -464,6 +465,8 @@ class Net(NetBatches):
             layer.reshape(self.bottom_vecs[i], self.top_vecs[i])
 
     def clear_param_diffs(self):
+        if self.flat_params is not None and self.flat_params.zero_diffs():   # GPU mode: one launch for all
+            return
         for blob in self.learnable_params:
             blob.zero_diff()
 

@@ -21,6 +21,7 @@ from .log import logger
 from .opencl_codegen import SYMBOLIC_OPS, Expr, literal, symbolic_params
 
 FLOAT_BYTES = 4
+STATS_ENV = "KAFFE_OPENCL_STATS"
 NO_PLATFORM_HINT = ("install an OpenCL driver (ICD): pocl-opencl-icd for CPUs (apt install pocl-opencl-icd), "
                     "or the GPU vendor's OpenCL runtime")
 
@@ -114,7 +115,43 @@ def context():
 def finish():
     """Wait until every enqueued command of the current device has run."""
     if _selected["device"] is not None:
+        _count("waits")
         _selected["device"].queue.finish()
+
+
+# -- statistics -------------------------------------------------------------------------------------------
+# Every command kaffe enqueues goes through the counted helpers below (launch, kernel, upload, download, copy,
+# finish, program): the counts show what an iteration costs in launches, transfers and host waits on any device.
+STATS_FIELDS = ("launches", "copies", "uploads", "upload_bytes", "downloads", "download_bytes", "waits", "builds")
+_stats = dict.fromkeys(STATS_FIELDS, 0)
+
+
+def stats():
+    """The counts since the last reset_stats(): kernel launches, device-to-device copies, host-to-device
+    uploads and downloads (and their bytes), blocking waits of the host (finish, blocking reads) and program
+    builds."""
+    return dict(_stats)
+
+
+def reset_stats():
+    _stats.update(dict.fromkeys(STATS_FIELDS, 0))
+
+
+def stats_enabled():
+    """Whether KAFFE_OPENCL_STATS asks for the per-iteration counts in the log."""
+    return os.environ.get(STATS_ENV, "0") not in ("", "0")
+
+
+def stats_per_iteration(counts, iterations):
+    """One log line of counts (a stats() dict) averaged over `iterations`."""
+    per = {name: counts[name] / max(iterations, 1) for name in STATS_FIELDS}
+    return ("OpenCL per iteration: {launches:g} launches, {copies:g} device copies, {uploads:g} uploads "
+            "({upload_bytes:g} bytes), {downloads:g} downloads ({download_bytes:g} bytes), {waits:g} blocking "
+            "waits, {builds:g} program builds".format(**per))
+
+
+def _count(field, n=1):
+    _stats[field] += n
 
 
 # -- arrays ----------------------------------------------------------------------------------------------
@@ -125,14 +162,35 @@ def empty(n):
 
 
 def zeros(n):
-    dev = current()
-    return cla.zeros(dev.queue, int(n), np.float32, allocator=dev.allocator)
+    return fill(empty(n), 0.0)
 
 
 def to_device(host):
     """A device copy of a host array, as float32."""
-    dev = current()
-    return cla.to_device(dev.queue, np.ascontiguousarray(host, dtype=np.float32), allocator=dev.allocator)
+    host = np.ascontiguousarray(host, dtype=np.float32)
+    return upload(host, empty(host.size))
+
+
+def upload(host, array):
+    """Enqueue array[:host.size] = host without waiting: the copy reads a private snapshot of `host`, which
+    pyopencl keeps alive until the transfer is done, so the caller may write `host` again at once."""
+    host = np.array(host, dtype=array.dtype, copy=True).reshape(-1)
+    if host.size:
+        _count("uploads")
+        _count("upload_bytes", host.nbytes)
+        cl.enqueue_copy(queue(), array.base_data, host, dst_offset=array.offset, is_blocking=False)
+    return array
+
+
+def download(array, out=None):
+    """The values of a device array on the host: a blocking read, the one kind of wait kaffe makes."""
+    out = np.empty(array.size, dtype=array.dtype) if out is None else out
+    if array.size:
+        _count("downloads")
+        _count("download_bytes", out.nbytes)
+        _count("waits")
+        cl.enqueue_copy(queue(), out, array.base_data, src_offset=array.offset, is_blocking=True)
+    return out
 
 
 def _buffer(array, offset=0):
@@ -165,6 +223,18 @@ def launch(source, name, n, *args, defines=None):
     kernel(source, name, defines)(queue(), (_round_up(n, LAUNCH_GROUP),), (LAUNCH_GROUP,), np.int32(n), *values)
 
 
+class CountedKernel:
+    """A cl.Kernel whose launches are counted; called as a cl.Kernel (queue, global size, local size, *args)."""
+
+    def __init__(self, knl):
+        self.kernel = knl
+
+    def __call__(self, queue_, global_size, local_size, *args):
+        _count("launches")
+        self.kernel.set_args(*args)
+        return cl.enqueue_nd_range_kernel(queue_, self.kernel, global_size, local_size)
+
+
 def scratch(owner, name, n, dtype=np.float32):
     """A device work array of at least n values kept on `owner` (a layer) and grown as needed.
 
@@ -186,6 +256,7 @@ def copy(src, dst, n=None, src_offset=0, dst_offset=0):
     _check_room("copy source", n, src_left)
     _check_room("copy destination", n, dst_left)
     if n:
+        _count("copies")
         cl.enqueue_copy(queue(), dst_buf, src_buf, byte_count=n * FLOAT_BYTES,
                         src_offset=src_at * FLOAT_BYTES, dst_offset=dst_at * FLOAT_BYTES)
     return dst
@@ -233,6 +304,7 @@ def program(source, defines=None):
     options = _build_options(defines)
     key = (text, options)
     if key not in dev.programs:
+        _count("builds")
         try:
             dev.programs[key] = cl.Program(dev.context, text).build(options=list(options))
         except cl.Error as error:  # pyopencl's message holds the build log
@@ -243,11 +315,11 @@ def program(source, defines=None):
 
 
 def kernel(source, name, defines=None):
-    """The cl.Kernel `name` of program(source, defines), made once: arguments are set anew at every launch."""
+    """The CountedKernel `name` of program(source, defines), made once: arguments are set anew at every launch."""
     dev = current()
     key = (source, name, _build_options(defines))
     if key not in dev.kernels:
-        dev.kernels[key] = cl.Kernel(program(source, defines), name)
+        dev.kernels[key] = CountedKernel(cl.Kernel(program(source, defines), name))
     return dev.kernels[key]
 
 
@@ -359,7 +431,9 @@ REDUCE_GROUP = 256
 REDUCE_MAX_GROUPS = 256
 
 
-def _reduce(term, x, y=None, n=None):
+def _reduce(term, x, y=None, n=None, out=None, scale=1.0):
+    """scale * the sum over i < n of the term: a host float, or, when `out` (a device array or view) is given,
+    written to out[0] without any wait (the host reads it later, if at all)."""
     n = x.size if n is None else int(n)
     x_buf, x_at, x_left = _buffer(x)
     _check_room(f"{term} input", n, x_left)
@@ -367,33 +441,39 @@ def _reduce(term, x, y=None, n=None):
     if y is not None:
         y_buf, y_at, y_left = _buffer(y)
         _check_room(f"{term} input", n, y_left)
-    if n == 0:
+    if n == 0 and out is None:
         return 0.0
-    defines = {"GROUP_SIZE": REDUCE_GROUP, term.upper(): 1}
-    groups = min(REDUCE_MAX_GROUPS, -(-n // REDUCE_GROUP))
-    dev = current()
-    partial = cla.empty(dev.queue, groups, np.float32, allocator=dev.allocator)
-    total = cla.empty(dev.queue, 1, np.float32, allocator=dev.allocator)
-    kernel("reduce.cl", "reduce_partial", defines)(
-        dev.queue, (groups * REDUCE_GROUP,), (REDUCE_GROUP,),
-        np.int32(n), x_buf, np.int32(x_at), y_buf, np.int32(y_at), partial.data)
-    kernel("reduce.cl", "sum_partials", defines)(
-        dev.queue, (REDUCE_GROUP,), (REDUCE_GROUP,), np.int32(groups), partial.data, total.data)
-    return float(total.get()[0])
+    target = empty(1) if out is None else out
+    if n == 0:
+        fill(target, 0.0, n=1)
+    else:
+        defines = {"GROUP_SIZE": REDUCE_GROUP, term.upper(): 1}
+        groups = min(REDUCE_MAX_GROUPS, -(-n // REDUCE_GROUP))
+        out_buf, out_at, _ = _buffer(target)
+        # one work-group sums straight into the target; more leave partial sums for a second launch
+        partial, partial_at = (out_buf, out_at) if groups == 1 else (empty(groups).data, 0)
+        kernel("reduce.cl", "reduce_partial", defines)(
+            queue(), (groups * REDUCE_GROUP,), (REDUCE_GROUP,), np.int32(n), x_buf, np.int32(x_at), y_buf,
+            np.int32(y_at), partial, np.int32(partial_at), np.float32(scale if groups == 1 else 1.0))
+        if groups > 1:
+            kernel("reduce.cl", "sum_partials", defines)(
+                queue(), (REDUCE_GROUP,), (REDUCE_GROUP,), np.int32(groups), partial, out_buf, np.int32(out_at),
+                np.float32(scale))
+    return target if out is not None else float(download(target)[0])
 
 
-def asum(x, n=None):
-    """Sum of |x| (a host float, as Caffe's caffe_gpu_asum)."""
-    return _reduce("asum", x, n=n)
+def asum(x, n=None, out=None, scale=1.0):
+    """scale * the sum of |x|: a host float, as Caffe's caffe_gpu_asum, or written to the device array `out`."""
+    return _reduce("asum", x, n=n, out=out, scale=scale)
 
 
-def sumsq(x, n=None):
-    """Sum of x * x."""
-    return _reduce("sumsq", x, n=n)
+def sumsq(x, n=None, out=None, scale=1.0):
+    """scale * the sum of x * x (see asum for `out`)."""
+    return _reduce("sumsq", x, n=n, out=out, scale=scale)
 
 
-def dot(x, y, n=None):
-    return _reduce("dot", x, y, n=n)
+def dot(x, y, n=None, out=None, scale=1.0):
+    return _reduce("dot", x, y, n=n, out=out, scale=scale)
 
 
 # -- GEMM ------------------------------------------------------------------------------------------------

@@ -28,18 +28,26 @@ class SyncedMemory:
         elif self.head == HEAD_AT_GPU:
             if self._host is None:
                 self._host = np.empty(self.count, dtype=np.float32)
-            self._device.get(ary=self._host)
+            opencl.download(self._device, out=self._host)
             self.head = SYNCED
 
     def _to_gpu(self):
         if self.head == UNINITIALIZED:
-            self._device = opencl.zeros(self.count)
+            self._device = opencl.empty(self.count) if self._device is None else self._device
+            opencl.fill(self._device, 0.0)
             self.head = HEAD_AT_GPU
         elif self.head == HEAD_AT_CPU:
             if self._device is None:
                 self._device = opencl.empty(self.count)
-            self._device.set(self._host)
+            opencl.upload(self._host, self._device)
             self.head = SYNCED
+
+    def place_on_device(self, array):
+        """Keep the device copy in `array` (count floats, e.g. a view of a buffer that holds several memories
+        side by side), moving the values there on the device when the device copy is current."""
+        if self.head in (HEAD_AT_GPU, SYNCED):
+            opencl.copy(self._device, array, n=self.count)
+        self._device = array
 
     def cpu(self):
         """The flat float32 host array, for reading."""

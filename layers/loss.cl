@@ -25,15 +25,19 @@ __kernel void softmax_loss_forward(const int n, __global const float* prob, cons
     }
 }
 
-// diff = (prob - [channel == label]) * scale, and 0 at ignored positions
+// diff = (prob - [channel == label]) * scale, and 0 at ignored positions; with divide, scale is first divided by
+// the count of valid labels that the forward left on the device (at least 1)
 __kernel void softmax_loss_backward(const int n, __global const float* prob, const int prob_offset,
                                     __global const float* label, const int label_offset,
                                     __global float* diff, const int diff_offset,
                                     const int channels, const int inner, const int has_ignore, const int ignore_label,
-                                    const float scale) {
+                                    float scale, __global const float* count, const int count_offset,
+                                    const int divide) {
     const int i = get_global_id(0);
     if (i >= n)
         return;
+    if (divide)
+        scale /= fmax(count[count_offset], 1.0f);
     const int s = i % inner;
     const int c = (i / inner) % channels;
     const int target = (int)label[label_offset + (i / (inner * channels)) * inner + s];

@@ -12,6 +12,7 @@ from ..engine.blob import Blob
 from ..engine.errors import KaffeError
 from ..engine.io import read_binary_proto
 from ..engine.layer import Layer, LossLayer, register_layer
+from ..engine.syncedmem import HEAD_AT_GPU
 from ..proto import caffe_pb2
 from .common import axis_index, shape_text, softmax, softmax_gpu
 
@@ -52,6 +53,35 @@ def loss_weight(top):
     return float(top[0].cpu_diff().reshape(-1)[0])
 
 
+def _check_host_labels(layer, labels_blob, num_classes, ignore_label):
+    """Raise the CPU path's error for a label out of range where the labels' host copy is current (data layers
+    write them there), without a transfer; labels made on the device give a NaN loss instead."""
+    if labels_blob.memory.head != HEAD_AT_GPU:
+        _read_labels(layer, labels_blob, num_classes, ignore_label)
+
+
+def _device_loss(layer, top, total, terms, counts, n, count_on_device, normalizer):
+    """Write a loss top on the device: total(terms) divided by `normalizer`, or, with count_on_device, by the
+    sum of `counts` (at least 1), also left on the device. Returns the valid count for backward: a number, or
+    a device array of one value."""
+    out = top.mutable_gpu_data()
+    if not count_on_device:
+        total(terms, n=n, out=out, scale=1.0 / normalizer)
+        return normalizer
+    valid = opencl.asum(counts, n=n, out=opencl.scratch(layer, "valid_count", 1))
+    total(terms, n=n, out=out)
+    _DIVIDE_BY_COUNT(out, out, valid)
+    return valid
+
+
+def _gradient_scale(top, normalizer):
+    """The kernel arguments (scale, count buffer, its offset, whether to divide by it) giving backward's
+    loss_weight / normalizer, where the normalizer may be a device count (see _device_loss)."""
+    if isinstance(normalizer, (int, float)):
+        return (float(loss_weight(top) / normalizer), *opencl.device_args(top[0].gpu_diff()), 0)
+    return (float(loss_weight(top)), *opencl.device_args(normalizer), 1)
+
+
 def refuse_label_backward(layer, propagate_down, what="label inputs", index=1):
     if len(propagate_down) > index and propagate_down[index]:
         raise KaffeError(f"{layer.type} layer '{layer.name}' cannot backpropagate to {what}")
@@ -66,6 +96,8 @@ def _ones(owner, n):
     return ones
 
 
+_DIVIDE_BY_COUNT = opencl.elementwise_kernel("divide_by_count", lambda t, c, p, ops: t / ops.maximum(c, 1.0),
+                                             ("t", "c"))
 _SUBTRACT = opencl.elementwise_kernel("subtract", lambda a, b, p, ops: a - b, ("a", "b"))
 _SQUARE = opencl.elementwise_kernel("square", lambda a, p, ops: a * a, ("a",))
 
@@ -158,25 +190,20 @@ class SoftmaxWithLossLayer(LossLayer):
         return self.ignore_label is not None, self.ignore_label or 0
 
     def forward_gpu(self, bottom, top):
-        """Only the loss sum (and, for VALID with an ignore_label, the valid count) comes back to the host."""
+        """The loss stays on the device; with VALID normalization and an ignore_label, so does the count of
+        valid labels, which divides it here and scales the gradient in backward."""
         outer, channels, inner = self.dims
+        _check_host_labels(self, bottom[1], channels, self.ignore_label)
         x = bottom[0].gpu_data()
         prob = self.prob.mutable_gpu_data()
         softmax_gpu(x, prob, self.dims)
-        losses, counts = opencl.empty(outer * inner), opencl.empty(outer * inner)
+        losses, counts = opencl.scratch(self, "losses", outer * inner), opencl.scratch(self, "counts", outer * inner)
         opencl.launch(KERNELS, "softmax_loss_forward", outer * inner, *opencl.device_args(prob),
                       *opencl.device_args(bottom[1].gpu_data()), losses.data, counts.data, channels, inner,
                       *self._label_args())
-        total = opencl.asum(losses)  # the losses are >= 0: their asum is their sum
-        if math.isnan(total):
-            # a label out of range gives NaN; _read_labels raises the CPU path's error for it (a NaN from the
-            # scores themselves passes through, as on the CPU)
-            _read_labels(self, bottom[1], channels, self.ignore_label)
-        if self.normalization == LossParameter.VALID and self.ignore_label is not None:
-            self.valid_count = opencl.asum(counts)
-        else:
-            self.valid_count = outer * inner
-        top[0].mutable_cpu_data()[...] = total / self.normalizer(self.valid_count)
+        self.valid_count = _device_loss(self, top[0], opencl.asum, losses, counts, outer * inner,  # losses >= 0
+                                        self.normalization == LossParameter.VALID and self.ignore_label is not None,
+                                        self.normalizer(outer * inner))
         if len(top) == 2:
             top[1].share_data(self.prob)
 
@@ -184,11 +211,10 @@ class SoftmaxWithLossLayer(LossLayer):
         if not self._propagates(propagate_down):
             return
         _, channels, inner = self.dims
-        scale = np.float32(top[0].cpu_diff().reshape(-1)[0] / self.normalizer(self.valid_count))
         prob, labels = self.prob.gpu_data(), bottom[1].gpu_data()
         opencl.launch(KERNELS, "softmax_loss_backward", bottom[0].count, *opencl.device_args(prob),
                       *opencl.device_args(labels), *opencl.device_args(bottom[0].mutable_gpu_diff()), channels, inner,
-                      *self._label_args(), scale)
+                      *self._label_args(), *_gradient_scale(top, self.valid_count))
 
 
 @register_layer("Accuracy")

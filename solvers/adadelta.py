@@ -5,7 +5,7 @@ then all update means (the .solverstate keeps that order).
 """
 import numpy as np
 
-from .sgd import SGDSolver, launch_update
+from .sgd import SGDSolver
 from .solver import register_solver
 
 
@@ -15,13 +15,13 @@ class AdaDeltaSolver(SGDSolver):
         super().__init__(param, **options)
         self.add_history_set()
 
-    def update_on_device(self, i, blob, rate):
-        """h = m*h + (1-m)*g^2; s = g * sqrt((u + delta) / (h + delta)); u = m*u + (1-m)*s^2; moves by -lr*s."""
-        updates = self.history[i + len(self.net.learnable_params)]
-        launch_update("adadelta_update", blob, [self.history[i], updates], self.param.momentum, self.param.delta,
-                      rate * self.net.params_lr[i])
+    device_rule = "ADADELTA"
+
+    def device_scalars(self):
+        return self.param.momentum, self.param.delta
 
     def update_values(self, i, rate, diff, gradients, squared_updates):
+        """h = m*h + (1-m)*g^2; s = g * sqrt((u + delta) / (h + delta)); u = m*u + (1-m)*s^2; moves by -lr*s."""
         momentum = np.float32(self.param.momentum)
         delta = np.float32(self.param.delta)
         keep = np.float32(1) - momentum

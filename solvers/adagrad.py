@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..engine.errors import KaffeError
-from .sgd import SGDSolver, launch_update
+from .sgd import SGDSolver
 from .solver import register_solver
 
 
@@ -14,11 +14,13 @@ class AdaGradSolver(SGDSolver):
             raise KaffeError(f"solver: Momentum cannot be used with AdaGrad (momentum: "
                              f"{format(self.param.momentum, '.6g')}); remove the momentum field")
 
-    def update_on_device(self, i, blob, rate):
-        """h += g^2; the parameter moves by -lr * lr_mult * g / (sqrt(h) + delta)."""
-        launch_update("adagrad_update", blob, [self.history[i]], self.param.delta, rate * self.net.params_lr[i])
+    device_rule = "ADAGRAD"
+
+    def device_scalars(self):
+        return (self.param.delta,)
 
     def update_values(self, i, rate, diff, history):
+        """h += g^2; the parameter moves by -lr * lr_mult * g / (sqrt(h) + delta)."""
         history += np.square(diff)
         np.divide(diff, np.sqrt(history) + np.float32(self.param.delta), out=diff)
         diff *= np.float32(rate * self.net.params_lr[i])

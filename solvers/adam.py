@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ..engine.errors import KaffeError
-from .sgd import SGDSolver, launch_update
+from .sgd import SGDSolver
 from .solver import register_solver
 
 
@@ -31,14 +31,19 @@ class AdamSolver(SGDSolver):
         t = self.iter + 1
         return rate * self.net.params_lr[i] * math.sqrt(1 - self.param.momentum2 ** t) / (1 - self.param.momentum ** t)
 
-    def update_on_device(self, i, blob, rate):
-        """m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; with t = iter + 1 the parameter moves by
-        -lr * lr_mult * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + delta)."""
-        second = self.history[i + len(self.net.learnable_params)]
-        launch_update("adam_update", blob, [self.history[i], second], self.param.momentum, self.param.momentum2,
-                      self.param.delta, self._corrected_rate(i, rate))
+    device_rule = "ADAM"
+
+    def device_scalars(self):
+        return self.param.momentum, self.param.momentum2, self.param.delta
+
+    def device_rate(self, rate):
+        """The bias-corrected rate: with t = iter + 1, lr * sqrt(1 - b2^t) / (1 - b1^t)."""
+        t = self.iter + 1
+        return rate * math.sqrt(1 - self.param.momentum2 ** t) / (1 - self.param.momentum ** t)
 
     def update_values(self, i, rate, diff, m, v):
+        """m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; the parameter moves by
+        -lr * lr_mult * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + delta)."""
         beta1, beta2 = np.float32(self.param.momentum), np.float32(self.param.momentum2)
         m *= beta1
         m += (np.float32(1) - beta1) * diff

@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..engine.errors import KaffeError
-from .sgd import SGDSolver, launch_update
+from .sgd import SGDSolver
 from .solver import register_solver
 
 
@@ -18,12 +18,13 @@ class RMSPropSolver(SGDSolver):
             raise KaffeError(f"solver: rms_decay should lie between 0 and 1 (0 <= rms_decay < 1), got "
                              f"{format(p.rms_decay, '.6g')}")
 
-    def update_on_device(self, i, blob, rate):
-        """h = rms_decay * h + (1 - rms_decay) * g^2; the parameter moves by -lr * lr_mult * g / (sqrt(h) + delta)."""
-        launch_update("rmsprop_update", blob, [self.history[i]], self.param.rms_decay, self.param.delta,
-                      rate * self.net.params_lr[i])
+    device_rule = "RMSPROP"
+
+    def device_scalars(self):
+        return self.param.rms_decay, self.param.delta
 
     def update_values(self, i, rate, diff, history):
+        """h = rms_decay * h + (1 - rms_decay) * g^2; the parameter moves by -lr * lr_mult * g / (sqrt(h) + delta)."""
         decay = np.float32(self.param.rms_decay)
         history *= decay
         history += (np.float32(1) - decay) * np.square(diff)

@@ -1,30 +1,21 @@
 """SGD with momentum (Caffe's SGDSolver): normalisation, regularisation, gradient clipping, history."""
 import numpy as np
 
-from ..engine import device, opencl
+from ..engine import device
 from ..engine.blob import Blob
 from ..engine.errors import KaffeError
 from ..engine.log import logger
+from .flat_update import FlatParameters
 from .lr_policy import learning_rate
 from .solver import Solver, register_solver
 
 
-UPDATE_KERNELS = "solvers/updates.cl"
 UPDATE_BLOCK = 1 << 16  # values per block of a host update: the blocks of all its arrays fit a core's L2
 
 
 def on_device():
     """Whether updates run as OpenCL kernels (GPU mode): the weights never travel to the host for them."""
     return device.mode() == device.GPU
-
-
-def launch_update(name, blob, history, *scalars):
-    """Run update kernel `name` of updates.cl over one parameter: its diff (the gradient in, the update value
-    out), its history blobs, then float scalars; one work-item per value, everything stays on the device."""
-    arrays = [opencl.device_args(blob.mutable_gpu_diff())]
-    arrays += [opencl.device_args(h.mutable_gpu_data()) for h in history]
-    opencl.launch(UPDATE_KERNELS, name, blob.count, *(a for pair in arrays for a in pair),
-                  *(np.float32(s) for s in scalars))
 
 
 @register_solver("SGD")
@@ -57,15 +48,38 @@ class SGDSolver(Solver):
         if self.param.display and self.iter % self.param.display == 0:
             logger.info(f"Iteration {self.iter}, lr = {format(rate, '.6g')}")
         self.clip_gradients()
-        for i, blob in enumerate(self.net.learnable_params):
-            if on_device():
-                self.normalize_on_device(blob)
-                self.regularize_on_device(i, blob)
-                self.update_on_device(i, blob, rate)
-                blob.update()
-            else:
+        if on_device():
+            self.update_on_device(rate)
+        else:
+            for i, blob in enumerate(self.net.learnable_params):
                 self.update_on_host(i, blob, rate)
         self.iter += 1  # as Caffe: `iter` counts the updates of the weights
+
+    # the rule's name in updates.cl and its scalars a, b, c there
+    device_rule = "SGD"
+
+    def device_scalars(self):
+        return (self.param.momentum,)
+
+    def device_rate(self, rate):
+        return rate
+
+    def flat_parameters(self):
+        """The net's FlatParameters (made at the first GPU-mode update, again when a parameter got new memory);
+        Net.clear_param_diffs clears its diffs in one launch."""
+        params = self.net.learnable_params
+        flat = self.net.flat_params
+        if flat is None or not flat.holds(params, self.history):
+            decays = [self._decay(i) for i in range(len(params))]
+            flat = self.net.flat_params = FlatParameters(params, self.history, self.net.params_lr, decays)
+        return flat
+
+    def update_on_device(self, rate):
+        """Normalise, regularise, compute the update value (left in the diffs, as in Caffe) and apply it, for
+        every parameter in one launch."""
+        norm = 1.0 / self.param.iter_size if self.param.iter_size > 1 else 1.0
+        self.flat_parameters().update(self.device_rule, self.device_rate(rate), norm, self.device_scalars(),
+                                      self.param.regularization_type == "L1")
 
     def update_on_host(self, i, blob, rate):
         """Normalise, regularise, turn the gradient into the update value (left in the diff, as in Caffe) and
@@ -93,25 +107,12 @@ class SGDSolver(Solver):
             for blob in self.net.learnable_params:
                 blob.scale_diff(factor)
 
-    def normalize_on_device(self, blob):
-        if self.param.iter_size > 1:
-            blob.scale_diff(1.0 / self.param.iter_size)
-
     def _decay(self, i):
         decay = np.float32(self.param.weight_decay * self.net.params_weight_decay[i])
         kind = self.param.regularization_type
         if decay and kind not in ("L1", "L2"):
             raise KaffeError(f"Unknown regularization type: '{kind}' (known: L1, L2)")
         return decay
-
-    def regularize_on_device(self, i, blob):
-        decay = self._decay(i)
-        if not decay:
-            return
-        if self.param.regularization_type == "L2":
-            opencl.axpy(decay, blob.gpu_data(), blob.mutable_gpu_diff())
-        else:
-            opencl.add_scaled_sign(decay, blob.gpu_data(), blob.mutable_gpu_diff())
 
     def _scratch(self, like):
         """A reused host array shaped like `like`: temporaries of this size cost more to allocate than to fill."""
@@ -126,15 +127,8 @@ class SGDSolver(Solver):
             term = np.sign(data, out=self._scratch(data)) if self.param.regularization_type == "L1" else data
             diff += np.multiply(term, decay, out=self._scratch(data))
 
-    def update_on_device(self, i, blob, rate):
-        """h = lr * lr_mult * g + momentum * h; the parameter then moves by -h."""
-        history = self.history[i].mutable_gpu_data()
-        opencl.axpby(np.float32(rate * self.net.params_lr[i]), blob.gpu_diff(), np.float32(self.param.momentum),
-                     history)
-        opencl.copy(history, blob.mutable_gpu_diff())
-
     def update_values(self, i, rate, diff, history):
-        """update_on_device's rule on host arrays: the diff becomes the update value."""
+        """h = lr * lr_mult * g + momentum * h; the parameter then moves by -h (the diff becomes h)."""
         history *= np.float32(self.param.momentum)
         history += np.multiply(diff, np.float32(rate * self.net.params_lr[i]), out=self._scratch(diff))
         diff[...] = history

@@ -11,6 +11,7 @@ import numpy as np
 from ..engine import device, hdf5_io
 from ..engine.errors import KaffeError, StorageError
 from ..engine.io import read_binary_proto, read_text_proto, write_binary_proto
+from ..engine.layer import DeviceLosses, PendingLoss, deferred_losses
 from ..engine.log import logger
 from ..engine.net import Net, read_net_param
 from ..engine.upgrade import upgrade_solver_param
@@ -25,6 +26,7 @@ from .tensorboard import ENV as TENSORBOARD_ENV, TensorBoardLog
 SOLVER_TYPES = {}
 
 NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
+PENDING_LOSSES_MAX = 1000   # GPU mode without display steps still reads the losses, every this many iterations
 SNAPSHOT_FAILURES = ("stop", "continue")   # what a snapshot that cannot be written does
 
 
@@ -109,6 +111,8 @@ class Solver:
         self.current_step = 0
         self.losses = []
         self.smoothed_loss = 0.0
+        self._device_losses = DeviceLosses()
+        self._pending_losses = []   # (iteration, loss) not checked and smoothed yet: see _settle_losses
         self.requested_early_exit = False
         self.action_request = None   # a function returning NONE/STOP/SNAPSHOT (set by signal handlers)
         self._pending_actions = []
@@ -234,6 +238,8 @@ class Solver:
         stop_iter = self.iter + iters
         self.losses = []
         self.smoothed_loss = 0.0
+        self._pending_losses = []   # what a step that raised left behind
+        self._device_losses.read()
         timer = time.perf_counter()
         iterations_last = self.iter
         for watcher in self.watchers:
@@ -249,14 +255,13 @@ class Solver:
             display = p.display and self.iter % p.display == 0
             self.net.debug_info = bool(display and p.debug_info)
             loss = 0.0
-            for _ in range(p.iter_size):
-                loss += self.net.forward_backward()
+            with self._deferred_losses():
+                for _ in range(p.iter_size):
+                    loss += self.net.forward_backward()
             loss /= p.iter_size
-            if not math.isfinite(loss):
-                raise KaffeError(f"Training diverged: the loss is {loss} at iteration {self.iter}. "
-                                 f"{first_non_finite(self.net)} "
-                                 f"Lower base_lr, check the data and the fillers, or set clip_gradients.")
-            self._update_smoothed_loss(loss, start_iter)
+            self._pending_losses.append((self.iter, loss))
+            if display or not isinstance(loss, PendingLoss) or len(self._pending_losses) >= PENDING_LOSSES_MAX:
+                loss = self._settle_losses(start_iter)
             if display:
                 lapse = time.perf_counter() - timer
                 per_s = (self.iter - iterations_last) / (lapse or 1.0)
@@ -278,14 +283,36 @@ class Solver:
             if request == STOP:
                 self.requested_early_exit = True
                 break
+        self._settle_losses(start_iter)
 
-    def _update_smoothed_loss(self, loss, start_iter):
+    def _deferred_losses(self):
+        """In GPU mode the losses of the iterations stay on the device until a display step reads them all."""
+        return deferred_losses(self._device_losses) if device.mode() == device.GPU else contextlib.nullcontext()
+
+    def _settle_losses(self, start_iter):
+        """Check and smooth the losses recorded since the last call, reading those left on the device in one
+        transfer; returns the last one. A non-finite loss stops training, naming its iteration."""
+        pending = self._pending_losses
+        values = self._device_losses.read() if any(isinstance(l, PendingLoss) for _, l in pending) else None
+        loss = None
+        for iteration, loss in pending:
+            loss = loss.value(values) if isinstance(loss, PendingLoss) else loss
+            if not math.isfinite(loss):
+                self._pending_losses = []
+                raise KaffeError(f"Training diverged: the loss is {loss} at iteration {iteration}. "
+                                 f"{first_non_finite(self.net)} "
+                                 f"Lower base_lr, check the data and the fillers, or set clip_gradients.")
+            self._update_smoothed_loss(loss, start_iter, iteration)
+        self._pending_losses = []
+        return loss
+
+    def _update_smoothed_loss(self, loss, start_iter, iteration=None):
         window = self.param.average_loss
         if len(self.losses) < window:
             self.losses.append(loss)
             self.smoothed_loss = (self.smoothed_loss * (len(self.losses) - 1) + loss) / len(self.losses)
         else:
-            index = (self.iter - start_iter) % window
+            index = ((self.iter if iteration is None else iteration) - start_iter) % window
             self.smoothed_loss += (loss - self.losses[index]) / window
             self.losses[index] = loss
 

@@ -1,67 +1,68 @@
-// The update rules of kaffe's solvers (Caffe's *_update_gpu), one work-item per parameter value.
-// g is the parameter's diff: the regularized gradient on entry, the value that Net::Update subtracts on exit.
-// Every array comes with its offset in floats.
+// The update rules of kaffe's solvers (Caffe's *_update_gpu) over every learnable parameter in one launch: the
+// parameters' data, diffs and histories lie side by side in flat buffers (solvers/flat_update.py), one work-item
+// per value. starts[p] is where parameter p begins; rates[p] and decays[p] are its lr_mult and weight_decay *
+// decay_mult. Each work-item normalises (iter_size) and regularises its gradient, computes the update value of
+// the rule chosen by -D RULE_..., leaves it in the diff (as Caffe does) and subtracts it from the data.
+// a, b, c are the rule's scalars (momentum, delta, ...; see each rule).
 
-__kernel void nesterov_update(const int n, __global float* g, const int g_off, __global float* h, const int h_off,
-                              const float momentum, const float local_rate) {
-    const int i = get_global_id(0);
-    if (i < n) {
-        const float previous = h[h_off + i];
-        const float current = momentum * previous + local_rate * g[g_off + i];
-        h[h_off + i] = current;
-        // step back to where plain momentum would be, then over-step along the new momentum
-        g[g_off + i] = (1.0f + momentum) * current - momentum * previous;
+inline int parameter_of(const int i, __global const int* starts, const int count) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (starts[mid] <= i)
+            lo = mid;
+        else
+            hi = mid - 1;
     }
+    return lo;
 }
 
-__kernel void adagrad_update(const int n, __global float* g, const int g_off, __global float* h, const int h_off,
-                             const float delta, const float local_rate) {
+__kernel void update_parameters(const int n, __global float* w, __global float* g, __global float* h,
+                                __global float* u, __global const int* starts, const int count,
+                                __global const float* rates, __global const float* decays,
+                                const float rate, const float norm, const float a, const float b, const float c) {
     const int i = get_global_id(0);
-    if (i < n) {
-        const float gi = g[g_off + i];
-        const float hi = h[h_off + i] + gi * gi;
-        h[h_off + i] = hi;
-        g[g_off + i] = local_rate * gi / (sqrt(hi) + delta);
-    }
-}
-
-__kernel void rmsprop_update(const int n, __global float* g, const int g_off, __global float* h, const int h_off,
-                             const float rms_decay, const float delta, const float local_rate) {
-    const int i = get_global_id(0);
-    if (i < n) {
-        const float gi = g[g_off + i];
-        const float hi = rms_decay * h[h_off + i] + (1.0f - rms_decay) * gi * gi;
-        h[h_off + i] = hi;
-        g[g_off + i] = local_rate * gi / (sqrt(hi) + delta);
-    }
-}
-
-// h: running mean of squared gradients, u: running mean of squared updates; momentum is their decay
-__kernel void adadelta_update(const int n, __global float* g, const int g_off, __global float* h, const int h_off,
-                              __global float* u, const int u_off, const float momentum, const float delta,
-                              const float local_rate) {
-    const int i = get_global_id(0);
-    if (i < n) {
-        const float gi = g[g_off + i];
-        const float hi = momentum * h[h_off + i] + (1.0f - momentum) * gi * gi;
-        h[h_off + i] = hi;
-        const float step = gi * sqrt((u[u_off + i] + delta) / (hi + delta));
-        u[u_off + i] = momentum * u[u_off + i] + (1.0f - momentum) * step * step;
-        g[g_off + i] = local_rate * step;
-    }
-}
-
-// corrected_rate = local_rate * sqrt(1 - beta2^t) / (1 - beta1^t), computed on the host once per parameter
-__kernel void adam_update(const int n, __global float* g, const int g_off, __global float* m, const int m_off,
-                          __global float* v, const int v_off, const float beta1, const float beta2,
-                          const float eps_hat, const float corrected_rate) {
-    const int i = get_global_id(0);
-    if (i < n) {
-        const float gi = g[g_off + i];
-        const float mi = beta1 * m[m_off + i] + (1.0f - beta1) * gi;
-        const float vi = beta2 * v[v_off + i] + (1.0f - beta2) * gi * gi;
-        m[m_off + i] = mi;
-        v[v_off + i] = vi;
-        g[g_off + i] = corrected_rate * mi / (sqrt(vi) + eps_hat);
-    }
+    if (i >= n)
+        return;
+    const int p = parameter_of(i, starts, count);
+    const float wi = w[i];
+#if L1
+    const float gi = g[i] * norm + decays[p] * sign(wi);   // sign(0) = 0, as Caffe's L1
+#else
+    const float gi = g[i] * norm + decays[p] * wi;
+#endif
+    const float local_rate = rate * rates[p];
+    float step;
+#if defined(RULE_SGD)                      // a = momentum
+    step = local_rate * gi + a * h[i];
+    h[i] = step;
+#elif defined(RULE_NESTEROV)               // a = momentum
+    const float previous = h[i];
+    const float current = a * previous + local_rate * gi;
+    h[i] = current;
+    // step back to where plain momentum would be, then over-step along the new momentum
+    step = (1.0f + a) * current - a * previous;
+#elif defined(RULE_ADAGRAD)                // a = delta
+    const float hi = h[i] + gi * gi;
+    h[i] = hi;
+    step = local_rate * gi / (sqrt(hi) + a);
+#elif defined(RULE_RMSPROP)                // a = rms_decay, b = delta
+    const float hi = a * h[i] + (1.0f - a) * gi * gi;
+    h[i] = hi;
+    step = local_rate * gi / (sqrt(hi) + b);
+#elif defined(RULE_ADADELTA)               // h: mean squared gradient, u: mean squared update; a = momentum, b = delta
+    const float hi = a * h[i] + (1.0f - a) * gi * gi;
+    h[i] = hi;
+    const float s = gi * sqrt((u[i] + b) / (hi + b));
+    u[i] = a * u[i] + (1.0f - a) * s * s;
+    step = local_rate * s;
+#elif defined(RULE_ADAM)                   // h: m, u: v; a = beta1, b = beta2, c = delta; rate is bias-corrected
+    const float mi = a * h[i] + (1.0f - a) * gi;
+    const float vi = b * u[i] + (1.0f - b) * gi * gi;
+    h[i] = mi;
+    u[i] = vi;
+    step = local_rate * mi / (sqrt(vi) + c);
+#endif
+    g[i] = step;
+    w[i] = wi - step;
 }

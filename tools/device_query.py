@@ -26,7 +26,7 @@ def self_test(index):
         y = opencl.empty(x.size)
         knl = opencl.kernel(SELF_TEST_SOURCE, "self_test")
         knl(opencl.queue(), (x.size,), None, opencl.to_device(x).data, y.data)
-        result = y.get()
+        result = opencl.download(y)
     except (KaffeError, opencl.cl.Error) as error:
         return f"FAILED: {error}"
     wrong = np.flatnonzero(result != 2 * x + 1)
