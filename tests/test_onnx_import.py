@@ -421,6 +421,13 @@ def test_cli_refuses_bad_files_in_one_line(tmp_path, capsys, content, message):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_model_given_as_bytes_or_message_is_left_unchanged():
+    model = CASES["conv_pad_stride"][0]
+    before = model.SerializeToString()
+    assert import_onnx(before) == import_onnx(model)
+    assert model.SerializeToString() == before
+
+
 def test_weights_stored_beside_the_model_are_read(tmp_path):
     model, feeds = CASES["conv_pad_stride"]
     onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="weights.bin",
