@@ -86,11 +86,13 @@ def latest_complete(prefix):
 
 
 def remove_temporaries(prefix):
-    """Remove the half-written snapshot files that a killed run left (temporary names of atomic_path)."""
+    """Remove what a killed run may have left: half-written snapshot files (atomic_path's temporary names) and
+    the write probe of check_writable."""
     folder, stem = os.path.split(prefix)
-    pattern = os.path.join(glob.escape(folder or "."), glob.escape(f"{TEMP_PREFIX}{stem}_iter_") + "*")
-    for path in glob.glob(pattern):
-        logger.info(f"Removing {path}, a snapshot file left half-written by an interrupted run")
+    leftovers = glob.glob(os.path.join(glob.escape(folder or "."), glob.escape(f"{TEMP_PREFIX}{stem}_iter_") + "*"))
+    leftovers += glob.glob(glob.escape(prefix) + "_iter_*.tempfile")
+    for path in leftovers:
+        logger.info(f"Removing {path}, left by an interrupted run")
         try:
             os.remove(path)
         except OSError as e:

@@ -144,10 +144,12 @@ def test_auto_starts_fresh_without_snapshots_and_skips_incomplete_ones(tmp_path)
     # the newest state loses its weights, and a half-written temporary lies about: auto takes iteration 4
     os.remove(job / "snap" / "drill_iter_6.caffemodel")
     (job / "snap" / ".tmp-drill_iter_8.caffemodel.abc").write_bytes(b"\x08\x01half")
+    (job / "snap" / "drill_iter_0.tempfile").write_bytes(b"")   # the write probe of a run killed at once
     log = run_to_end(job, "--snapshot", "auto", "--iterations", "8")
     assert "Skipping snapshot snap/drill_iter_6.solverstate" in log
     assert "Restoring previous solver status from snap/drill_iter_4.solverstate" in log
     assert not (job / "snap" / ".tmp-drill_iter_8.caffemodel.abc").exists()
+    assert not (job / "snap" / "drill_iter_0.tempfile").exists()
     assert (job / "snap" / "drill_iter_8.solverstate").exists()
 
 
