@@ -95,16 +95,11 @@ def _non_text_field(message):
     return None
 
 
-TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".tmp-"   # temporary files are TEMP_PREFIX + the target's name + a random suffix
 
 
-def temporary_prefix(path):
-    """The name prefix of the temporary files that atomic_path makes for `path` (found again after a crash)."""
-    return f"{TEMP_PREFIX}{os.path.basename(path)}."
-
-
-def _fsync(path, flags=os.O_RDONLY):
-    fd = os.open(path, flags)
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -113,12 +108,13 @@ def _fsync(path, flags=os.O_RDONLY):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary path beside `path` to write; on success it is flushed to disk and renamed onto `path` (and the
-    folder synced, so the rename survives a power cut), on failure removed: at every instant `path` is either
-    the earlier file or the complete new one. A failed write (a full disk, `ulimit -f`) is a StorageError."""
+    """A temporary path beside `path` to write; on success it is flushed to disk and renamed onto `path`, and the
+    folder synced so that the rename survives a power cut; on failure it is removed. At every instant `path` is
+    either the earlier file or the complete new one. A failed write (a full disk, `ulimit -f`) is a
+    StorageError."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", dir=directory)
     except OSError as e:
         raise StorageError(f"cannot write {path}: {e.strerror}", e.errno) from None
     os.close(fd)
@@ -126,15 +122,15 @@ def atomic_path(path):
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-        _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(error, OSError) and not isinstance(error, KaffeError):
-            reason = error.strerror or str(error)
-            raise StorageError(f"cannot write {path}: {reason} (the partial file was removed)",
+            raise StorageError(f"cannot write {path}: {error.strerror or error} (the partial file was removed)",
                                error.errno) from None
         raise
+    with contextlib.suppress(OSError):   # not every file system syncs folders; the file is on disk already
+        _fsync(directory)
 
 
 def write_file_atomically(path, payload):
