@@ -55,7 +55,7 @@ def onnx_module():
 def import_onnx(model, batch=None):
     """(NetParameter, weights NetParameter) for an ONNX model (a path, bytes or an onnx.ModelProto).
 
-    `batch` fixes a dynamic (or overrides a static) first input dimension; a dynamic batch defaults to 1. The
+    `batch` fixes the dynamic first dimensions of the inputs (default 1); a static batch stays. The
     net reads its inputs from an Input layer whose tops are the ONNX input names; blobs keep the ONNX tensor
     names, layers the node names. The weights NetParameter is the net with each layer's parameter blobs.
     """
@@ -84,6 +84,11 @@ def _add_blob(layer, value):
     blob = Blob(value.shape)
     blob.mutable_cpu_data()[...] = value
     blob.to_proto(layer.blobs.add())
+
+
+def _aligned(shape, rank, axis):
+    """The shape, padded with trailing ones, that lines `shape` up from `axis` of a `rank`-D tensor."""
+    return tuple(shape) + (1,) * (rank - axis % rank - len(shape))
 
 
 def _copy(message):
@@ -138,9 +143,10 @@ class _Importer:
         return parsed
 
     def _fix_inputs(self):
-        """Copies of the graph inputs (not initializers) with every dimension static; a dynamic batch becomes
+        """Copies of the graph inputs (not initializers) with every dimension static: a dynamic first one becomes
         `batch`."""
         inputs = [_copy(i) for i in self.model.graph.input if i.name not in self.const]
+        dynamic = False
         for value in inputs:
             tensor = value.type.tensor_type
             if tensor.elem_type not in (self.onnx.TensorProto.FLOAT, self.onnx.TensorProto.DOUBLE,
@@ -149,13 +155,19 @@ class _Importer:
                 raise KaffeError(f"input '{value.name}' holds {self.onnx.TensorProto.DataType.Name(tensor.elem_type)}"
                                  f" values; Caffe blobs hold floats")
             for axis, dim in enumerate(tensor.shape.dim):
-                if axis == 0 and (self.batch or not dim.HasField("dim_value")):
+                if axis == 0 and not dim.HasField("dim_value"):
                     dim.Clear()
                     dim.dim_value = self.batch or 1
+                    dynamic = True
                 elif not dim.HasField("dim_value"):
                     raise KaffeError(f"input '{value.name}' has the dynamic dimension "
                                      f"'{dim.dim_param or '?'}' at axis {axis}: Caffe nets have fixed input shapes "
                                      f"(only the batch may be left open)")
+        batches = [v.type.tensor_type.shape.dim[0].dim_value for v in inputs if v.type.tensor_type.shape.dim]
+        if self.batch and not dynamic and self.batch not in batches:
+            raise KaffeError(f"the model's inputs have the static batch {batches[0] if batches else 'none'}: "
+                             f"shapes computed in the model may depend on it, so only a dynamic batch can be set "
+                             f"(to {self.batch})")
         return inputs
 
     def _infer(self, nodes, inputs):
@@ -582,10 +594,12 @@ class _Importer:
             return None
         return first, last - first + 1
 
-    def _binary(self, node, operation):
+    def _binary(self, node, a, operation):
         """Add, Sub, Mul, Div: Eltwise between equal shapes, Bias/Scale for a broadcast operand."""
         first, second = node.input[0], node.input[1]
         out_shape = self._shape(node, node.output[0])
+        # before opset 7, `broadcast` with `axis` lines the second operand up from that axis, not from the end
+        legacy_axis = a.get("axis") if self.opset < 7 and a.get("broadcast") else None
         x = None
         if first in self.const:
             first, second = second, first
@@ -596,6 +610,8 @@ class _Importer:
                 operation = "Add" if operation == "Sub" else "Mul"
         if second in self.const:
             value = self.const[second].astype(np.float32)
+            if legacy_axis is not None:
+                value = value.reshape(_aligned(value.shape, len(out_shape), legacy_axis))
             if operation == "Sub":
                 value, operation = -value, "Add"
             elif operation == "Div":
@@ -616,10 +632,14 @@ class _Importer:
             p.axis, p.num_axes = axis, num_axes
             return
         shapes = [self._shape(node, n) for n in (first, second)]
+        if legacy_axis is not None:
+            shapes[1] = _aligned(shapes[1], len(out_shape), legacy_axis)
         bottoms = [self._blob(node, n) for n in (first, second)]
+        if operation == "Div":  # a * (1 / b)
+            inverted = self._temporary(f"{second}_inverted")
+            self._layer(f"{node.name}_invert", "Power", [bottoms[1]], [inverted]).power_param.power = -1
+            bottoms[1], operation = inverted, "Mul"
         if shapes[0] == shapes[1]:
-            if operation == "Div":
-                self._refuse(node, "division of two computed tensors has no Caffe counterpart")
             layer = self._layer(node.name, "Eltwise", bottoms, [node.output[0]])
             layer.eltwise_param.operation = Eltwise.PROD if operation == "Mul" else Eltwise.SUM
             if operation == "Sub":
@@ -641,16 +661,16 @@ class _Importer:
         p.axis = axis
 
     def _op_Add(self, node, a):
-        self._binary(node, "Add")
+        self._binary(node, a, "Add")
 
     def _op_Sub(self, node, a):
-        self._binary(node, "Sub")
+        self._binary(node, a, "Sub")
 
     def _op_Mul(self, node, a):
-        self._binary(node, "Mul")
+        self._binary(node, a, "Mul")
 
     def _op_Div(self, node, a):
-        self._binary(node, "Div")
+        self._binary(node, a, "Div")
 
     def _variadic(self, node, operation, bottoms=None, out=None, coeff=1.0):
         """Sum, Max, Mean, Min of inputs of one shape: an Eltwise layer (SUM with coefficients for Mean)."""
@@ -703,6 +723,8 @@ class _Importer:
         slope = self._constant(node, 1, "slope")
         shape = self._shape(node, node.input[0])
         shared = slope.size == 1
+        if self.opset < 7 and len(shape) > 1 and slope.shape == shape[1:2]:  # per channel before broadcasting
+            slope = slope.reshape(slope.shape + (1,) * (len(shape) - 2))
         if not shared and (len(shape) < 2 or self._broadcast_axes(shape, slope.shape) != (1, 1)):
             self._refuse(node, f"slope of shape {_shape_text(slope.shape)}: Caffe's PReLU has one slope, or one "
                                f"per channel (axis 1)")

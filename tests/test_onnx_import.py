@@ -205,6 +205,9 @@ CASES.update({
     "sum": graph([node("Sum", ["a", "b", "c"])], dict(PAIR, c=[2, 3, 4, 5])),
     "constant_minus_blob": graph([node("Sub", ["c", "a"])], {"a": [2, 3]}, initializers={"c": random(3)}),
     "scalar_over_blob": graph([node("Div", ["c", "a"])], {"a": [2, 3]}, initializers={"c": np.float32(2.5)}),
+    "div": (graph([node("Div", ["a", "b"])], PAIR)[0], {"a": random(2, 3, 4, 5), "b": random(2, 3, 4, 5, low=0.5)}),
+    "div_broadcast": (graph([node("Div", ["a", "b"])], {"a": [2, 3, 4], "b": [3, 1]})[0],
+                      {"a": random(2, 3, 4), "b": random(3, 1, low=0.5)}),
     "constant_first_add": graph([node("Add", ["c", "a"])], {"a": [2, 3]}, initializers={"c": random(3)}),
     # a squeeze-and-excitation gate: (N, C, 1, 1) times (N, C, H, W)
     "broadcast_mul_gate": graph([node("GlobalAveragePool", ["a"], ["p"]), node("Sigmoid", ["p"], ["g"]),
@@ -299,6 +302,20 @@ def test_imported_layers_match_onnxruntime_on_the_opencl_device(gpu_mode, case):
     check(*CASES[case])
 
 
+@pytest.mark.parametrize("constant", [False, True])
+def test_opset6_broadcast_lines_the_operand_up_from_axis(constant):
+    """Before opset 7, Add/Mul with broadcast=1 and axis=1 line B up with A's axis 1 (onnxruntime runs no such
+    opset, so numpy says what ONNX computes)."""
+    a, b = random(2, 3, 4, 5), random(3, 4)
+    model = make_model([node("Add", ["a", "b"], ["s"], broadcast=1, axis=1), node("Mul", ["s", "b"], broadcast=1,
+                                                                                   axis=1)],
+                       {"a": a.shape} if constant else {"a": a.shape, "b": b.shape}, ["y"],
+                       {"b": b} if constant else {}, opset=6)
+    net = kaffe.Net.from_onnx(model, kaffe.TEST)
+    out = net.forward(**({"a": a} if constant else {"a": a, "b": b}))["y"]
+    assert relative_error((a + b[:, :, None]) * b[:, :, None], out) < 1e-6
+
+
 def test_dynamic_batch_imports_at_one_and_runs_at_another():
     """Reshape targets folded at batch 1 keep the batch free (0 / -1 in front), so batch 2 runs as in ONNX."""
     model, _ = CASES["reshape_shape_arithmetic"]
@@ -317,6 +334,13 @@ def test_train_phase_net_keeps_the_stored_statistics():
     out = net.forward(a=feeds["a"])["y"]
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     assert relative_error(expected[0], out) < 1e-4   # use_global_stats: the ONNX statistics, not the batch's
+
+
+def test_batch_sets_a_dynamic_batch_only():
+    model = CASES["relu"][0]   # static batch 2
+    assert list(import_onnx(model, batch=2)[0].layer[0].input_param.shape[0].dim) == [2, 3, 4]
+    with pytest.raises(KaffeError, match="static batch 2: .* only a dynamic batch can be set"):
+        import_onnx(model, batch=3)
 
 
 def test_average_pooling_divisor_correction_is_a_fixed_scale():

@@ -18,7 +18,7 @@ def _parser():
     onnx.add_argument("--out-model", required=True, help="the net prototxt to write")
     onnx.add_argument("--out-weights", required=True, help="the .caffemodel to write")
     onnx.add_argument("--batch", type=int, default=None,
-                      help="batch size of the Input layer (default: the model's, or 1 where it is dynamic)")
+                      help="the batch size where the model leaves it dynamic (default 1)")
     return parser
 
 
