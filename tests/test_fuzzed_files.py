@@ -118,9 +118,14 @@ def test_fuzzed_net_prototxt(work, generation):
     check()
 
 
-def test_fuzzed_solver_prototxt(work):
+SOLVER_FILES = {"current": ZOO / "bvlc" / "examples" / "mnist" / "lenet_solver.prototxt",
+                "solver_type enum": ZOO / "legacy_v1" / "examples" / "mnist" / "mnist_autoencoder_solver_nesterov.prototxt"}
+
+
+@pytest.mark.parametrize("generation", list(SOLVER_FILES))
+def test_fuzzed_solver_prototxt(work, generation):
     @FUZZ
-    @given(mutated((ZOO / "bvlc" / "examples" / "mnist" / "lenet_solver.prototxt").read_bytes(), text=True))
+    @given(mutated(SOLVER_FILES[generation].read_bytes(), text=True))
     def check(data):
         read_or_refuse(read_solver_param, written(work, "solver.prototxt", data))
     check()
