@@ -22,7 +22,8 @@ VECTORS = INPUT % "dim: 2 dim: 5"
 
 
 def conv(params):
-    return IMAGES + f'layer {{ name: "conv" type: "Convolution" bottom: "x" top: "y" convolution_param {{ {params} }} }}'
+    return IMAGES + (f'layer {{ name: "conv" type: "Convolution" bottom: "x" top: "y" '
+                     f'convolution_param {{ {params} }} }}')
 
 
 CASES = {
@@ -57,7 +58,8 @@ CASES = {
     "Convolution stride 0": (conv("num_output: 2 kernel_size: 3 stride: 0"), r"Convolution layer 'conv': stride"),
     "Convolution of 0 outputs": (conv("num_output: 0 kernel_size: 3"), r"Convolution layer 'conv': num_output"),
     "InnerProduct of 0 outputs": (
-        VECTORS + 'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 0 } }',
+        VECTORS + 'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" '
+                  'inner_product_param { num_output: 0 } }',
         r"InnerProduct layer 'ip': num_output must be positive"),
 }
 

@@ -70,7 +70,8 @@ def run_and_kill(folder, moment, rng):
         if moment == "set-up":   # while Python, the nets or the restore are being set up
             time.sleep(rng.uniform(0.0, 1.5))
         else:
-            pattern, count = (DISPLAY, rng.randint(1, 6)) if moment == "iteration" else (SNAPSHOTTING, rng.randint(1, 4))
+            pattern, count = ((DISPLAY, rng.randint(1, 6)) if moment == "iteration"
+                              else (SNAPSHOTTING, rng.randint(1, 4)))
             for line in process.stderr:
                 if pattern.search(line):
                     count -= 1

@@ -36,7 +36,8 @@ LENET_WEIGHTS = ZOO / "weights" / "lenet_v2" / "lenet_iter_10000.caffemodel"
 pytestmark = pytest.mark.skipif(not LENET_WEIGHTS.exists(), reason=f"Caffe's LeNet files not found at {ZOO}")
 
 FUZZ = settings(max_examples=500, deadline=datetime.timedelta(seconds=10), derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.large_base_example])
 EXTREME_NUMBERS = [b"0", b"-1", b"1", b"3", b"-2147483648", b"2147483647", b"2147483648", b"4294967296",
                    b"9223372036854775808", b"1000000000", b"2000000000", b"1e308", b"nan", b"-0.5"]
 NUMBER = re.compile(rb"-?\d+(\.\d+)?")
@@ -119,7 +120,8 @@ def test_fuzzed_net_prototxt(work, generation):
 
 
 SOLVER_FILES = {"current": ZOO / "bvlc" / "examples" / "mnist" / "lenet_solver.prototxt",
-                "solver_type enum": ZOO / "legacy_v1" / "examples" / "mnist" / "mnist_autoencoder_solver_nesterov.prototxt"}
+                "solver_type enum": ZOO / "legacy_v1" / "examples" / "mnist"
+                / "mnist_autoencoder_solver_nesterov.prototxt"}
 
 
 @pytest.mark.parametrize("generation", list(SOLVER_FILES))
@@ -234,7 +236,8 @@ def test_fuzzed_hdf5_data_file(work):
         f["label"] = np.arange(5, dtype=np.float32)
     base = (work / "data.h5").read_bytes()
     (work / "list.txt").write_text(f"{work / 'fuzzed.h5'}\n")
-    spec = f'type: "HDF5Data" top: "data" top: "label" hdf5_data_param {{ source: "{work / "list.txt"}" batch_size: 2 }}'
+    spec = (f'type: "HDF5Data" top: "data" top: "label" '
+            f'hdf5_data_param {{ source: "{work / "list.txt"}" batch_size: 2 }}')
 
     def load(data):
         written(work, "fuzzed.h5", data)
