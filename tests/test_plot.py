@@ -67,3 +67,11 @@ def test_png_and_svg_files_and_bad_requests(logs):
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(KaffeError, match="not a Caffe training log"):
         plot_logs([str(logs / "net.prototxt")])
+
+
+def test_missing_matplotlib_names_the_extra(logs):
+    code = ("import sys; sys.modules['matplotlib'] = None; from kaffe.tools.cli import main; "
+            "sys.exit(main(['plot', 'caffe.log', '--out', 'x.png']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=logs, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == 'kaffe plot: error: kaffe plot needs matplotlib: pip install "kaffe[viz]"'
