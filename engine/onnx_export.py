@@ -200,17 +200,28 @@ class _Exporter:
                 self.where = blob
                 name = self.node("Identity", [name], blob)
             outputs.append(self.helper.make_tensor_value_info(name, self.onnx.TensorProto.FLOAT, None))
-        graph = self.helper.make_graph(self.nodes, net.name or "kaffe", self.graph_inputs, outputs,
-                                       self.initializers)
-        opsets = [self.helper.make_opsetid("", self.opset)]
-        model = self.helper.make_model(graph, opset_imports=opsets, producer_name="kaffe",
-                                       ir_version=self.helper.find_min_ir_version_for(opsets))
+        checked = self.check(self.model(outputs, weights_as_inputs=True))
+        model = self.model(checked.graph.output, checked.graph.value_info)
         for key, value in self.metadata.items():
             model.metadata_props.add(key=key, value=value)
-        return self.check(model)
+        return model
+
+    def model(self, outputs, value_info=(), weights_as_inputs=False):
+        """The ModelProto of the nodes built. weights_as_inputs: the float initializers (the weights) become
+        graph inputs of their shapes, a model that infers and checks alike without copying the weights."""
+        inputs, initializers = list(self.graph_inputs), self.initializers
+        if weights_as_inputs:
+            weights = [t for t in initializers if t.data_type == self.onnx.TensorProto.FLOAT]
+            inputs += [self.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in weights]
+            initializers = [t for t in initializers if t.data_type != self.onnx.TensorProto.FLOAT]
+        graph = self.helper.make_graph(self.nodes, self.net.name or "kaffe", inputs, outputs, initializers,
+                                       value_info=value_info)
+        opsets = [self.helper.make_opsetid("", self.opset)]
+        return self.helper.make_model(graph, opset_imports=opsets, producer_name="kaffe",
+                                      ir_version=self.helper.find_min_ir_version_for(opsets))
 
     def check(self, model):
-        """Shapes inferred into the model (outputs included) and onnx's full check passed, or a KaffeError."""
+        """The model with every shape inferred (outputs included) and onnx's checks passed, or a KaffeError."""
         try:
             inferred = self.onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
                                                               data_prop=True)
@@ -218,7 +229,7 @@ class _Exporter:
             for output in inferred.graph.output:
                 if output.name in known:
                     output.type.CopyFrom(known[output.name].type)
-            self.onnx.checker.check_model(inferred, full_check=True)
+            self.onnx.checker.check_model(inferred)
         except (self.onnx.checker.ValidationError, self.onnx.shape_inference.InferenceError) as e:
             raise KaffeError(f"net '{self.net.name}': the exported ONNX model does not pass onnx's checker: "
                              f"{str(e).strip().splitlines()[0]}") from None

@@ -41,7 +41,7 @@ def fill(net, seed=0):
             blobs[1][...] = 2 * rng.uniform(0.5, 1.5, channels)
         elif layer.type in ("Convolution", "Deconvolution", "InnerProduct"):
             fan_in = blobs[0].shape[0] if getattr(layer, "transpose", False) else blobs[0][0].size
-            blobs[0][...] = rng.normal(0, np.sqrt(2 / fan_in), blobs[0].shape)
+            blobs[0][...] = rng.standard_normal(blobs[0].shape, np.float32) * np.float32(np.sqrt(2 / fan_in))
             for b in blobs[1:]:
                 b[...] = rng.uniform(-0.1, 0.1, b.shape)
         elif layer.type == "Scale" and len(layer.layer_param.bottom) == 1:   # a learned scale
@@ -81,16 +81,18 @@ def compare_inputs(net, batch, feed, seed=1):
     return feeds
 
 
-def compare(net, model, batch, feed=uniform(), extra=(), seed=1):
+def session_of(model, extra=()):
+    """An onnxruntime CPU session of the model, with the `extra` tensors as further outputs."""
+    for name in extra:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def compare(net, session, batch, feed=uniform(), extra=(), seed=1):
     """{blob: relative error} of onnxruntime against kaffe's forward at `batch`, for the net's outputs and the
-    `extra` blobs (which the test adds to the model's outputs)."""
+    `extra` blobs that session_of added."""
     feeds = compare_inputs(net, batch, feed, seed)
     net.forward()
-    checked = onnx.ModelProto()
-    checked.CopyFrom(model)
-    for name in extra:
-        checked.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(checked.SerializeToString(), providers=["CPUExecutionProvider"])
     # outputs in the net's order (an input blob rewritten in place comes out as `<blob>/<layer>`)
     return {name: relative_error(net.blobs[name].data, value)
             for name, value in zip(net.outputs + list(extra), session.run(None, feeds))}
@@ -295,8 +297,10 @@ def test_layer_matches_onnxruntime(case, opset=None):
     net = net_of(text, **inputs)
     fill(net)
     model = export_onnx(net, opset=opset, batch="dynamic")
+    onnx.checker.check_model(model, full_check=True)
+    session = session_of(model)
     for batch in (2, 3):
-        errors = compare(net, model, batch, *feed)
+        errors = compare(net, session, batch, *feed)
         assert errors and max(errors.values()) < 1e-5, (batch, errors)
 
 
@@ -378,7 +382,7 @@ def calibrate(net, feed):
             b.data[...] /= rms
 
 
-def test_net(path):
+def build_net(path):
     """The file's TEST-phase net; data layers (whose sources are absent) become Input layers of the shapes
     they would give (test_zoo's stand-ins) for batch 1: the export makes graph inputs of either."""
     param = with_stand_ins(read_net_param(str(path)), path)
@@ -397,16 +401,16 @@ def test_net(path):
 
 def net_errors(path, weights=None):
     """{(batch, blob): relative error} of a net exported with a dynamic batch, at batch 1 and 4."""
-    net = test_net(path)
+    net = build_net(path)
     feed = dict(label_feeds(net), data=uniform(0, 1) if weights else uniform())
     if weights:
         net.copy_from(str(weights))
     else:
         fill(net)
         calibrate(net, feed)
-    model = export_onnx(net, batch="dynamic")
+    session = session_of(export_onnx(net, batch="dynamic"), logits(net))
     return {(batch, blob): error for batch in (1, 4)
-            for blob, error in compare(net, model, batch, feed, extra=logits(net)).items()}
+            for blob, error in compare(net, session, batch, feed, extra=logits(net)).items()}
 
 
 @pytest.mark.parametrize("path", NET_PARAMS)
