@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import kaffe
+from kaffe.engine.log import init_log
 from kaffe.proto import caffe_pb2
 from kaffe.tools import cli, extract_features
 from kaffe.tools.data import write_datums
@@ -16,6 +17,12 @@ layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
 layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
   inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
 """
+
+
+@pytest.fixture(autouse=True)
+def log_to_the_session_stderr():
+    yield
+    init_log()  # cli.main bound the log to this test's captured stderr, which is closed after the test
 
 
 @pytest.fixture
@@ -66,7 +73,7 @@ def test_datums_of_every_item_of_each_blob(net_files, tmp_path, capsys):
     assert "\nE" in log  # Caffe logs these at ERROR level
 
 
-def test_a_log_line_every_thousand_records(tmp_path, capsys):
+def test_a_log_line_every_thousand_records(tmp_path, kaffe_log):
     # DummyData: 400 items per forward pass, 3 passes -> 1200 records, committed and logged at 1000
     net = tmp_path / "dummy.prototxt"
     net.write_text('layer { name: "data" type: "DummyData" top: "data" dummy_data_param { shape { dim: 400 dim: 2 } '
@@ -77,9 +84,9 @@ def test_a_log_line_every_thousand_records(tmp_path, capsys):
     records = _records(tmp_path / "db")
     assert len(records) == 1200 and records[-1][0] == b"0000001199"
     assert list(records[7][1].float_data) == [1.5, 1.5] and (records[7][1].channels, records[7][1].height) == (2, 1)
-    log = capsys.readouterr().err
-    assert log.count("Extracted features of 1000 query images for feature blob data") == 1
-    assert "Extracted features of 1200 query images for feature blob data" in log
+    assert kaffe_log.count("Extracted features of 1000 query images for feature blob data") == 1
+    assert kaffe_log[-2:] == ["Extracted features of 1200 query images for feature blob data",
+                              "Successfully extracted the features!"]
 
 
 def test_leveldb_backend(net_files, tmp_path):
