@@ -9,6 +9,10 @@
 //                     gemm_split_reduce adds the chunks into the real C. For C too small to fill the device with
 //                     tiles (a convolution's weight gradient: 20 x 25 outputs, K = 36864), chunks give the
 //                     parallelism that tiles cannot.
+//   BATCHED           0/1: the NDRange's third axis runs `batch` GEMMs instead, the z-th on A, B and C advanced by
+//                     z * stride_a, stride_b, stride_c (e.g. a convolution's per-sample products written as NCHW)
+//   BIAS              0, or 1: C[m][n] += bias[n] (InnerProduct), 2: C[m][n] += bias[m] (Convolution), added
+//                     where C is written: the bias costs no launch of its own
 //   VEC_A, VEC_B      1, 2 or 4: width of the global loads along the contiguous axis of A / B; the host picks
 //                     a width > 1 only when the leading dimension and the offset are multiples of it, so that
 //                     every vector starts aligned
@@ -148,7 +152,9 @@ __kernel __attribute__((reqd_work_group_size(RTS_N, RTS_M, 1)))
 void gemm(const int M, const int N, const int K, const float alpha,
           __global const float* A, const int a_offset, const int lda,
           __global const float* B, const int b_offset, const int ldb,
-          const float beta, __global float* C, const int c_offset, const int ldc, const int k_chunk) {
+          const float beta, __global float* C, const int c_offset, const int ldc, const int k_chunk,
+          const int stride_a, const int stride_b, const int stride_c,
+          __global const float* bias, const int bias_offset) {
     __local float As[TS_K * LDS_M];
     __local float Bs[TS_K * LDS_N];
 
@@ -158,6 +164,17 @@ void gemm(const int M, const int N, const int K, const float alpha,
     A += a_offset;
     B += b_offset;
     C += c_offset;
+#if BATCHED
+    A += get_group_id(2) * stride_a;
+    B += get_group_id(2) * stride_b;
+    C += get_group_id(2) * stride_c;
+    const int k_begin = 0;
+    const int k_end = K;
+#else
+    // k_chunk is a multiple of TS_K, so a tile never straddles two chunks
+    const int k_begin = get_group_id(2) * k_chunk;
+    const int k_end = min(K, k_begin + k_chunk);
+#endif
 
     float acc[WPT_M][WPT_N];
     #pragma unroll
@@ -166,9 +183,6 @@ void gemm(const int M, const int N, const int K, const float alpha,
         for (int j = 0; j < WPT_N; ++j)
             acc[i][j] = 0.0f;
 
-    // k_chunk is a multiple of TS_K, so a tile never straddles two chunks
-    const int k_begin = get_group_id(2) * k_chunk;
-    const int k_end = min(K, k_begin + k_chunk);
     for (int k0 = k_begin; k0 < k_end; k0 += TS_K) {
         load_a_tile(A, lda, M, K, m0, k0, As, tid);
         load_b_tile(B, ldb, N, K, n0, k0, Bs, tid);
@@ -204,7 +218,14 @@ void gemm(const int M, const int N, const int K, const float alpha,
 #else
                 __global float* c = C + (size_t)m * ldc + n;
                 // beta == 0 must not read C: it may hold NaN or garbage (BLAS semantics)
-                *c = (beta == 0.0f) ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *c;
+#if BIAS == 1
+                const float b = bias[bias_offset + n];
+#elif BIAS == 2
+                const float b = bias[bias_offset + m];
+#else
+                const float b = 0.0f;
+#endif
+                *c = ((beta == 0.0f) ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *c) + b;
 #endif
             }
         }

@@ -7,6 +7,7 @@ in-order queue, so kernels run in the order they are enqueued and only reads bac
 """
 import functools
 import importlib.resources
+import math
 import os
 import re
 
@@ -535,26 +536,36 @@ def gemm_split_k(M, N, K, tiles, dev):
     return int(max(1, min(2 * dev.device.max_compute_units // tiles, K // 512, 64)))
 
 
-def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0, c_offset=0, split_k=None):
+def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0, c_offset=0, split_k=None,
+         batch=1, strides=(0, 0, 0), ldb=None, ldc=None, bias=None, bias_axis=1):
     """C = alpha * op(A) @ op(B) + beta * C on device arrays holding row-major matrices (as numpy's).
 
     op(A) is M x K: A holds it from a_offset as M x K, or as K x M when trans_a. op(B) is K x N: B holds it as
     K x N, or as N x K when trans_b. C holds M x N from c_offset. With beta == 0, C is not read (NaNs there
     do not leak into the result). Offsets count floats, added to any offset of the array views themselves.
     split_k: the number of K chunks (default: gemm_split_k's choice; tests force it).
+    batch: that many GEMMs in one launch, the z-th on A, B, C advanced by z * strides (floats); ldb, ldc:
+    row strides of B and C other than the dense ones. bias: a device array added to every row of C
+    (bias_axis 1, bias[n]) or every column (bias_axis 0, bias[m]), in the same launch.
     """
-    M, N, K = int(M), int(N), int(K)
+    M, N, K, batch = int(M), int(N), int(K), int(batch)
+    lda = M if trans_a else K
+    ldb = int(ldb or (K if trans_b else N))
+    ldc = int(ldc or N)
     a_buf, a_at, a_left = _buffer(A, a_offset)
     b_buf, b_at, b_left = _buffer(B, b_offset)
     c_buf, c_at, c_left = _buffer(C, c_offset)
-    _check_room("gemm A", M * K, a_left)
-    _check_room("gemm B", K * N, b_left)
-    _check_room("gemm C", M * N, c_left)
+    last = batch - 1
+    _check_room("gemm A", last * strides[0] + M * K, a_left)
+    _check_room("gemm B", last * strides[1] + ((N if trans_b else K) - 1) * ldb + (K if trans_b else N), b_left)
+    _check_room("gemm C", last * strides[2] + (M - 1) * ldc + N, c_left)
     if M == 0 or N == 0:
         return C
-    lda, ldb, ldc = (M if trans_a else K), (K if trans_b else N), N
+    bias_buf, bias_at = (c_buf, 0) if bias is None else _buffer(bias)[:2]
+    if bias is not None:
+        _check_room("gemm bias", N if bias_axis == 1 else M, _buffer(bias)[2])
     dev = current()
-    if _gemm_state["backend"] == "clblast":
+    if _gemm_state["backend"] == "clblast" and batch == 1 and bias is None:
         # pyclblast wants 2-D arrays and passes their whole buffers: the offsets of views are in *_at
         _pyclblast().gemm(dev.queue, M, N, K, A.reshape(1, A.size), B.reshape(1, B.size), C.reshape(1, C.size),
                           lda, ldb, ldc, alpha=float(alpha), beta=float(beta), a_transp=bool(trans_a),
@@ -563,14 +574,15 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
     ts_m, ts_n, ts_k, wpt_m, wpt_n = _gemm_tiles(M, N, dev)
     defines = {"TRANS_A": bool(trans_a), "TRANS_B": bool(trans_b), "TS_M": ts_m, "TS_N": ts_n, "TS_K": ts_k,
                "WPT_M": wpt_m, "WPT_N": wpt_n,
-               "VEC_A": _vector_width(lda, a_at, ts_m if trans_a else ts_k),
-               "VEC_B": _vector_width(ldb, b_at, ts_k if trans_b else ts_n)}
+               "VEC_A": _vector_width(math.gcd(lda, strides[0]), a_at, ts_m if trans_a else ts_k),
+               "VEC_B": _vector_width(math.gcd(ldb, strides[1]), b_at, ts_k if trans_b else ts_n),
+               "BATCHED": batch > 1, "BIAS": 0 if bias is None else 2 - bias_axis}
     local = (ts_n // wpt_n, ts_m // wpt_m)
     tiles = -(-N // ts_n) * -(-M // ts_m)
-    chunks = split_k or gemm_split_k(M, N, K, tiles, dev)
+    chunks = 1 if batch > 1 or bias is not None else split_k or gemm_split_k(M, N, K, tiles, dev)
     k_chunk = max(ts_k, _round_up(-(-K // chunks), ts_k))
     chunks = max(1, -(-K // k_chunk))
-    global_size = (-(-N // ts_n) * local[0], -(-M // ts_m) * local[1], chunks)
+    global_size = (-(-N // ts_n) * local[0], -(-M // ts_m) * local[1], max(chunks, batch))
     target, target_at, target_ld = c_buf, c_at, ldc
     if chunks > 1:
         defines["SPLIT_K"] = True
@@ -579,7 +591,8 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
     kernel("gemm.cl", "gemm", defines)(
         dev.queue, global_size, local + (1,), np.int32(M), np.int32(N), np.int32(K), np.float32(alpha),
         a_buf, np.int32(a_at), np.int32(lda), b_buf, np.int32(b_at), np.int32(ldb),
-        np.float32(beta), target, np.int32(target_at), np.int32(target_ld), np.int32(k_chunk))
+        np.float32(beta), target, np.int32(target_at), np.int32(target_ld), np.int32(k_chunk),
+        *(np.int32(s) for s in strides), bias_buf, np.int32(bias_at))
     if chunks > 1:
         launch("gemm.cl", "gemm_split_reduce", M * N, N, chunks, partial.base_data, float(beta), c_buf,
                int(c_at), int(ldc), defines=defines)

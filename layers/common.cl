@@ -50,16 +50,26 @@ __kernel void eltwise_max_backward(const int n, __global const float* top_diff, 
 #define POSITION_BASE(p) (((p) / inner) * channels * inner + (p) % inner)
 #define POSITION_OF(i) (((i) / (channels * inner)) * inner + (i) % inner)
 
-__kernel void channel_max(const int n, __global const float* x, const int x_offset,
-                          __global float* per_position, const int channels, const int inner) {
+// softmax of a position in one work-item: the maximum, exp(x - max) and their sum, then the division (Caffe's
+// four passes, in one launch for the whole batch)
+__kernel void channel_softmax(const int n, __global const float* x, const int x_offset,
+                              __global float* out, const int out_offset, const int channels, const int inner) {
     const int p = get_global_id(0);
     if (p >= n)
         return;
     x += x_offset + POSITION_BASE(p);
+    out += out_offset + POSITION_BASE(p);
     float m = -INFINITY;
     for (int c = 0; c < channels; ++c)
         m = fmax(m, x[c * inner]);
-    per_position[p] = m;
+    float s = 0.0f;
+    for (int c = 0; c < channels; ++c) {
+        const float e = exp(x[c * inner] - m);
+        out[c * inner] = e;
+        s += e;
+    }
+    for (int c = 0; c < channels; ++c)
+        out[c * inner] /= s;
 }
 
 __kernel void channel_sum(const int n, __global const float* x, const int x_offset,
@@ -89,22 +99,6 @@ __kernel void channel_dot(const int n, __global const float* x, const int x_offs
 }
 
 // out = exp(x - max of x's position)
-__kernel void channel_subtract_exp(const int n, __global const float* x, const int x_offset,
-                                   __global float* out, const int out_offset,
-                                   __global const float* per_position, const int channels, const int inner) {
-    const int i = get_global_id(0);
-    if (i < n)
-        out[out_offset + i] = exp(x[x_offset + i] - per_position[POSITION_OF(i)]);
-}
-
-// x /= sum of x's position
-__kernel void channel_divide(const int n, __global float* x, const int x_offset,
-                             __global const float* per_position, const int channels, const int inner) {
-    const int i = get_global_id(0);
-    if (i < n)
-        x[x_offset + i] /= per_position[POSITION_OF(i)];
-}
-
 // softmax backward: dx = (dy - dot(dy, y) of the position) * y
 __kernel void channel_subtract_multiply(const int n, __global const float* dy, const int dy_offset,
                                         __global const float* y, const int y_offset,

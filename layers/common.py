@@ -428,15 +428,12 @@ def channel_split(blob, axis):
 def softmax_gpu(x, out, dims):
     """out = softmax of the device array x seen as `dims` (outer, channels, inner), over channels; out may be x.
 
-    Caffe's passes: the maximum of each position, exp(x - max), the sum of each position, the division.
+    Caffe's passes (the maximum of each position, exp(x - max), the sum of each position, the division) in
+    one work-item per position, one launch.
     """
     outer, channels, inner = dims
-    per_position = opencl.empty(outer * inner)
-    opencl.launch("layers/common.cl", "channel_max", outer * inner, *opencl.device_args(x), per_position.data, channels, inner)
-    opencl.launch("layers/common.cl", "channel_subtract_exp", x.size, *opencl.device_args(x), *opencl.device_args(out),
-           per_position.data, channels, inner)
-    opencl.launch("layers/common.cl", "channel_sum", outer * inner, *opencl.device_args(out), per_position.data, channels, inner)
-    opencl.launch("layers/common.cl", "channel_divide", x.size, *opencl.device_args(out), per_position.data, channels, inner)
+    opencl.launch("layers/common.cl", "channel_softmax", outer * inner, *opencl.device_args(x),
+                  *opencl.device_args(out), channels, inner)
 
 
 @register_layer("Softmax")

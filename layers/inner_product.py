@@ -4,7 +4,6 @@ import numpy as np
 from ..engine import opencl
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
-from .vision import run_kernel
 
 
 @register_layer("InnerProduct")
@@ -69,12 +68,10 @@ class InnerProductLayer(Layer):
     def forward_gpu(self, bottom, top):
         cl = opencl
         out = top[0].mutable_gpu_data()
-        # the weight is op(B) = W^T (K x num_output): stored (num_output, K) it is read transposed
+        # the weight is op(B) = W^T (K x num_output): stored (num_output, K) it is read transposed; the bias is
+        # added as the GEMM writes the top
         cl.gemm(False, not self.transpose, self.samples, self.num_output, self.inputs, 1.0, bottom[0].gpu_data(),
-                self.blobs[0].gpu_data(), 0.0, out)
-        if self.bias_term:
-            run_kernel("add_bias", top[0].count, *opencl.device_args(out), *opencl.device_args(self.blobs[1].gpu_data()),
-                   self.num_output, 1)
+                self.blobs[0].gpu_data(), 0.0, out, bias=self.blobs[1].gpu_data() if self.bias_term else None)
 
     def backward_gpu(self, top, propagate_down, bottom):
         cl = opencl

@@ -78,23 +78,7 @@ __kernel void col2im(const int total, __global const float* col, const int col_o
     im[im_off + idx] = sum;
 }
 
-// top (N, O, L) = the GEMM product (O, N * L) regrouped per sample, plus bias[o] when has_bias.
-__kernel void rows_to_nchw(const int total, __global const float* rows, const int rows_off,
-                           const int N, const int O, const int L,
-                           __global const float* bias, const int bias_off, const int has_bias,
-                           __global float* top, const int top_off) {
-    const int idx = get_global_id(0);
-    if (idx >= total)
-        return;
-    const int l = idx % L;
-    const int rest = idx / L;
-    const int o = rest % O;
-    const int n = rest / O;
-    const float value = rows[rows_off + (o * N + n) * L + l];
-    top[top_off + idx] = has_bias ? value + bias[bias_off + o] : value;
-}
-
-// rows (O, N * L) = x (N, O, L) with the channel axis first: the inverse of rows_to_nchw, without bias.
+// rows (O, N * L) = x (N, O, L) with the channel axis first (a convolution's top diff as its GEMMs take it).
 __kernel void nchw_to_rows(const int total, __global const float* x, const int x_off,
                            const int N, const int O, const int L, __global float* rows, const int rows_off) {
     const int idx = get_global_id(0);

@@ -386,9 +386,11 @@ class BaseConvolutionLayer(Layer):
     def _rows_size(self):
         return self.conv_out_channels * self.column_count
 
-    def _im2col_gpu(self, image, first, samples):
-        """The columns of samples [first, first + samples) of a device image-side array, in this layer's scratch."""
-        col = opencl.scratch(self, "columns", self.kernel_dim * self.group * samples * self.column_count)
+    def _im2col_gpu(self, image, first, samples, kept=None):
+        """The columns of samples [first, first + samples) of a device image-side array, in this layer's scratch
+        (with `kept`, a bottom index, in a scratch of its own that backward reads again: _kept_columns_gpu)."""
+        name = "columns" if kept is None else f"kept columns {kept}"
+        col = opencl.scratch(self, name, self.kernel_dim * self.group * samples * self.column_count)
         run_kernel("im2col", self.conv_in_channels * samples * self.column_count,
                    *opencl.device_args(image, first * self._image_size()), *self._transform_args(samples),
                    *opencl.device_args(col))
@@ -398,6 +400,14 @@ class BaseConvolutionLayer(Layer):
         run_kernel("col2im", samples * self._image_size(), *opencl.device_args(col), *self._transform_args(samples),
                    *opencl.device_args(image, first * self._image_size()))
 
+    def _backward_columns_gpu(self, index, blob, image, first, samples):
+        """The columns of `image` for backward: those forward kept for bottom `index` (`blob`) while its data
+        has not changed since, else im2col's."""
+        kept = getattr(self, "_kept_columns", {})
+        if index in kept and kept[index] == blob.data_version():
+            return opencl.scratch(self, f"kept columns {index}", 0)
+        return self._im2col_gpu(image, first, samples)
+
     def _to_rows_gpu(self, x, first, samples):
         """Samples [first, first + samples) of a device rows-side array as (conv_out_channels, samples * positions)."""
         rows = opencl.scratch(self, "rows", self._rows_size() * samples)
@@ -405,24 +415,15 @@ class BaseConvolutionLayer(Layer):
                    samples, self.conv_out_channels, self.column_count, *opencl.device_args(rows))
         return rows
 
-    def _from_rows_gpu(self, rows, out, first, samples, add_bias):
-        bias = self.blobs[1].gpu_data() if add_bias else rows
-        run_kernel("rows_to_nchw", samples * self._rows_size(), *opencl.device_args(rows), samples,
-                   self.conv_out_channels, self.column_count, *opencl.device_args(bias), add_bias,
-                   *opencl.device_args(out, first * self._rows_size()))
-
     def _group_gemm_gpu(self, product, samples, a, b, c, accumulate=False):
-        """One GEMM per group; product picks which: "rows" = W @ col, "columns" = W^T @ rows,
-        "weight" = rows @ col^T added to the weight diff."""
+        """One GEMM per group; product picks which: "columns" = W^T @ rows, "weight" = rows @ col^T added to the
+        weight diff (W @ col: _rows_product_gpu)."""
         out_per_group = self.conv_out_channels // self.group
         width = samples * self.column_count
         weight_step, rows_step, col_step = out_per_group * self.kernel_dim, out_per_group * width, \
             self.kernel_dim * width
         for g in range(self.group):
-            if product == "rows":
-                opencl.gemm(False, False, out_per_group, width, self.kernel_dim, 1.0, a, b, 0.0, c,
-                            a_offset=g * weight_step, b_offset=g * col_step, c_offset=g * rows_step)
-            elif product == "columns":
+            if product == "columns":
                 opencl.gemm(True, False, self.kernel_dim, width, out_per_group, 1.0, a, b, 0.0, c,
                             a_offset=g * weight_step, b_offset=g * rows_step, c_offset=g * col_step)
             else:  # accumulated (beta 1), as Caffe accumulates parameter diffs
@@ -430,10 +431,17 @@ class BaseConvolutionLayer(Layer):
                             a_offset=g * rows_step, b_offset=g * col_step, c_offset=g * weight_step)
 
     def _rows_product_gpu(self, weight, col, out, first, samples, add_bias):
-        """W @ col for samples [first, first + samples), written into the device rows-side array out."""
-        product = opencl.scratch(self, "rows", self._rows_size() * samples)
-        self._group_gemm_gpu("rows", samples, weight, col, product)
-        self._from_rows_gpu(product, out, first, samples, add_bias)
+        """W @ col for samples [first, first + samples), written into the device rows-side array out (N, O, L):
+        per group one batched GEMM, sample n reading its columns from col and writing its rows straight into
+        out, the bias added as they are written."""
+        out_per_group, width = self.conv_out_channels // self.group, samples * self.column_count
+        bias = self.blobs[1].gpu_data() if add_bias else None
+        for g in range(self.group):
+            opencl.gemm(False, False, out_per_group, self.column_count, self.kernel_dim, 1.0, weight, col, 0.0, out,
+                        a_offset=g * out_per_group * self.kernel_dim, b_offset=g * self.kernel_dim * width,
+                        c_offset=first * self._rows_size() + g * out_per_group * self.column_count,
+                        batch=samples, strides=(0, self.column_count, self._rows_size()), ldb=width,
+                        ldc=self.column_count, bias=bias[g * out_per_group:] if add_bias else None, bias_axis=0)
 
     def _columns_product_gpu(self, weight, rows, image, first, samples):
         """W^T @ rows for samples [first, first + samples), folded (col2im) into the device image-side array."""
@@ -451,14 +459,18 @@ class BaseConvolutionLayer(Layer):
         if self.num_spatial > 2:
             return super().forward_gpu(bottom, top)
         weight = self.blobs[0].gpu_data()
-        for b, t in zip(bottom, top):
+        chunks = self._chunks()
+        # one chunk of a layer that learns its weights: backward's weight gradient reuses these columns
+        keep = len(chunks) == 1 and self.needs_backward and self.param_propagate_down[0] and not self.transposed
+        self._kept_columns = {i: b.data_version() for i, b in enumerate(bottom)} if keep else {}
+        for i, (b, t) in enumerate(zip(bottom, top)):
             data, out = b.gpu_data(), t.mutable_gpu_data()
-            for first, samples in self._chunks():
+            for first, samples in chunks:
                 if self.transposed:
                     self._columns_product_gpu(weight, self._to_rows_gpu(data, first, samples), out, first, samples)
                 else:
-                    self._rows_product_gpu(weight, self._im2col_gpu(data, first, samples), out, first, samples,
-                                           self.bias_term)
+                    self._rows_product_gpu(weight, self._im2col_gpu(data, first, samples, i if keep else None),
+                                           out, first, samples, self.bias_term)
             if self.transposed and self.bias_term:
                 run_kernel("add_bias", t.count, *opencl.device_args(out),
                            *opencl.device_args(self.blobs[1].gpu_data()), self.num_output, self.top_count)
@@ -471,7 +483,7 @@ class BaseConvolutionLayer(Layer):
         if self.num_spatial > 2:
             return super().backward_gpu(top, propagate_down, bottom)
         want_weight = self.param_propagate_down[0]
-        for t, down, b in zip(top, propagate_down, bottom):
+        for i, (t, down, b) in enumerate(zip(top, propagate_down, bottom)):
             top_diff = t.gpu_diff()
             self._add_bias_gradient_gpu(top_diff)
             if not (want_weight or down):
@@ -479,7 +491,8 @@ class BaseConvolutionLayer(Layer):
             rows_side, image_side = (b.gpu_data(), top_diff) if self.transposed else (top_diff, b.gpu_data())
             for first, samples in self._chunks():
                 rows = self._to_rows_gpu(rows_side, first, samples) if want_weight or not self.transposed else None
-                col = self._im2col_gpu(image_side, first, samples) if want_weight or self.transposed else None
+                col = self._backward_columns_gpu(i, b, image_side, first, samples) \
+                    if want_weight or self.transposed else None
                 if want_weight:
                     self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff())
                 if down and self.transposed:
