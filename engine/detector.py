@@ -8,7 +8,7 @@ import numpy as np
 from ..proto import caffe_pb2
 from . import caffe_io
 from .classifier import input_transformer
-from .errors import KaffeAssertionError, KaffeImportError, KaffeValueError
+from .errors import KaffeAssertionError, KaffeImportError, KaffeIndexError, KaffeValueError
 from .net import Net
 
 
@@ -32,6 +32,8 @@ class Detector(Net):
             image = caffe_io.load_image(image_fname).astype(np.float32)
             for window in windows:
                 window_inputs.append(self.crop(image, window))
+        if not window_inputs:
+            raise KaffeIndexError("Detector.detect_windows: no windows to classify")
         in_ = self.inputs[0]
         caffe_in = np.zeros((len(window_inputs), window_inputs[0].shape[2]) + self.blobs[in_].data.shape[2:],
                             dtype=np.float32)

@@ -152,6 +152,8 @@ def test_detector_bad_windows_and_selective_search(small, picture):
     detector = kaffe.Detector(*small)
     with pytest.raises(ValueError, match="holds no pixel"):
         detector.detect_windows([(path, [np.array([5, 5, 5, 9])])])
+    with pytest.raises(IndexError, match="no windows"):
+        detector.detect_windows([(path, [])])
     with pytest.raises(ImportError, match="not on PyPI") as error:
         detector.detect_selective_search([path])
     assert isinstance(error.value, KaffeError)
