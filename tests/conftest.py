@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kaffe.engine import device
-from kaffe.engine.log import logger
+from kaffe.engine.log import init_log, logger
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KAFFE_SHARED", REPO.parent / "shared"))
@@ -30,6 +30,14 @@ def kaffe_log():
         yield handler.messages
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture
+def log_back_on_stderr():
+    """For tests that run cli.main, which sends kaffe's log to the test's captured stderr: afterwards the log goes
+    back to the session's stderr, not to a capture stream that is closed."""
+    yield
+    init_log()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from PIL import Image
 import kaffe
 import kaffe.io as kio
 from kaffe.engine.errors import KaffeError
-from kaffe.engine.log import init_log
 from kaffe.tools import cli
 
 NET = """name: "small"
@@ -25,12 +24,7 @@ layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
 layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 """
 MEAN_BGR = np.array([0.3, 0.4, 0.5])
-
-
-@pytest.fixture(autouse=True)
-def log_to_the_session_stderr():
-    yield
-    init_log()  # cli.main bound the log to this test's captured stderr, which is closed after the test
+pytestmark = pytest.mark.usefixtures("log_back_on_stderr")  # the tests run cli.main
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 import kaffe
-from kaffe.engine.log import init_log
 from kaffe.proto import caffe_pb2
 from kaffe.tools import cli, extract_features
 from kaffe.tools.data import write_datums
+
+pytestmark = pytest.mark.usefixtures("log_back_on_stderr")  # the tests run cli.main
 
 NET = """name: "features"
 layer { name: "data" type: "Data" top: "data" top: "label" transform_param { scale: 0.00390625 }
@@ -17,12 +18,6 @@ layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
 layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
   inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
 """
-
-
-@pytest.fixture(autouse=True)
-def log_to_the_session_stderr():
-    yield
-    init_log()  # cli.main bound the log to this test's captured stderr, which is closed after the test
 
 
 @pytest.fixture
