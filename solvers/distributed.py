@@ -64,19 +64,15 @@ def launched_size():
 
 # -- pycaffe's Caffe::solver_count / solver_rank / multiprocess ------------------------------------------
 def solver_count():
-    if _settings["count"] is not None:
-        return _settings["count"]
-    return _world.size if _world else 1
+    return _world.size if _settings["count"] is None and _world else _settings["count"] or 1
+
+
+def solver_rank():
+    return _world.rank if _settings["rank"] is None and _world else _settings["rank"] or 0
 
 
 def set_solver_count(count):
     _settings["count"] = int(count)
-
-
-def solver_rank():
-    if _settings["rank"] is not None:
-        return _settings["rank"]
-    return _world.rank if _world else 0
 
 
 def set_solver_rank(rank):
@@ -168,6 +164,7 @@ class World:
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self.failed = False          # this rank failed: abort the job when the process exits
+        self._notices = []           # failure notices on their way to the other ranks
         self.timeout = timeout()
         if self.rank:
             logger.setLevel(logging.ERROR)   # rank 0 writes the log; the others only errors
@@ -177,7 +174,7 @@ class World:
         def excepthook(kind, value, traceback):   # a pycaffe script that dies stops the other ranks too
             if not isinstance(value, PeerFailure):
                 self.tell_failure(f"{kind.__name__}: {value}")
-            self.failed = True
+            self.failed = True   # abort at exit, so that no rank waits for this one
             hook(kind, value, traceback)
         sys.excepthook = excepthook
         atexit.register(self._abort_if_failed)
@@ -258,8 +255,7 @@ class World:
         if not self.failed:
             return
         deadline = time.monotonic() + 2
-        notices = getattr(self, "_notices", [])
-        while notices and not self.MPI.Request.Testall(notices) and time.monotonic() < deadline:
+        while self._notices and not self.MPI.Request.Testall(self._notices) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.5)   # let the others print why before the launcher takes them down
         sys.stdout.flush()

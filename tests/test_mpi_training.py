@@ -302,13 +302,13 @@ def test_a_hung_rank_is_noticed_by_the_watchdog(tmp_path, mnist_lmdb):
 
 def test_an_error_on_one_rank_stops_all_naming_it(tmp_path, mnist_lmdb):
     import lmdb
+    from kaffe.layers.data import Database
     source = tmp_path / "bad_lmdb"
-    with lmdb.open(str(mnist_lmdb / "mnist_train_lmdb"), readonly=True, lock=False) as db, \
-            lmdb.open(str(source), map_size=1 << 26) as out, db.begin() as read, out.begin(write=True) as write:
-        for i, (key, value) in enumerate(read.cursor()):
-            if i == 256:
-                break
+    mnist = Database(mnist_lmdb / "mnist_train_lmdb", "lmdb", "test")
+    with lmdb.open(str(source), map_size=1 << 26) as out, out.begin(write=True) as write:
+        for i, (key, value) in zip(range(256), mnist.records()):
             write.put(key, value[:-10] if i == 40 else value)   # record 40: in rank 1's first batch
+    mnist.close()
     solver_path = write_run(tmp_path, mnist_lmdb, 32, 20)
     net = solver_path.parent / "net.prototxt"
     net.write_text(net.read_text().replace(str(mnist_lmdb / "mnist_train_lmdb"), str(source)))

@@ -22,6 +22,7 @@ from ..engine.errors import KaffeError
 RESULT_TAG = "BENCHMARK_RESULT "
 LENET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "lenet",
                      "lenet_train_test.prototxt")
+LENET_DEPLOY = os.path.join(os.path.dirname(LENET), "lenet_deploy.prototxt")
 RESNET50 = os.path.join(os.path.dirname(LENET), "..", "resnet50", "deploy.prototxt")
 RUNS = (("1 rank", 1, "on"), ("2 ranks", 2, "on"), ("2 ranks, reduction after backward", 2, "off"))
 
@@ -43,9 +44,7 @@ def lenet_solver(source, batch):
 
 def worker(args):
     """One rank of a run (started by mpiexec): times --iterations steps after --warmup; rank 0 prints."""
-    from ..engine.log import logger
     from ..solvers import distributed, get_solver
-    logger.setLevel("WARNING")
     solver = get_solver(lenet_solver(args.source, args.batch))
     trainer = solver.data_parallel
     if trainer:
@@ -106,12 +105,13 @@ def net_cost(path):
         if layer.type in ("Convolution", "InnerProduct") and layer.blobs:
             positions = tops[0].count // tops[0].shape[0] // tops[0].shape[1]   # output positions per channel
             flops += 2 * layer.blobs[0].count * positions
-    return sum(b.count for b in net.learnable_params), flops / net.blobs[net.inputs[0]].shape[0]
+    return sum(b.count for b in net.learnable_params), flops
 
 
-def resnet50_model(node_tflops, node_batch):
+def resnet50_model(node_tflops, node_batch, core_gflops):
     """Ring allreduce (each rank sends and receives 2 (K - 1) / K of the gradient bytes) against the compute
-    time of one step (forward + backward = 3 x forward FLOPs) at node_tflops, for K = 8 and 64 nodes."""
+    time of one step (forward + backward = 3 x forward FLOPs) at node_tflops, for K = 8 and 64 nodes; and
+    a node of 32 cores at the GFLOP/s kaffe reached here per core."""
     params, flops = net_cost(RESNET50)
     gradient_bytes = 4 * params
     compute_s = 3 * flops * node_batch / (node_tflops * 1e12)
@@ -126,6 +126,9 @@ def resnet50_model(node_tflops, node_batch):
                   f"{(compute_s + allreduce_s) * 1e3:5.0f} ms without overlap ({compute_s / (compute_s + allreduce_s):.0%}"
                   f" efficiency), {(compute_s + allreduce_s - hidden) * 1e3:5.0f} ms with full overlap "
                   f"({compute_s / (compute_s + allreduce_s - hidden):.0%}); {nodes * node_batch} images per step")
+    cpu_s = 3 * flops * node_batch / (32 * core_gflops * 1e9)
+    print(f"  a CPU node of 32 cores at kaffe's {core_gflops:.1f} GFLOP/s per core: {cpu_s:.1f} s per step, so the "
+          f"allreduce is {2 * gradient_bytes / (25e9 / 8) / cpu_s:.0%} of it at 25 Gbit/s")
 
 
 def main(argv=None):
@@ -140,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--overlap", default="on", choices=("on", "off"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from ..engine.log import logger
+    logger.setLevel("WARNING")   # the nets' set-up logs
     if args.worker:
         return worker(args)
     if not os.path.isdir(args.source):
@@ -160,7 +165,9 @@ def main(argv=None):
           f"iteration (the allreduce and any lag of the other rank): {blocking['exposed_ms']:.2f} ms when it starts "
           f"after backward ({blocking['images_per_s']:.0f} images/s), {two['exposed_ms']:.2f} ms when buckets start "
           f"as layers finish backward: {hidden:.0%} of it hidden by the overlap")
-    resnet50_model(args.node_tflops, args.node_batch)
+    core_gflops = 3 * net_cost(LENET_DEPLOY)[1] * one["images_per_s"] / 1e9
+    print(f"  kaffe's LeNet training on one core: {core_gflops:.1f} GFLOP/s")
+    resnet50_model(args.node_tflops, args.node_batch, core_gflops)
     return 0
 
 
