@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from ..engine import device, hdf5_io
+from ..engine import device, hdf5_io, opencl
 from ..engine.errors import KaffeError, StorageError
 from ..engine.io import read_binary_proto, read_text_proto, write_binary_proto
 from ..engine.layer import DeviceLosses, PendingLoss, deferred_losses
@@ -268,6 +268,9 @@ class Solver:
                 logger.info(f"Iteration {self.iter} ({_fmt(per_s)} iter/s, {_fmt(lapse)}s/{p.display} iters), "
                             f"loss = {_fmt(self.smoothed_loss)}")
                 timer = time.perf_counter()
+                if device.mode() == device.GPU and opencl.stats_enabled():   # KAFFE_OPENCL_STATS=1
+                    logger.info(opencl.stats_per_iteration(opencl.stats(), self.iter - iterations_last))
+                    opencl.reset_stats()
                 iterations_last = self.iter
                 self._log_outputs("Train", self.net, [b.cpu_data().ravel() for b in self.net.output_blobs])
                 for watcher in self.watchers:

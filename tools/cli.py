@@ -71,6 +71,8 @@ def _build_parser():
                                                                  "strangers)")
     _flag(timing, "no-optimize", action="store_true", help="--phase TEST: time every layer as written, backward "
                                                             "included (no deploy-time optimiser)")
+    _flag(timing, "stats", action="store_true", help="--gpu: also log the OpenCL launches, transfers and waits "
+                                                      "per iteration (as KAFFE_OPENCL_STATS=1)")
     _add_common(timing)
 
     query = commands.add_parser("device_query", help="show the OpenCL devices (all, or --gpu N)")
@@ -202,6 +204,8 @@ def time_model(args):
     logger.info("*** Benchmark begins ***")
     logger.info(f"Testing for {args.iterations} iterations.")
     clock = time.perf_counter
+    stats = device.mode() == device.GPU and (args.stats or opencl.stats_enabled())
+    opencl.reset_stats()
     total_start = clock()
     for j in range(args.iterations):
         iter_start = clock()
@@ -230,6 +234,8 @@ def time_model(args):
     logger.info(f"Average Backward pass: {format(backward_total / iters, '.6g')} ms.")
     logger.info(f"Average Forward-Backward: {format(total_ms / iters, '.6g')} ms.")
     logger.info(f"Total Time: {format(total_ms, '.6g')} ms.")
+    if stats:   # the timing itself waits for the device after every layer, as Caffe's timer does
+        logger.info(opencl.stats_per_iteration(opencl.stats(), iters))
     logger.info("*** Benchmark ends ***")
 
 
