@@ -408,7 +408,9 @@ def net_errors(path, weights=None):
     else:
         fill(net)
         calibrate(net, feed)
-    session = session_of(export_onnx(net, batch="dynamic"), logits(net))
+    model = export_onnx(net, batch="dynamic")
+    onnx.checker.check_model(model, full_check=True)
+    session = session_of(model, logits(net))
     return {(batch, blob): error for batch in (1, 4)
             for blob, error in compare(net, session, batch, feed, extra=logits(net)).items()}
 
