@@ -22,6 +22,7 @@ from .errors import KaffeError, KaffeValueError
 from .io import write_file_atomically
 from .onnx_import import onnx_module
 
+FLT_MIN = float(np.finfo(np.float32).tiny)   # Caffe's floor under a probability, and STOCHASTIC's start sum
 DEFAULT_OPSET = 17
 MIN_OPSET = 13   # Softmax over one axis, Split/ReduceSum/Tile taking their sizes as inputs
 DYNAMIC = "dynamic"
@@ -251,9 +252,9 @@ class _Exporter:
 
 
 # -- vision -----------------------------------------------------------------------------------------------------
-def _spatial_attributes(layer):
+def _spatial_attributes(layer, group=None):
     return dict(kernel_shape=list(layer.kernel), strides=list(layer.stride), dilations=list(layer.dilation),
-                pads=list(layer.pad) * 2, group=layer.group)
+                pads=list(layer.pad) * 2, group=group or layer.group)
 
 
 @converts("Convolution", "Deconvolution")
@@ -267,12 +268,23 @@ def _convolution(ex, c):
         ex.node(op, [x] + inputs, y, **_spatial_attributes(layer))
 
 
+@converts("Im2col")
+def _im2col(ex, c):
+    """A convolution whose weights pick one tap each: row c K + k of the columns is tap k of channel c (exact:
+    every output is one input value times 1 plus zeros)."""
+    layer = c.layer
+    if layer.channel_axis != 1:
+        c.fail(f"columns over axis {layer.channel_axis}: ONNX convolves with the channels on axis 1")
+    taps = np.eye(layer.rows).reshape((layer.rows, layer.channels) + tuple(layer.kernel))
+    ex.node("Conv", [c.x, ex.constant(f"{c.name}_taps", taps)], c.y, **_spatial_attributes(layer, group=1))
+
+
 @converts("Pooling")
 def _pooling(ex, c):
     layer = c.layer
-    if layer.method == Pool.STOCHASTIC:
-        c.fail("STOCHASTIC pooling has no ONNX counterpart")
-    if layer.global_pooling and len(c.outputs) == 1:
+    if layer.method == Pool.STOCHASTIC and layer.phase == caffe_pb2.TRAIN:
+        c.fail("STOCHASTIC pooling draws at random in the TRAIN phase; ONNX has no counterpart")
+    if layer.global_pooling and len(c.outputs) == 1 and layer.method != Pool.STOCHASTIC:
         ex.node("GlobalMaxPool" if layer.method == Pool.MAX else "GlobalAveragePool", [c.x], c.y)
         return
     # Caffe's last window starts inside the input or its leading pad (ceil with clip); the end pad that
@@ -290,14 +302,31 @@ def _pooling(ex, c):
         plane = ex.node("Mod", [index, ex.ints(f"{c.name}_plane", layer.in_spatial[0] * layer.in_spatial[1])])
         ex.node("Cast", [plane], c.outputs[1], to=ex.onnx.TensorProto.FLOAT)
         return
+    area = int(np.prod(layer.kernel))
+    if layer.method == Pool.STOCHASTIC:   # TEST: sum(x^2) / (FLT_MIN + sum(x)) over each window, no padding
+        size = ex.constant(f"{c.name}_area", area)
+        sums = [ex.node("Mul", [ex.node("AveragePool", [v], count_include_pad=1, **attributes), size])
+                for v in (ex.node("Mul", [c.x, c.x]), c.x)]
+        ex.node("Div", [sums[0], ex.node("Add", [sums[1], ex.constant(f"{c.name}_flt_min", FLT_MIN)])], c.y)
+        return
     # every ONNX window lies within the padded input, so ONNX divides by the kernel area; Caffe divides by
     # the window clipped at the input plus its (leading) pad: its own divisors correct the windows that differ
-    area = int(np.prod(layer.kernel))
     if np.all(layer.divisors == area):
         ex.node("AveragePool", [c.x], c.y, count_include_pad=1, **attributes)
         return
     average = ex.node("AveragePool", [c.x], count_include_pad=1, **attributes)
     ex.node("Mul", [average, ex.constant(f"{c.name}_divisor_ratio", area / layer.divisors)], c.y)
+
+
+@converts("SPP")
+def _spp(ex, c):
+    """Each pyramid level is the set-up Pooling layer the SPP layer holds, flattened; the levels concatenated."""
+    levels = []
+    for i, (pool, pooled) in enumerate(c.layer.levels):
+        levels.append(c.y if len(c.layer.levels) == 1 else ex.fresh(f"{c.name}/level{i}"))
+        _pooling(ex, _Layer(pool, c.bottoms, [pooled], c.inputs, levels[-1:]))
+    if len(levels) > 1:
+        ex.node("Concat", [ex.reshape(level, [0, -1]) for level in levels], c.y, axis=1)
 
 
 @converts("LRN")
@@ -649,7 +678,6 @@ def _argmax(ex, c):
 
 # -- losses and accuracy: a TEST net's scores with its labels (graph inputs too) ---------------------------------------
 Loss = caffe_pb2.LossParameter
-FLT_MIN = float(np.finfo(np.float32).tiny)   # Caffe's floor under a probability before its log
 
 
 def _class_labels(ex, c, axis):

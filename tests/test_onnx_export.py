@@ -136,13 +136,13 @@ def one(layer_type, params="", bottom="data", top="out", name="layer"):
 
 
 IMAGE = {"data": [2, 3, 9, 10]}
+POSITIVE = uniform(0.1, 2.0)
 
 
 def labels(classes):
     return lambda rng, shape: rng.integers(0, classes, shape)
 
 
-POSITIVE = uniform(0.1, 2.0)
 LAYER_CASES = {
     "conv_group_dilation": (one("Convolution", "convolution_param { num_output: 4 kernel_size: 3 pad: 2 stride: 2 "
                                 "dilation: 2 group: 2 }"), {"data": [2, 4, 11, 12]}),
@@ -164,6 +164,13 @@ LAYER_CASES = {
     "pool_ave_overhang_rect": (pooling("kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 2 pad_w: 1", "AVE"),
                                {"data": [2, 2, 8, 9]}),
     "pool_floor": (pooling("kernel_size: 3 stride: 2 pad: 1 round_mode: FLOOR", "AVE"), {"data": [2, 2, 8, 9]}),
+    "pool_stochastic_test": (pooling("kernel_size: 3 stride: 2", "STOCHASTIC"), {"data": [2, 2, 8, 9]}, POSITIVE),
+    "pool_stochastic_global": (pooling("global_pooling: true", "STOCHASTIC"), IMAGE, POSITIVE),
+    "spp_max": (one("SPP", "spp_param { pyramid_height: 3 }"), {"data": [2, 2, 7, 9]}),
+    "spp_ave_one_level": (one("SPP", "spp_param { pyramid_height: 1 pool: AVE }"), IMAGE),
+    "spp_ave": (one("SPP", "spp_param { pyramid_height: 2 pool: AVE }"), {"data": [2, 2, 5, 6]}),
+    "im2col": (one("Im2col", "convolution_param { kernel_size: 3 stride: 2 pad: 1 dilation: 1 }"), IMAGE),
+    "im2col_dilated": (one("Im2col", "convolution_param { kernel_h: 2 kernel_w: 3 dilation: 2 }"), IMAGE),
     "inner_product": (one("InnerProduct", "inner_product_param { num_output: 5 }"), IMAGE),
     "inner_product_transpose": (one("InnerProduct", "inner_product_param { num_output: 5 transpose: true }"),
                                 {"data": [2, 7]}),
@@ -502,9 +509,10 @@ def test_caffe_lenet_train_test_exports_with_its_data_layer(mnist_lmdb, tmp_path
 
 # -- refusals --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text,message", [
-    (one("SPP", "spp_param { pyramid_height: 2 }"), "SPP layer 'layer' has no ONNX counterpart"),
-    (pooling("kernel_size: 2 stride: 2", "STOCHASTIC"),
-     "Pooling layer 'pool': STOCHASTIC pooling has no ONNX counterpart"),
+    (one("HingeLoss").replace('bottom: "data"', 'bottom: "data" bottom: "label"'),
+     "HingeLoss layer 'layer' has no ONNX counterpart"),
+    (pooling("kernel_size: 2 stride: 2", "STOCHASTIC").replace('pooling_param', 'phase: TRAIN pooling_param'),
+     "Pooling layer 'pool': STOCHASTIC pooling draws at random in the TRAIN phase"),
     (one("BatchNorm", "batch_norm_param { use_global_stats: false }"), "BatchNorm layer 'layer': use_global_stats"),
     (one("Slice", "slice_param { axis: 0 }", top="a", name="s").replace('top: "a"', 'top: "a" top: "b"'),
      "Slice layer 's': slicing the batch axis fixes the batch size"),
@@ -514,7 +522,7 @@ def test_caffe_lenet_train_test_exports_with_its_data_layer(mnist_lmdb, tmp_path
     (one("Scale", "scale_param { axis: 0 num_axes: 2 }"), "a learned operand over the batch axis fixes"),
 ])
 def test_layers_without_an_exact_counterpart_stop_the_export(text, message):
-    net = net_of(text, data=[2, 3, 4, 4])
+    net = net_of(text, data=[2, 3, 4, 4], label=[2])
     with pytest.raises(KaffeError, match=message):
         export_onnx(net, batch="dynamic")
 
@@ -565,14 +573,15 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
 
 
 def test_cli_unsupported_layer_is_one_line_without_traceback(tmp_path):
-    model = tmp_path / "spp.prototxt"
-    model.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 4 '
-                     'dim: 4 } } }\n' + one("SPP", "spp_param { pyramid_height: 2 }", name="pyramid"))
+    model = tmp_path / "hinge.prototxt"
+    model.write_text('layer { name: "data" type: "Input" top: "data" top: "label" input_param { shape { dim: 2 '
+                     'dim: 3 } shape { dim: 2 } } }\n'
+                     'layer { name: "hinge" type: "HingeLoss" bottom: "data" bottom: "label" top: "loss" }')
     result = subprocess.run([sys.executable, "-m", "kaffe.tools.cli", "export", "onnx", "--model", str(model),
-                             "--out", str(tmp_path / "spp.onnx")], capture_output=True, text=True, cwd=tmp_path)
+                             "--out", str(tmp_path / "hinge.onnx")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == ("kaffe export: error: SPP layer 'pyramid' has no ONNX "
+    assert result.stderr.strip().splitlines()[-1] == ("kaffe export: error: HingeLoss layer 'hinge' has no ONNX "
                                                        "counterpart; the export stops (see the layer table under "
                                                        "ONNX in README.md)")
-    assert "Traceback" not in result.stderr and not (tmp_path / "spp.onnx").exists()
+    assert "Traceback" not in result.stderr and not (tmp_path / "hinge.onnx").exists()
     assert "Traceback" not in result.stderr
