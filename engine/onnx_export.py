@@ -769,13 +769,46 @@ def _sigmoid_cross_entropy_loss(ex, c):
     _normalized(ex, c, losses, valid, layer.normalization, layer.inner)
 
 
+def _sample_scores(ex, c):
+    """bottom[0] as (N, values per sample) and the labels (one per sample) as int64 (N, 1)."""
+    scores = ex.reshape(c.x, [0, -1])
+    return scores, ex.node("Cast", [ex.reshape(c.inputs[1], [-1, 1])], to=ex.onnx.TensorProto.INT64)
+
+
+def _per_sample(ex, c, values):
+    """The sum of `values` over the number of samples (Caffe's num)."""
+    total = ex.node("ReduceSum", [values], keepdims=0)
+    num = ex.node("Cast", [ex.node("Gather", [ex.node("Shape", [c.x]), ex.ints(f"{c.name}_batch_axis", 0)])],
+                  to=ex.onnx.TensorProto.FLOAT)
+    return ex.node("Div", [total, num], c.y)
+
+
+@converts("MultinomialLogisticLoss")
+def _multinomial_logistic_loss(ex, c):
+    scores, labels = _sample_scores(ex, c)
+    picked = ex.node("GatherElements", [scores, labels], axis=1)
+    floor = ex.node("Max", [picked, ex.constant(f"{c.name}_threshold", 1e-20)])   # Caffe's kLOG_THRESHOLD
+    _per_sample(ex, c, ex.node("Neg", [ex.node("Log", [floor])]))
+
+
+@converts("HingeLoss")
+def _hinge_loss(ex, c):
+    scores, labels = _sample_scores(ex, c)
+    # the sign is -1 at each sample's label, +1 elsewhere
+    classes = np.arange(c.bottoms[0].count // c.bottom_shapes[0][0])
+    at_label = ex.node("Equal", [ex.ints(f"{c.name}_classes", classes), labels])
+    signed = ex.node("Where", [at_label, ex.node("Neg", [scores]), scores])
+    margins = ex.node("Relu", [ex.node("Add", [signed, ex.constant(f"{c.name}_one", 1.0)])])
+    if c.param.hinge_loss_param.norm == caffe_pb2.HingeLossParameter.L2:
+        margins = ex.node("Mul", [margins, margins])
+    _per_sample(ex, c, margins)
+
+
 @converts("EuclideanLoss")
 def _euclidean_loss(ex, c):
     difference = ex.node("Sub", [c.x, ex.reshape(c.inputs[1], [0] + list(c.bottom_shapes[0][1:]))])
-    total = ex.node("ReduceSum", [ex.node("Mul", [difference, difference])], keepdims=0)
-    num = ex.node("Cast", [ex.node("Gather", [ex.node("Shape", [c.x]), ex.ints(f"{c.name}_batch_axis", 0)])],
-                  to=ex.onnx.TensorProto.FLOAT)
-    ex.node("Div", [ex.node("Div", [total, num]), ex.constant(f"{c.name}_two", 2.0)], c.y)
+    halves = ex.node("Mul", [ex.node("Mul", [difference, difference]), ex.constant(f"{c.name}_half", 0.5)])
+    _per_sample(ex, c, halves)
 
 
 @converts("ContrastiveLoss")
@@ -793,9 +826,8 @@ def _contrastive_loss(ex, c):
         dissimilar = ex.node("Mul", [gap, gap])
     similarity = ex.node("Cast", [ex.reshape(c.inputs[2], [-1])], to=ex.onnx.TensorProto.INT64)
     similar = ex.node("Not", [ex.node("Equal", [similarity, ex.ints(f"{c.name}_dissimilar", 0)])])
-    total = ex.node("ReduceSum", [ex.node("Where", [similar, dist_sq, dissimilar])], keepdims=0)
-    num = ex.node("Cast", [ex.node("Size", [similarity])], to=ex.onnx.TensorProto.FLOAT)
-    ex.node("Div", [ex.node("Div", [total, num]), ex.constant(f"{c.name}_two", 2.0)], c.y)
+    terms = ex.node("Where", [similar, dist_sq, dissimilar])
+    _per_sample(ex, c, ex.node("Mul", [terms, ex.constant(f"{c.name}_half", 0.5)]))
 
 
 @converts("BatchReindex")

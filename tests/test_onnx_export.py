@@ -290,6 +290,13 @@ LAYER_CASES = {
     "contrastive_loss_legacy": ('layer { name: "layer" type: "ContrastiveLoss" bottom: "data" bottom: "b" '
                                 'bottom: "sim" top: "out" contrastive_loss_param { legacy_version: true } }',
                                 {"data": [2, 3], "b": [2, 3], "sim": [2]}, {"sim": labels(2)}),
+    "multinomial_logistic_loss": ('layer { name: "layer" type: "MultinomialLogisticLoss" bottom: "data" '
+                                  'bottom: "label" top: "out" }', {"data": [2, 5, 1, 1], "label": [2]},
+                                  {"data": lambda rng, s: rng.uniform(0, 1, s) ** 30, "label": labels(5)}),
+    "hinge_loss_l1": ('layer { name: "layer" type: "HingeLoss" bottom: "data" bottom: "label" top: "out" }',
+                      {"data": [2, 3, 2], "label": [2, 1, 1, 1]}, {"label": labels(6)}),
+    "hinge_loss_l2": ('layer { name: "layer" type: "HingeLoss" bottom: "data" bottom: "label" top: "out" '
+                      'hinge_loss_param { norm: L2 } }', {"data": [2, 4], "label": [2]}, {"label": labels(4)}),
     "parameter_and_batch_reindex": ('layer { name: "param" type: "Parameter" top: "p" parameter_param { shape { '
                                     'dim: 3 dim: 4 } } } '
                                     'layer { name: "layer" type: "BatchReindex" bottom: "p" bottom: "data" '
@@ -509,8 +516,8 @@ def test_caffe_lenet_train_test_exports_with_its_data_layer(mnist_lmdb, tmp_path
 
 # -- refusals --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text,message", [
-    (one("HingeLoss").replace('bottom: "data"', 'bottom: "data" bottom: "label"'),
-     "HingeLoss layer 'layer' has no ONNX counterpart"),
+    (one("Filter").replace('bottom: "data"', 'bottom: "data" bottom: "label"'),
+     "Filter layer 'layer' has no ONNX counterpart"),
     (pooling("kernel_size: 2 stride: 2", "STOCHASTIC").replace('pooling_param', 'phase: TRAIN pooling_param'),
      "Pooling layer 'pool': STOCHASTIC pooling draws at random in the TRAIN phase"),
     (one("BatchNorm", "batch_norm_param { use_global_stats: false }"), "BatchNorm layer 'layer': use_global_stats"),
@@ -573,15 +580,15 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
 
 
 def test_cli_unsupported_layer_is_one_line_without_traceback(tmp_path):
-    model = tmp_path / "hinge.prototxt"
-    model.write_text('layer { name: "data" type: "Input" top: "data" top: "label" input_param { shape { dim: 2 '
+    model = tmp_path / "filter.prototxt"
+    model.write_text('layer { name: "data" type: "Input" top: "data" top: "keep" input_param { shape { dim: 2 '
                      'dim: 3 } shape { dim: 2 } } }\n'
-                     'layer { name: "hinge" type: "HingeLoss" bottom: "data" bottom: "label" top: "loss" }')
+                     'layer { name: "select" type: "Filter" bottom: "data" bottom: "keep" top: "kept" }')
     result = subprocess.run([sys.executable, "-m", "kaffe.tools.cli", "export", "onnx", "--model", str(model),
-                             "--out", str(tmp_path / "hinge.onnx")], capture_output=True, text=True, cwd=tmp_path)
+                             "--out", str(tmp_path / "filter.onnx")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == ("kaffe export: error: HingeLoss layer 'hinge' has no ONNX "
+    assert result.stderr.strip().splitlines()[-1] == ("kaffe export: error: Filter layer 'select' has no ONNX "
                                                        "counterpart; the export stops (see the layer table under "
                                                        "ONNX in README.md)")
-    assert "Traceback" not in result.stderr and not (tmp_path / "hinge.onnx").exists()
+    assert "Traceback" not in result.stderr and not (tmp_path / "filter.onnx").exists()
     assert "Traceback" not in result.stderr
