@@ -3,6 +3,7 @@ import numpy as np
 
 from . import device
 from .errors import KaffeError
+from .memory_limits import FILL_BYTES, check_count
 
 
 def _fans(blob, param):
@@ -86,4 +87,5 @@ def fill(blob, param=None):
     if param.sparse >= 0 and param.type != "gaussian":
         raise KaffeError(f"sparse is only supported by the gaussian filler, not by '{param.type}'")
     if blob.count:
+        check_count(blob.shape, "filling blob", FILL_BYTES)   # the float64 draws must fit too
         blob.mutable_cpu_data()[...] = make(blob, param)

@@ -13,7 +13,7 @@ from .layer import create_layer
 from .optimize import forward_plan
 from .log import logger
 from .pycaffe import NetBatches
-from .memory_limits import BlobShapeError, check_total
+from .memory_limits import BlobShapeError, check_total, net_holding, total_bytes
 from .upgrade import check_layer_types, upgrade_net_param
 
 AUTOMATIC_TOP = "(automatic)"
@@ -175,7 +175,9 @@ class Net(NetBatches):
                 for top_id in range(len(layer_param.top), needed):
                     self._append_top(layer_id, top_id, AUTOMATIC_TOP, None, None)
             try:  # a shape that cannot be allocated is refused here, before anything is allocated
-                layer.setup(self.bottom_vecs[layer_id], self.top_vecs[layer_id])
+                blobs = self._blobs + [b for each in self.layers for b in each.blobs]
+                with net_holding(total_bytes(blobs)):
+                    layer.setup(self.bottom_vecs[layer_id], self.top_vecs[layer_id])
                 check_total(self._blobs + [b for each in self.layers for b in each.blobs], "the net's blobs")
             except BlobShapeError as e:
                 raise KaffeError(f"{layer_param.type} layer '{layer_param.name}': {e}") from None
