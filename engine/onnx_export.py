@@ -731,6 +731,23 @@ def _softmax_loss(ex, c):
     _normalized(ex, c, ex.node("Neg", [ex.node("Log", [floor])]), valid, layer.normalization, layer.dims[2])
 
 
+@converts("InfogainLoss")
+def _infogain_loss(ex, c):
+    layer, axis = c.layer, c.layer.axis
+    classes = layer.dims[1]
+    prob = ex.node("Softmax", [c.x], c.outputs[1] if len(c.outputs) > 1 else None, axis=axis)
+    floor = ex.node("Max", [prob, ex.constant(f"{c.name}_threshold", 1e-20)])   # Caffe's kLOG_THRESHOLD
+    # the log-probabilities with the classes last, against the rows of H that each position's label picks
+    rank = len(c.bottom_shapes[0])
+    logs = ex.node("Transpose", [ex.node("Log", [floor])], perm=[i for i in range(rank) if i != axis] + [axis])
+    h = c.inputs[2] if len(c.inputs) > 2 else ex.constant(f"{c.name}_infogain", layer.stored_h.data)
+    index, valid = [None if v is None else ex.node("Squeeze", [v, ex.ints(f"{c.name}_class_axis", [axis])])
+                    for v in _class_labels(ex, c, axis)]
+    rows = ex.node("Gather", [ex.reshape(h, [classes, classes]), index], axis=0)
+    terms = ex.reduce("ReduceSum", ex.node("Mul", [logs, rows]), rank - 1)
+    _normalized(ex, c, ex.node("Neg", [terms]), valid, layer.normalization, layer.dims[2])
+
+
 @converts("Accuracy")
 def _accuracy(ex, c):
     layer = c.layer

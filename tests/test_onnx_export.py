@@ -64,6 +64,9 @@ def uniform(low=-1.0, high=1.0):
     return lambda rng, shape: rng.uniform(low, high, shape).astype(np.float32)
 
 
+UNBATCHED = {"h"}   # inputs of the layer cases whose first axis is no batch (InfogainLoss's matrix)
+
+
 def compare_inputs(net, batch, feed, seed=1):
     """Reshapes the net to `batch` and fills its inputs from feed(rng, shape) (or feed[name](rng, shape), uniform
     in [-1, 1) for the names it lacks); returns them by name."""
@@ -71,7 +74,7 @@ def compare_inputs(net, batch, feed, seed=1):
     feeds = {}
     for name in net.inputs:
         blob = net.blobs[name]
-        shape = (batch,) + blob.shape[1:] if blob.shape else ()
+        shape = (batch,) + blob.shape[1:] if blob.shape and name not in UNBATCHED else blob.shape
         fill_input = feed.get(name, uniform()) if isinstance(feed, dict) else feed
         feeds[name] = np.asarray(fill_input(rng, shape), np.float32)
         blob.reshape(*shape)
@@ -290,6 +293,14 @@ LAYER_CASES = {
     "contrastive_loss_legacy": ('layer { name: "layer" type: "ContrastiveLoss" bottom: "data" bottom: "b" '
                                 'bottom: "sim" top: "out" contrastive_loss_param { legacy_version: true } }',
                                 {"data": [2, 3], "b": [2, 3], "sim": [2]}, {"sim": labels(2)}),
+    "infogain_loss": ('layer { name: "layer" type: "InfogainLoss" bottom: "data" bottom: "label" bottom: "h" '
+                      'top: "out" top: "prob" }', {"data": [2, 4], "label": [2], "h": [4, 4]},
+                      {"label": labels(4), "h": uniform(0, 1)}),
+    "infogain_loss_axis_ignore": ('layer { name: "layer" type: "InfogainLoss" bottom: "data" bottom: "label" '
+                                  'bottom: "h" top: "out" loss_param { ignore_label: 1 normalization: FULL } '
+                                  'infogain_loss_param { axis: 2 } }', {"data": [2, 3, 4], "label": [2, 3],
+                                                                        "h": [1, 4, 4]},
+                                  {"label": labels(4), "h": uniform(0, 1)}),
     "multinomial_logistic_loss": ('layer { name: "layer" type: "MultinomialLogisticLoss" bottom: "data" '
                                   'bottom: "label" top: "out" }', {"data": [2, 5, 1, 1], "label": [2]},
                                   {"data": lambda rng, s: rng.uniform(0, 1, s) ** 30, "label": labels(5)}),
@@ -323,6 +334,19 @@ def test_layer_matches_onnxruntime(case, opset=None):
 def test_opset_dependent_forms_match(case, opset):
     """ReduceMean takes its axes as an input from opset 18 on (17, the default, is covered above)."""
     test_layer_matches_onnxruntime(case, opset)
+
+
+def test_infogain_matrix_from_its_file(tmp_path):
+    source = tmp_path / "h.binaryproto"
+    h = np.random.default_rng(2).uniform(0, 1, (3, 3)).astype(np.float32)
+    source.write_bytes(caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=[3, 3]), data=h.ravel()).SerializeToString())
+    net = net_of(f'layer {{ name: "layer" type: "InfogainLoss" bottom: "data" bottom: "label" top: "out" '
+                 f'infogain_loss_param {{ source: "{source}" }} }}', data=[2, 3], label=[2])
+    model = export_onnx(net, batch="dynamic")
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "layer_infogain")), h)
+    errors = compare(net, session_of(model), 4, {"label": labels(3)})
+    assert max(errors.values()) < 1e-5, errors
 
 
 # 3x3/2 on 112 and 113 inputs, with and without pad: Caffe's output sizes (rounded up, then clipped) where ONNX's
