@@ -31,7 +31,7 @@ class RunReport:
         if self.started is None:
             self.started = (time.perf_counter(), self.solver.iter)
 
-    def resume(self, run, iteration):
+    def resume(self, run):
         self.started = None
 
     def display(self, smoothed_loss, raw_loss, iter_per_s):

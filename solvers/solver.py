@@ -507,4 +507,4 @@ class Solver:
             for net, net_state in zip(self.test_nets, extra.get("test_nets", [])):
                 net.set_resume_state(net_state)
         for watcher in self.watchers:
-            watcher.resume(extra.get("tensorboard_run") if extra else None, self.iter)
+            watcher.resume(extra.get("tensorboard_run") if extra else None)

@@ -13,6 +13,7 @@ hides that run's events from the resumed iteration on, so no curve goes back in 
 at least every FLUSH_SECS seconds.
 """
 import atexit
+import itertools
 import os
 
 import numpy as np
@@ -23,6 +24,8 @@ from .lr_policy import learning_rate
 
 ENV = "KAFFE_TENSORBOARD"
 FLUSH_SECS = 5
+# event files are named by the second they open in: a counter keeps two of one second apart, in order
+_FILES = itertools.count()
 
 
 def _summary_writer():
@@ -68,16 +71,18 @@ class TensorBoardLog:
         self.writer_class = _summary_writer()
         self.logdir, self.solver = os.fspath(logdir), solver
         self.run = None           # the run's folder name under logdir, decided when the first event comes
-        self.resumed_run = None   # (run name or None, iteration) after a restore
+        self.resumed_run = None   # after a restore: the run that wrote the snapshot, whose curves go on
         self.writer = None
 
     @property
     def run_dir(self):
         return os.path.join(self.logdir, self.run)
 
-    def resume(self, run, iteration):
-        """The solver was restored to `iteration` from a snapshot written by run `run` (None: unknown)."""
-        self.resumed_run = (run, iteration)
+    def resume(self, run):
+        """The solver was restored from a snapshot written by run `run` (None: unknown, or not with TensorBoard).
+        The next event reopens the files there (or in this solver's own run), hiding what comes after."""
+        self.resumed_run = run or self.run
+        self.close()
 
     def _new_run_name(self):
         base = os.path.basename(self.solver.param.snapshot_prefix) or self.solver.net.name or "run"
@@ -90,14 +95,16 @@ class TensorBoardLog:
     def _open(self):
         if self.writer is not None:
             return self.writer
-        start = self.solver.iter
-        run, _ = self.resumed_run or (None, None)
-        purge = start if run and os.path.isdir(os.path.join(self.logdir, run)) else None
-        self.run = run if purge is not None else self._new_run_name()
+        start, first = self.solver.iter, self.run is None
+        if self.resumed_run and os.path.isdir(os.path.join(self.logdir, self.resumed_run)):
+            self.run, purge = self.resumed_run, start   # TensorBoard hides that run's events from `start` on
+        else:
+            self.run, purge = self.run or self._new_run_name(), None
+        self.resumed_run = None
         self.writer = self.writer_class(self.run_dir, purge_step=purge, flush_secs=FLUSH_SECS,
-                                        filename_suffix=f".iter{start:09d}.{os.getpid()}")
+                                        filename_suffix=f".iter{start:09d}.{os.getpid()}.{next(_FILES):03d}")
         atexit.register(self.close)
-        if purge is None:
+        if first and purge is None:
             from tensorboardX.proto.event_pb2 import Event
             self.writer._get_file_writer().add_event(
                 Event(graph_def=net_graph(self.solver.net).SerializeToString()))

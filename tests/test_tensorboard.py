@@ -212,7 +212,9 @@ def test_python_solver_resume_appends_without_going_back(tmp_path):
     import kaffe
     solver_file = _tiny(tmp_path)
     board = tmp_path / "board"
-    kaffe.get_solver(solver_file, tensorboard=board).solve()
+    first = kaffe.get_solver(solver_file, tensorboard=board)
+    first.solve()
+    first.report.tensorboard.close()
     resumed = kaffe.SGDSolver(solver_file, tensorboard=board)
     resumed.solve(str(tmp_path / "tiny_iter_10.solverstate"))
     resumed.report.tensorboard.close()
@@ -221,6 +223,12 @@ def test_python_solver_resume_appends_without_going_back(tmp_path):
     series = _series(_accumulator(board / "tiny"), "train/smoothed_loss")
     steps = [s for s, _ in series]
     assert steps == [0, 5, 10, 15]                 # the first run's 10 and 15 replaced by the resumed run's
+    # restored in the same process, the solver's own run goes on from the snapshot's iteration
+    resumed.restore(str(tmp_path / "tiny_iter_10.solverstate"))
+    resumed.step(10)
+    resumed.report.tensorboard.close()
+    assert os.listdir(board) == ["tiny"] and len(os.listdir(board / "tiny")) == 3
+    assert [s for s, _ in _series(_accumulator(board / "tiny"), "train/smoothed_loss")] == [0, 5, 10, 15]
     # a fresh start beside it is a new run, and so is the environment variable's
     env_dir = tmp_path / "env_board"
     os.environ["KAFFE_TENSORBOARD"] = str(env_dir)

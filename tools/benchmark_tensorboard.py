@@ -5,9 +5,10 @@
 One process (2 threads) builds two LeNet solvers from models/lenet/lenet_solver.prototxt reading the LMDB of
 `kaffe data mnist` (DIR/mnist_train_lmdb, default data/mnist), one of them writing TensorBoard event files, and
 times `--iterations` steps of each in turn (the order alternating) for `--repeats` rounds after a warm-up; the
-medians are compared. Steps display every 100 iterations as the solver says (the scalars); the test passes are
-left out (the same work in both). The histograms of a snapshot are timed apart and shown as a share of the
-solver's snapshot interval. Run it with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (`env -u ...`), as the
+medians are compared, of wall time and of the process's CPU time (which a busy shared machine disturbs less).
+Steps display every 100 iterations as the solver says (the scalars); the test passes are left out (the same work
+in both). The CPU time spent inside the TensorBoard calls is counted too, and the histograms of a snapshot are
+timed apart and shown as a share of the solver's snapshot interval. Run it with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (`env -u ...`), as the
 other benchmarks.
 """
 import argparse
@@ -47,20 +48,34 @@ def measure(iterations, warmup, repeats, mnist):
     with tempfile.TemporaryDirectory() as folder:
         solvers = {"without": _solver(mnist, os.path.join(folder, "a"), None),
                    "with": _solver(mnist, os.path.join(folder, "b"), os.path.join(folder, "runs"))}
+        board = solvers["with"].report.tensorboard
+        in_calls = [0.0]
+
+        def counted(method):
+            def run(*args):
+                start = time.thread_time()
+                method(*args)
+                in_calls[0] += time.thread_time() - start
+            return run
+
+        board.display, board.test = counted(board.display), counted(board.test)
         for solver in solvers.values():
             solver.step(warmup)
-        times = {name: [] for name in solvers}
+        in_calls[0] = 0.0
+        times = {(name, clock): [] for name in solvers for clock in ("wall", "cpu")}
         for round_ in range(repeats):
             for name in ("without", "with") if round_ % 2 == 0 else ("with", "without"):
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 solvers[name].step(iterations)
-                times[name].append((time.perf_counter() - start) / iterations * 1e3)
-        board = solvers["with"].report.tensorboard
+                times[name, "wall"].append((time.perf_counter() - wall) / iterations * 1e3)
+                times[name, "cpu"].append((time.process_time() - cpu) / iterations * 1e3)
         start = time.perf_counter()
         board.snapshot([])
         histograms = time.perf_counter() - start
         board.close()
-        return {"ms_per_iter": times, "histogram_s": histograms, "snapshot": solvers["with"].param.snapshot}
+        return {"ms_per_iter": {f"{name} {clock}": t for (name, clock), t in times.items()},
+                "calls_ms_per_iter": in_calls[0] / (iterations * repeats) * 1e3, "histogram_s": histograms,
+                "snapshot": solvers["with"].param.snapshot}
 
 
 def main(argv=None):
@@ -82,14 +97,18 @@ def main(argv=None):
         raise SystemExit(f"benchmark failed:\n{out.stdout}\n{out.stderr}")
     result = json.loads(lines[0][len(RESULT_TAG):])
     times = result["ms_per_iter"]
-    for i, (a, b) in enumerate(zip(times["without"], times["with"]), 1):
-        print(f"round {i}: without {a:.2f} ms/iter, with --tensorboard {b:.2f} ms/iter")
-    without, with_board = statistics.median(times["without"]), statistics.median(times["with"])
+    for i, values in enumerate(zip(*(times[k] for k in ("without wall", "with wall", "without cpu", "with cpu"))), 1):
+        print("round {}: wall {:.2f} / {:.2f} ms/iter, CPU {:.2f} / {:.2f} ms/iter (without / with)".format(i, *values))
+    for clock in ("wall", "cpu"):
+        without, with_board = statistics.median(times[f"without {clock}"]), statistics.median(times[f"with {clock}"])
+        print(f"LeNet training, {clock} time, median of {args.repeats} rounds of {args.iterations} iterations: "
+              f"without {without:.2f} ms/iter, with --tensorboard {with_board:.2f} ms/iter: "
+              f"{100 * (with_board / without - 1):+.1f}%")
+    without = statistics.median(times["without cpu"])
     share = result["histogram_s"] * 1e3 / (result["snapshot"] * without) if result["snapshot"] else 0.0
-    print(f"LeNet training, median of {args.repeats} rounds of {args.iterations} iterations: without "
-          f"{without:.2f} ms/iter, with --tensorboard {with_board:.2f} ms/iter: "
-          f"{100 * (with_board / without - 1):+.1f}%; the histograms of a snapshot take "
-          f"{result['histogram_s'] * 1e3:.0f} ms, {100 * share:.2f}% of {result['snapshot']} iterations")
+    print(f"CPU time inside the TensorBoard calls: {result['calls_ms_per_iter'] * 1e3:.1f} us/iter "
+          f"({100 * result['calls_ms_per_iter'] / without:.3f}% of a step); the histograms of a snapshot take "
+          f"{result['histogram_s'] * 1e3:.0f} ms, {100 * share:.3f}% of its {result['snapshot']} iterations")
     return 0
 
 
