@@ -145,10 +145,13 @@ def stats_enabled():
 
 def stats_per_iteration(counts, iterations):
     """One log line of counts (a stats() dict) averaged over `iterations`."""
-    per = {name: counts[name] / max(iterations, 1) for name in STATS_FIELDS}
-    return ("OpenCL per iteration: {launches:g} launches, {copies:g} device copies, {uploads:g} uploads "
-            "({upload_bytes:g} bytes), {downloads:g} downloads ({download_bytes:g} bytes), {waits:g} blocking "
-            "waits, {builds:g} program builds".format(**per))
+    per = {}
+    for name in STATS_FIELDS:
+        value = counts[name] / max(iterations, 1)
+        per[name] = f"{value:.0f}" if value == int(value) else f"{value:.6g}"
+    return ("OpenCL per iteration: {launches} launches, {copies} device copies, {uploads} uploads "
+            "({upload_bytes} bytes), {downloads} downloads ({download_bytes} bytes), {waits} blocking "
+            "waits, {builds} program builds".format(**per))
 
 
 def _count(field, n=1):
