@@ -71,10 +71,13 @@ __kernel void sigmoid_ce_forward(const int n, __global const float* x, const int
 __kernel void sigmoid_ce_backward(const int n, __global const float* sigmoid, const int sigmoid_offset,
                                   __global const float* target, const int target_offset,
                                   __global float* diff, const int diff_offset,
-                                  const int has_ignore, const int ignore_label, const float scale) {
+                                  const int has_ignore, const int ignore_label, float scale,
+                                  __global const float* count, const int count_offset, const int divide) {
     const int i = get_global_id(0);
     if (i >= n)
         return;
+    if (divide)   // as softmax_loss_backward
+        scale /= fmax(count[count_offset], 1.0f);
     const float t = target[target_offset + i];
     diff[diff_offset + i] = (has_ignore && (int)t == ignore_label) ? 0.0f : (sigmoid[sigmoid_offset + i] - t) * scale;
 }

@@ -336,20 +336,22 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         opencl.launch(KERNELS, "sigmoid_ce_forward", n, *opencl.device_args(bottom[0].gpu_data()),
                       *opencl.device_args(bottom[1].gpu_data()), losses.data, counts.data,
                       *opencl.device_args(self.sigmoid.mutable_gpu_data()), *self._label_args())
-        # a true sum: targets outside [0, 1] may give negative terms
-        total = opencl.dot(losses, _ones(self, n), n=n)
-        self.valid_count = opencl.asum(counts, n=n) if self.ignore_label is not None else n
-        top[0].mutable_cpu_data()[...] = total / normalizer(self.normalization, self.outer, self.inner,
-                                                            self.valid_count)
+        ones = _ones(self, n)
+
+        def total(terms, n, out, scale=1.0):   # a true sum: targets outside [0, 1] may give negative terms
+            return opencl.dot(terms, ones, n=n, out=out, scale=scale)
+        self.valid_count = _device_loss(
+            self, top[0], total, losses, counts, n,
+            self.normalization == LossParameter.VALID and self.ignore_label is not None,
+            normalizer(self.normalization, self.outer, self.inner, n))
 
     def backward_gpu(self, top, propagate_down, bottom):
         refuse_label_backward(self, propagate_down)
         if not propagate_down[0]:
             return
-        scale = loss_weight(top) / normalizer(self.normalization, self.outer, self.inner, self.valid_count)
         opencl.launch(KERNELS, "sigmoid_ce_backward", bottom[0].count, *opencl.device_args(self.sigmoid.gpu_data()),
                       *opencl.device_args(bottom[1].gpu_data()), *opencl.device_args(bottom[0].mutable_gpu_diff()),
-                      *self._label_args(), float(scale))
+                      *self._label_args(), *_gradient_scale(top, self.valid_count))
 
 
 @register_layer("EuclideanLoss")
@@ -384,7 +386,7 @@ class EuclideanLossLayer(LossLayer):
     def forward_gpu(self, bottom, top):
         d = self.difference.mutable_gpu_data()
         _SUBTRACT(d, bottom[0].gpu_data(), bottom[1].gpu_data())
-        top[0].mutable_cpu_data()[...] = opencl.sumsq(d) / bottom[0].shape[0] / 2
+        opencl.sumsq(d, out=top[0].mutable_gpu_data(), scale=0.5 / bottom[0].shape[0])
 
     def backward_gpu(self, top, propagate_down, bottom):
         for i, sign in ((0, 1.0), (1, -1.0)):
@@ -646,7 +648,7 @@ class ContrastiveLossLayer(LossLayer):
         terms = opencl.scratch(self, "terms", n)
         opencl.launch(KERNELS, "contrastive_forward", n, *opencl.device_args(self.dist_sq.gpu_data()),
                       *opencl.device_args(bottom[2].gpu_data()), terms.data, float(self.margin), int(self.legacy))
-        top[0].mutable_cpu_data()[...] = opencl.asum(terms, n=n) / n / 2  # every term is >= 0
+        opencl.asum(terms, n=n, out=top[0].mutable_gpu_data(), scale=0.5 / n)  # every term is >= 0
 
     def backward_gpu(self, top, propagate_down, bottom):
         refuse_label_backward(self, propagate_down, "the similarity input", index=2)
