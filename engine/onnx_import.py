@@ -624,6 +624,10 @@ class _Importer:
                 self._refuse(node, f"constant of shape {_shape_text(value.shape)} does not broadcast over "
                                    f"{_shape_text(self._shape(node, first))} along contiguous axes, as Caffe's "
                                    f"Bias/Scale needs")
+            if not out_shape:  # a 0-D blob, which Bias / Scale cannot take: Power's shift or scale
+                layer = self._layer(node.name, "Power", [x], [node.output[0]])
+                setattr(layer.power_param, "shift" if operation == "Add" else "scale", float(value.reshape(())))
+                return
             axis, num_axes = axes
             kind = "Bias" if operation == "Add" else "Scale"
             layer = self._layer(node.name, kind, [x], [node.output[0]],

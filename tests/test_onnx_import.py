@@ -655,6 +655,16 @@ ROUND_TRIP_NETS = {
         layer { name: "embed" type: "Embed" bottom: "words" top: "embed"
                 embed_param { num_output: 4 input_dim: 7 } }
     """,
+    "pyramid_stochastic_im2col_euclidean": """
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 11 } } }
+        layer { name: "relu" type: "ReLU" bottom: "data" top: "positive" }
+        layer { name: "stochastic" type: "Pooling" bottom: "positive" top: "stochastic"
+                pooling_param { pool: STOCHASTIC kernel_size: 3 stride: 2 } }
+        layer { name: "spp" type: "SPP" bottom: "data" top: "spp" spp_param { pyramid_height: 3 pool: MAX } }
+        layer { name: "im2col" type: "Im2col" bottom: "data" top: "im2col"
+                convolution_param { kernel_size: 3 stride: 2 pad: 1 } }
+        layer { name: "loss" type: "EuclideanLoss" bottom: "data" bottom: "positive" top: "loss" }
+    """,
 }
 
 
