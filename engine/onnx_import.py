@@ -649,9 +649,13 @@ class _Importer:
             if operation == "Sub":
                 layer.eltwise_param.coeff.extend([1, -1])
             return
+        if operation == "Sub":  # a + (-b)
+            negated = self._temporary(f"{second}_negated")
+            self._layer(f"{node.name}_negate", "Power", [bottoms[1]], [negated]).power_param.scale = -1
+            bottoms[1], operation = negated, "Add"
         big = 0 if shapes[0] == out_shape else 1
         axes = self._broadcast_axes(shapes[big], shapes[1 - big])
-        if operation not in ("Add", "Mul") or axes is None:
+        if axes is None:
             self._refuse(node, f"broadcasting {_shape_text(shapes[0])} against {_shape_text(shapes[1])} has no "
                                f"Caffe counterpart")
         axis, num_axes = axes

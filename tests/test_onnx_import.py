@@ -212,6 +212,8 @@ CASES.update({
     # a squeeze-and-excitation gate: (N, C, 1, 1) times (N, C, H, W)
     "broadcast_mul_gate": graph([node("GlobalAveragePool", ["a"], ["p"]), node("Sigmoid", ["p"], ["g"]),
                                  node("Mul", ["a", "g"])], {"a": [2, 3, 4, 5]}),
+    "broadcast_sub_means": graph([node("ReduceMean", ["a"], ["m"], axes=[2]), node("Sub", ["a", "m"])],
+                                 {"a": [2, 3, 4]}, opset=13),
     "broadcast_add_rows": graph([node("Add", ["r", "a"])], {"a": [2, 3, 4], "r": [3, 4]}),
     "concat_channels": graph([node("Concat", ["a", "b"], axis=1)], {"a": [2, 3, 4], "b": [2, 5, 4]}),
     "concat_last": graph([node("Concat", ["a", "b", "a"], axis=-1)], {"a": [2, 3, 4], "b": [2, 3, 1]}),
@@ -664,6 +666,13 @@ ROUND_TRIP_NETS = {
         layer { name: "im2col" type: "Im2col" bottom: "data" top: "im2col"
                 convolution_param { kernel_size: 3 stride: 2 pad: 1 } }
         layer { name: "loss" type: "EuclideanLoss" bottom: "data" bottom: "positive" top: "loss" }
+    """,
+    "mvn_silence": """
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+        layer { name: "mvn" type: "MVN" bottom: "data" top: "mvn" }
+        layer { name: "mean_only" type: "MVN" bottom: "data" top: "mean_only" mvn_param { normalize_variance: false } }
+        layer { name: "across" type: "MVN" bottom: "data" top: "across" mvn_param { across_channels: true } }
+        layer { name: "sink" type: "Silence" bottom: "mean_only" }
     """,
 }
 
