@@ -13,6 +13,9 @@
 //                     z * stride_a, stride_b, stride_c (e.g. a convolution's per-sample products written as NCHW)
 //   BIAS              0, or 1: C[m][n] += bias[n] (InnerProduct), 2: C[m][n] += bias[m] (Convolution), added
 //                     where C is written: the bias costs no launch of its own
+//   A_K_BLOCK         0, or (with TRANS_A 0) op(A)[m][k] is at (k / A_K_BLOCK) * A_K_STRIDE + m * lda + k % A_K_BLOCK:
+//                     K runs over blocks, e.g. the samples of an (N, O, L) array read as the (O, N * L) matrix
+//                     of a convolution's weight gradient, without a regrouping pass
 //   VEC_A, VEC_B      1, 2 or 4: width of the global loads along the contiguous axis of A / B; the host picks
 //                     a width > 1 only when the leading dimension and the offset are multiples of it, so that
 //                     every vector starts aligned
@@ -83,7 +86,11 @@ inline void load_a_tile(__global const float* A, int lda, int M, int K, int m0, 
         const int gline = m0 + m, grun = k0 + k, run_end = K, line_end = M;
 #endif
         vec_a x;
+#if A_K_BLOCK
+        __global const float* p = A + (size_t)(grun / A_K_BLOCK) * A_K_STRIDE + (size_t)gline * lda + grun % A_K_BLOCK;
+#else
         __global const float* p = A + (size_t)gline * lda + grun;
+#endif
         if (gline < line_end && grun + VEC_A <= run_end) {
             x.v = LOAD_A(p);
         } else {

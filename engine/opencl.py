@@ -540,7 +540,7 @@ def gemm_split_k(M, N, K, tiles, dev):
 
 
 def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0, c_offset=0, split_k=None,
-         batch=1, strides=(0, 0, 0), ldb=None, ldc=None, bias=None, bias_axis=1):
+         batch=1, strides=(0, 0, 0), ldb=None, ldc=None, bias=None, bias_axis=1, a_blocks=None):
     """C = alpha * op(A) @ op(B) + beta * C on device arrays holding row-major matrices (as numpy's).
 
     op(A) is M x K: A holds it from a_offset as M x K, or as K x M when trans_a. op(B) is K x N: B holds it as
@@ -550,16 +550,22 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
     batch: that many GEMMs in one launch, the z-th on A, B, C advanced by z * strides (floats); ldb, ldc:
     row strides of B and C other than the dense ones. bias: a device array added to every row of C
     (bias_axis 1, bias[n]) or every column (bias_axis 0, bias[m]), in the same launch.
+    a_blocks: (block, stride) with trans_a False: op(A)[m][k] is at (k // block) * stride + m * block + k % block
+    (an (N, O, L) array read as the O x (N * L) matrix, block L, stride O * L).
     """
     M, N, K, batch = int(M), int(N), int(K), int(batch)
-    lda = M if trans_a else K
+    block, block_stride = a_blocks or (0, 0)
+    if block and trans_a:
+        raise KaffeError("gemm: a_blocks needs an untransposed A")
+    lda = M if trans_a else block or K
     ldb = int(ldb or (K if trans_b else N))
     ldc = int(ldc or N)
     a_buf, a_at, a_left = _buffer(A, a_offset)
     b_buf, b_at, b_left = _buffer(B, b_offset)
     c_buf, c_at, c_left = _buffer(C, c_offset)
     last = batch - 1
-    _check_room("gemm A", last * strides[0] + M * K, a_left)
+    a_end = ((K - 1) // block) * block_stride + (M - 1) * lda + (K - 1) % block + 1 if block and M and K else M * K
+    _check_room("gemm A", last * strides[0] + a_end, a_left)
     _check_room("gemm B", last * strides[1] + ((N if trans_b else K) - 1) * ldb + (K if trans_b else N), b_left)
     _check_room("gemm C", last * strides[2] + (M - 1) * ldc + N, c_left)
     if M == 0 or N == 0:
@@ -568,7 +574,7 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
     if bias is not None:
         _check_room("gemm bias", N if bias_axis == 1 else M, _buffer(bias)[2])
     dev = current()
-    if _gemm_state["backend"] == "clblast" and batch == 1 and bias is None:
+    if _gemm_state["backend"] == "clblast" and batch == 1 and bias is None and not block:
         # pyclblast wants 2-D arrays and passes their whole buffers: the offsets of views are in *_at
         _pyclblast().gemm(dev.queue, M, N, K, A.reshape(1, A.size), B.reshape(1, B.size), C.reshape(1, C.size),
                           lda, ldb, ldc, alpha=float(alpha), beta=float(beta), a_transp=bool(trans_a),
@@ -577,7 +583,8 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
     ts_m, ts_n, ts_k, wpt_m, wpt_n = _gemm_tiles(M, N, dev)
     defines = {"TRANS_A": bool(trans_a), "TRANS_B": bool(trans_b), "TS_M": ts_m, "TS_N": ts_n, "TS_K": ts_k,
                "WPT_M": wpt_m, "WPT_N": wpt_n,
-               "VEC_A": _vector_width(math.gcd(lda, strides[0]), a_at, ts_m if trans_a else ts_k),
+               "VEC_A": _vector_width(math.gcd(lda, strides[0], block_stride), a_at, ts_m if trans_a else ts_k),
+               "A_K_BLOCK": block, "A_K_STRIDE": block_stride,
                "VEC_B": _vector_width(math.gcd(ldb, strides[1]), b_at, ts_k if trans_b else ts_n),
                "BATCHED": batch > 1, "BIAS": 0 if bias is None else 2 - bias_axis}
     local = (ts_n // wpt_n, ts_m // wpt_m)

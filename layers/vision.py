@@ -415,20 +415,30 @@ class BaseConvolutionLayer(Layer):
                    samples, self.conv_out_channels, self.column_count, *opencl.device_args(rows))
         return rows
 
-    def _group_gemm_gpu(self, product, samples, a, b, c, accumulate=False):
+    def _group_gemm_gpu(self, product, samples, a, b, c, rows_at=None):
         """One GEMM per group; product picks which: "columns" = W^T @ rows, "weight" = rows @ col^T added to the
-        weight diff (W @ col: _rows_product_gpu)."""
-        out_per_group = self.conv_out_channels // self.group
-        width = samples * self.column_count
+        weight diff (W @ col: _rows_product_gpu). The rows side is a regrouped (O, N * L) copy, or, with rows_at
+        (a first sample), read straight from the (N, O, L) array (a convolution's top diff): the columns as one
+        batched GEMM over the samples, the weight with K running over the samples' blocks."""
+        out_per_group, positions = self.conv_out_channels // self.group, self.column_count
+        width = samples * positions
         weight_step, rows_step, col_step = out_per_group * self.kernel_dim, out_per_group * width, \
             self.kernel_dim * width
+        nchw = rows_at is not None
+        rows_offset = (rows_at or 0) * self._rows_size()
         for g in range(self.group):
-            if product == "columns":
+            rows_g = rows_offset + g * out_per_group * positions if nchw else g * rows_step
+            if product == "columns" and nchw:
+                opencl.gemm(True, False, self.kernel_dim, positions, out_per_group, 1.0, a, b, 0.0, c,
+                            a_offset=g * weight_step, b_offset=rows_g, c_offset=g * col_step, batch=samples,
+                            strides=(0, self._rows_size(), positions), ldb=positions, ldc=width)
+            elif product == "columns":
                 opencl.gemm(True, False, self.kernel_dim, width, out_per_group, 1.0, a, b, 0.0, c,
-                            a_offset=g * weight_step, b_offset=g * rows_step, c_offset=g * col_step)
+                            a_offset=g * weight_step, b_offset=rows_g, c_offset=g * col_step)
             else:  # accumulated (beta 1), as Caffe accumulates parameter diffs
                 opencl.gemm(False, True, out_per_group, self.kernel_dim, width, 1.0, a, b, 1.0, c,
-                            a_offset=g * rows_step, b_offset=g * col_step, c_offset=g * weight_step)
+                            a_offset=rows_g, b_offset=g * col_step, c_offset=g * weight_step,
+                            a_blocks=(positions, self._rows_size()) if nchw else None)
 
     def _rows_product_gpu(self, weight, col, out, first, samples, add_bias):
         """W @ col for samples [first, first + samples), written into the device rows-side array out (N, O, L):
@@ -443,10 +453,11 @@ class BaseConvolutionLayer(Layer):
                         batch=samples, strides=(0, self.column_count, self._rows_size()), ldb=width,
                         ldc=self.column_count, bias=bias[g * out_per_group:] if add_bias else None, bias_axis=0)
 
-    def _columns_product_gpu(self, weight, rows, image, first, samples):
-        """W^T @ rows for samples [first, first + samples), folded (col2im) into the device image-side array."""
+    def _columns_product_gpu(self, weight, rows, image, first, samples, rows_at=None):
+        """W^T @ rows for samples [first, first + samples), folded (col2im) into the device image-side array
+        (rows_at: see _group_gemm_gpu)."""
         col = opencl.scratch(self, "columns", self.kernel_dim * self.group * samples * self.column_count)
-        self._group_gemm_gpu("columns", samples, weight, rows, col)
+        self._group_gemm_gpu("columns", samples, weight, rows, col, rows_at)
         self._col2im_gpu(col, image, first, samples)
 
     def _add_bias_gradient_gpu(self, top_diff):
@@ -490,15 +501,18 @@ class BaseConvolutionLayer(Layer):
                 continue
             rows_side, image_side = (b.gpu_data(), top_diff) if self.transposed else (top_diff, b.gpu_data())
             for first, samples in self._chunks():
-                rows = self._to_rows_gpu(rows_side, first, samples) if want_weight or not self.transposed else None
+                # a Convolution reads its top diff (the rows side) as it is; a Deconvolution regroups its bottom
+                rows, rows_at = (rows_side, first) if not self.transposed else \
+                    (self._to_rows_gpu(rows_side, first, samples) if want_weight else None, None)
                 col = self._backward_columns_gpu(i, b, image_side, first, samples) \
                     if want_weight or self.transposed else None
                 if want_weight:
-                    self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff())
+                    self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff(), rows_at)
                 if down and self.transposed:
                     self._rows_product_gpu(self.blobs[0].gpu_data(), col, b.mutable_gpu_diff(), first, samples, False)
                 elif down:
-                    self._columns_product_gpu(self.blobs[0].gpu_data(), rows, b.mutable_gpu_diff(), first, samples)
+                    self._columns_product_gpu(self.blobs[0].gpu_data(), rows, b.mutable_gpu_diff(), first, samples,
+                                              rows_at)
 
 
 @register_layer("Convolution")
