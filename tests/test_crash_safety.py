@@ -179,3 +179,17 @@ def test_a_snapshot_pair_is_written_weights_first_and_each_file_whole(tmp_path, 
     assert sorted(os.listdir("snap")) == ["drill_iter_2.caffemodel", "drill_iter_2.solverstate"]
     assert {p: open(p, "rb").read() for p in before} == before
     assert read_binary_proto(first_state, caffe_pb2.SolverState()).iter == 2
+
+
+def test_auto_with_weights_fine_tunes_only_a_fresh_start(tmp_path):
+    trained = make_job(tmp_path / "trained", max_iter=4)
+    run_to_end(trained)
+    weights = str(trained / "snap" / "drill_iter_4.caffemodel")
+    job = make_job(tmp_path / "job", max_iter=4)
+    solver = job / "solver.prototxt"
+    solver.write_text(solver.read_text().replace("snapshot: 2", "snapshot: 0"))   # only the one after training
+    run_to_end(job, "--snapshot", "auto", "--weights", weights, "--iterations", "0")   # fresh: the weights
+    assert read_binary_proto(str(job / "snap" / "drill_iter_0.caffemodel"), caffe_pb2.NetParameter()).layer[1] \
+        .blobs[0].data == read_binary_proto(weights, caffe_pb2.NetParameter()).layer[1].blobs[0].data
+    log = run_to_end(job, "--snapshot", "auto", "--weights", weights)   # a snapshot exists: resumed from it
+    assert "Restoring previous solver status from snap/drill_iter_0.solverstate" in log
