@@ -65,9 +65,17 @@ class KaffeAssertionError(KaffeError, AssertionError):
     """A failed check where pycaffe asserts (coord_map.crop of a scale mismatch or a negative offset)."""
 
 
-class StorageError(KaffeError, OSError):
-    """A file could not be written (a full disk, `ulimit -f`, a read-only or missing folder); `errno` says why."""
+# most specific first: the builtin class of a user's exception -> the KaffeError that is also that class
+_LIKE = ((FileNotFoundError, KaffeFileNotFoundError), (OSError, KaffeOSError), (ImportError, KaffeImportError),
+         (KeyError, KaffeKeyError), (IndexError, KaffeIndexError), (AttributeError, KaffeAttributeError),
+         (ValueError, KaffeValueError), (TypeError, KaffeTypeError), (RuntimeError, KaffeRuntimeError),
+         (AssertionError, KaffeAssertionError))
 
-    def __init__(self, message, errno=None):
-        super().__init__(message)
-        self.errno = errno
+
+def error_like(error, message):
+    """A KaffeError saying `message` that is also `error`'s builtin class: a Python layer's own exception, which
+    pycaffe passes on, so `except RuntimeError:` around the user's code still catches it."""
+    for builtin, kaffe_class in _LIKE:
+        if isinstance(error, builtin):
+            return kaffe_class(message)
+    return KaffeError(message)

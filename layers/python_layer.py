@@ -19,7 +19,7 @@ import os
 import traceback
 
 from ..engine.blob import Blob
-from ..engine.errors import KaffeError
+from ..engine.errors import KaffeError, error_like
 from ..engine.layer import Layer, register_layer
 
 PYCAFFE_METHODS = ("setup", "reshape", "forward", "backward")
@@ -74,9 +74,9 @@ class PythonLayer(Layer):
             return function(*args)
         except KaffeError as error:  # already names what went wrong (e.g. a Blob reshape)
             raise KaffeError(f"Python layer '{self.name}' ({self._where()}) failed in {method}: {error}") from None
-        except Exception as error:
-            raise KaffeError(f"Python layer '{self.name}' ({self._where()}) failed in {method}: "
-                             f"{_describe(error)}") from None
+        except Exception as error:  # also the user's exception class, as pycaffe passes it on
+            raise error_like(error, f"Python layer '{self.name}' ({self._where()}) failed in {method}: "
+                                    f"{_describe(error)}") from None
 
     def _user_method(self, name):
         """The user's method, or None where the class leaves kaffe.Layer's own (not a pycaffe method)."""

@@ -499,6 +499,7 @@ def test_python_layer_errors_name_the_layer(user_module):
     message = str(error.value)
     assert "'py'" in message and "user_layers_4c.Broken" in message and "ValueError: the user's message" in message
     assert "user_layers_4c.py" in message and error.value.__cause__ is None and error.value.__suppress_context__
+    assert isinstance(error.value, ValueError)   # the user's class too, as pycaffe passes the exception on
     with pytest.raises(KaffeError, match="has no class 'Missing'"):
         python_layer("Missing")
     with pytest.raises(KaffeError, match="cannot import module 'no_such_module_4c_top'"):
