@@ -205,8 +205,10 @@ class World:
         """A solver of class cls built on every rank, its parameters those of rank 0, reducing its gradients."""
         self.check_same_setup(param)
         solver, error = None, None
-        if self.rank:
-            options["tensorboard"] = None   # rank 0 writes the TensorBoard events
+        if self.rank:   # rank 0 writes the TensorBoard events
+            from .tensorboard import ENV
+            options["tensorboard"] = None
+            os.environ.pop(ENV, None)
         try:
             solver = cls(param, **options)
         except KaffeError as e:
