@@ -303,7 +303,7 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         return target.astype(np.int64) != self.ignore_label  # Caffe compares static_cast<int>(target)
 
     def forward_cpu(self, bottom, top):
-        x, t = bottom[0].cpu_data(), bottom[1].cpu_data()
+        x, t = bottom[0].cpu_data(), bottom[1].cpu_data().reshape(bottom[0].shape)  # same count, any shape
         self.sigmoid.mutable_cpu_data()[...] = sigmoid(x)
         positive = (x >= 0).astype(np.float32)
         losses = np.log1p(np.exp(-np.abs(x))) - x * (t - positive)
@@ -319,7 +319,7 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         refuse_label_backward(self, propagate_down)
         if not propagate_down[0]:
             return
-        t = bottom[1].cpu_data()
+        t = bottom[1].cpu_data().reshape(bottom[0].shape)
         dx = self.sigmoid.cpu_data() - t
         valid = self._valid(t)
         if valid is not None:

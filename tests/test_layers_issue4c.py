@@ -68,6 +68,15 @@ def test_sigmoid_cross_entropy_gradient_and_errors():
         forward('type: "SigmoidCrossEntropyLoss"', rand(2, 3), rand(2, 4))
 
 
+def test_sigmoid_cross_entropy_targets_of_another_shape_with_the_same_count():
+    """Caffe checks only the counts: (2, 3, 2) predictions take (2, 6) targets, value by value."""
+    x, t = rand(2, 3, 2, scale=3), np.random.default_rng(4).random((2, 6))
+    layer, bottom, top = forward('type: "SigmoidCrossEntropyLoss"', x, t)
+    loss, grad = sigmoid_ce_ref(x, t.reshape(x.shape), None, "BATCH_SIZE")
+    np.testing.assert_allclose(top[0].data, loss, rtol=1e-5)
+    np.testing.assert_allclose(backward(layer, bottom, top)[0], grad, rtol=1e-5, atol=1e-7)
+
+
 # -- EuclideanLoss --------------------------------------------------------------------------------------------------
 def test_euclidean_values_gradient_both_bottoms():
     a, b = rand(3, 2, 5), rand(3, 10, seed=1)
