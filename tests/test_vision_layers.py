@@ -396,7 +396,7 @@ def test_pooling_bad_parameters(text, num_top, message):
         setup_layer(layer, blobs_from(rand(1, 2, 5, 5)), num_top=num_top)
 
 
-def test_pooling_needs_four_axes():  # STOCHASTIC: tests/test_layers_issue4b.py
+def test_pooling_needs_four_axes():  # STOCHASTIC: tests/test_deconvolution_crop_spp_layers.py
     with pytest.raises(KaffeError, match="4 axes"):
         setup_layer(make_layer(pool_text("MAX", "kernel_size: 2")), blobs_from(rand(2, 5, 5)))
 

@@ -1,9 +1,9 @@
-"""OpenCL versions of the layers of test_layers_issue4a: CPU vs OpenCL parity (forward, bottom and parameter
+"""OpenCL versions of the layers of test_activation_common_normalization_layers: CPU vs OpenCL parity (forward, bottom and parameter
 gradients, BatchNorm's running statistics, in place) and finite-difference gradients in GPU mode."""
 import numpy as np
 import pytest
 from gradient_check import blobs_from, check_gradient, make_layer, opencl_available, rand32 as rand, setup_layer
-from test_layers_issue4a import ACTIVATIONS, away_from
+from test_activation_common_normalization_layers import ACTIVATIONS, away_from
 
 from kaffe.engine import device
 from kaffe.engine import layer as layer_module

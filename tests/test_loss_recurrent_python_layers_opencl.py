@@ -1,5 +1,5 @@
-"""OpenCL side of the issue-4 losses and recurrent layers: CPU vs OpenCL parity, GPU-mode gradient checks, and the
-host fallback (with its one-time warning) for the layers Caffe has no GPU code for."""
+"""OpenCL side of test_loss_recurrent_python_layers' losses and recurrent layers: CPU vs OpenCL parity, GPU-mode
+gradient checks, and the host fallback (with its one-time warning) for the layers Caffe has no GPU code for."""
 import numpy as np
 import pytest
 from gradient_check import blobs_from, check_gradient, make_layer, opencl_available, rand, setup_layer
