@@ -172,9 +172,8 @@ class ForwardPlan:
         for key, step in sorted(first_write.items(), key=lambda item: item[1]):
             if key in fixed:
                 continue
-            for done_step, memory in [item for item in ends.items() if item[0] < step]:
-                free.extend(memory)
-                del ends[done_step]
+            for done_step in [s for s in ends if s < step]:
+                free.extend(ends.pop(done_step))
             count = max(net._blobs[i].count for i in groups[key])
             before += count
             fits = [m for m in free if m.count >= count]
