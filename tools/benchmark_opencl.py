@@ -86,13 +86,13 @@ def train_param(path=LENET, image_shape=MNIST_IMAGE_SHAPE):
     return param
 
 
-def training_iterations_per_second(net_param, iterations, rounds):
+def training_iterations_per_second(net_param, iterations, rounds, modes=("CPU", "OpenCL")):
     """{mode: median iterations/s} of SGD training (forward, backward, update; momentum and weight decay) in
-    CPU and OpenCL mode, one solver each, timed in alternating rounds after one warm-up round; and the OpenCL
-    commands of one iteration (opencl.stats over the timed OpenCL rounds)."""
+    each of `modes` (CPU, OpenCL), one solver each, timed in alternating rounds after one warm-up round; and
+    the OpenCL commands of one iteration (opencl.stats over the timed OpenCL rounds)."""
     from ..proto import caffe_pb2
     from ..solvers.solver import get_solver
-    solvers, times = {}, {"CPU": [], "OpenCL": []}
+    solvers, times = {}, {mode: [] for mode in modes}
     for mode in times:
         (device.set_mode_gpu if mode == "OpenCL" else device.set_mode_cpu)()
         param = caffe_pb2.SolverParameter(base_lr=0.001, momentum=0.9, weight_decay=0.0005, lr_policy="fixed",
@@ -177,6 +177,8 @@ def main(argv=None):
     parser.add_argument("--training", action="store_true",
                         help="LeNet and CIFAR-10 quick training iterations/s, OpenCL and CPU mode")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (--training, --zoo)")
+    parser.add_argument("--no-cpu", action="store_true", help="--training: time OpenCL mode only (a slow host "
+                                                                "CPU would take most of the run)")
     parser.add_argument("--zoo", default="", help="comma-separated zoo nets (models/<name>/deploy.prototxt) "
                                                   "to time forward, e.g. alexnet,googlenet,resnet50,mobilenet_v1")
     parser.add_argument("--batches", default="1,32", help="batch sizes for --zoo")
@@ -198,9 +200,11 @@ def main(argv=None):
 
     if args.training:
         for name, (path, shape) in TRAINING_NETS.items():
-            rates, commands = training_iterations_per_second(train_param(path, shape), args.iterations, args.rounds)
-            logger.info(f"{name} training: OpenCL {rates['OpenCL']:.1f} iter/s, CPU {rates['CPU']:.1f} iter/s "
-                        f"(median of {args.rounds} rounds of {args.iterations})")
+            modes = ("OpenCL",) if args.no_cpu else ("CPU", "OpenCL")
+            rates, commands = training_iterations_per_second(train_param(path, shape), args.iterations, args.rounds,
+                                                             modes)
+            logger.info(f"{name} training: " + ", ".join(f"{m} {rates[m]:.1f} iter/s" for m in reversed(modes))
+                        + f" (median of {args.rounds} rounds of {args.iterations})")
             logger.info(f"{name} {commands}")
     for name in filter(None, args.zoo.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
