@@ -5,7 +5,8 @@
 // neighbouring addresses. `total` is the number of work-items that do work (the launch is rounded up to the
 // work-group size). Array arguments come with an offset in floats (views of a bigger buffer).
 //
-// Compile-time setting (-D): SUM_GROUP, the work-group size of channel_sum (a power of two).
+// Compile-time setting (-D): SUM_GROUP, the work-group size of the reductions channel_sum and
+// depthwise_weight_gradient (a power of two).
 
 // -- convolution ------------------------------------------------------------------------------------------
 // The column matrix of a batch of N images: tap (i, j) of channel c is row (c * KH + i) * KW + j, and output
@@ -14,10 +15,10 @@
 // (C * KH * KW) x (N * OH * OW) matrix (row_stride N * OH * OW, sample_stride OH * OW); the Im2col layer gives
 // each sample its own (C * KH * KW) x (OH * OW) block (row_stride OH * OW, sample_stride C * KH * KW * OH * OW).
 // Taps that fall in the padding are 0. One work-item per (c, n, oh, ow) writes its KH * KW taps.
-#define TRANSFORM_GEOMETRY const int N, const int C, const int H, const int W, const int KH, const int KW, \
-                           const int pad_h, const int pad_w, const int stride_h, const int stride_w, \
-                           const int dil_h, const int dil_w, const int OH, const int OW, \
-                           const int row_stride, const int sample_stride
+#define CONV_GEOMETRY const int N, const int C, const int H, const int W, const int KH, const int KW, \
+                      const int pad_h, const int pad_w, const int stride_h, const int stride_w, \
+                      const int dil_h, const int dil_w, const int OH, const int OW
+#define TRANSFORM_GEOMETRY CONV_GEOMETRY, const int row_stride, const int sample_stride
 
 __kernel void im2col(const int total, __global const float* im, const int im_off, TRANSFORM_GEOMETRY,
                      __global float* col, const int col_off) {
@@ -91,7 +92,21 @@ __kernel void nchw_to_rows(const int total, __global const float* x, const int x
     rows[rows_off + idx] = x[x_off + (n * O + o) * L + l];
 }
 
-// out[o] += the sum of x (N, O, L) over n and l: one work-group per channel o, a tree sum in local memory.
+// The sum of every work-item's v over a SUM_GROUP work-group, a tree sum in `scratch` (SUM_GROUP floats of
+// local memory): valid in work-item 0. The same order on every run (no atomics).
+inline float group_sum(__local float* scratch, const float v) {
+    const int lid = get_local_id(0);
+    scratch[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int stride = SUM_GROUP / 2; stride > 0; stride >>= 1) {
+        if (lid < stride)
+            scratch[lid] += scratch[lid + stride];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    return scratch[0];
+}
+
+// out[o] += the sum of x (N, O, L) over n and l: one work-group per channel o.
 __kernel __attribute__((reqd_work_group_size(SUM_GROUP, 1, 1)))
 void channel_sum(const int N, const int O, const int L, __global const float* x, const int x_off,
                  __global float* out, const int out_off) {
@@ -102,15 +117,110 @@ void channel_sum(const int N, const int O, const int L, __global const float* x,
         const int n = i / L, l = i - n * L;
         v += x[x_off + (n * O + o) * L + l];
     }
-    scratch[lid] = v;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int stride = SUM_GROUP / 2; stride > 0; stride >>= 1) {
-        if (lid < stride)
-            scratch[lid] += scratch[lid + stride];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
+    v = group_sum(scratch, v);
     if (lid == 0)
-        out[out_off + o] += scratch[0];
+        out[out_off + o] += v;
+}
+
+// -- depthwise convolution --------------------------------------------------------------------------------
+// Each of the C image channels (N, C, H, W) has its own M filters of KH x KW taps (weights (C * M, KH, KW)):
+// output channel o of the rows (N, C * M, OH, OW) convolves image channel o / M (M = 1: depthwise; M > 1:
+// a channel multiplier). Geometry as im2col's. Convolution's forward and Deconvolution's bottom diff are
+// depthwise_conv, the other way depthwise_conv_transposed; both add bias[channel] when has_bias (bias may be
+// any buffer otherwise).
+
+// One work-item per output value (n, o, oh, ow).
+__kernel void depthwise_conv(const int total, __global const float* im, const int im_off,
+                             __global const float* weight, const int weight_off, const int has_bias,
+                             __global const float* bias, const int bias_off, CONV_GEOMETRY, const int M,
+                             __global float* rows, const int rows_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int ow = idx % OW;
+    int rest = idx / OW;
+    const int oh = rest % OH;
+    rest /= OH;
+    const int o = rest % (C * M);
+    const int n = rest / (C * M);
+    __global const float* plane = im + im_off + (n * C + o / M) * H * W;
+    __global const float* filter = weight + weight_off + o * KH * KW;
+    const int h0 = oh * stride_h - pad_h, w0 = ow * stride_w - pad_w;
+    float sum = 0.0f;
+    for (int i = 0; i < KH; ++i) {
+        const int h = h0 + i * dil_h;
+        if (h < 0 || h >= H)
+            continue;
+        for (int j = 0; j < KW; ++j) {
+            const int w = w0 + j * dil_w;
+            if (w >= 0 && w < W)
+                sum += filter[i * KW + j] * plane[h * W + w];
+        }
+    }
+    rows[rows_off + idx] = has_bias ? sum + bias[bias_off + o] : sum;
+}
+
+// The adjoint: one work-item per image value (n, c, h, w) gathers, over its channel's M filters, the outputs
+// whose windows cover it (as col2im; no atomics), and overwrites the image.
+__kernel void depthwise_conv_transposed(const int total, __global const float* rows, const int rows_off,
+                                        __global const float* weight, const int weight_off, const int has_bias,
+                                        __global const float* bias, const int bias_off, CONV_GEOMETRY,
+                                        const int M, __global float* im, const int im_off) {
+    const int idx = get_global_id(0);
+    if (idx >= total)
+        return;
+    const int w = idx % W;
+    int rest = idx / W;
+    const int h = rest % H;
+    rest /= H;
+    const int c = rest % C;
+    const int n = rest / C;
+    float sum = 0.0f;
+    for (int o = c * M; o < (c + 1) * M; ++o) {
+        __global const float* plane = rows + rows_off + (n * C * M + o) * OH * OW;
+        __global const float* filter = weight + weight_off + o * KH * KW;
+        for (int i = 0; i < KH; ++i) {
+            const int th = h + pad_h - i * dil_h;  // oh * stride_h when tap i of output row oh reads row h
+            if (th < 0 || th % stride_h)
+                continue;
+            const int oh = th / stride_h;
+            if (oh >= OH)
+                continue;
+            for (int j = 0; j < KW; ++j) {
+                const int tw = w + pad_w - j * dil_w;
+                if (tw < 0 || tw % stride_w)
+                    continue;
+                const int ow = tw / stride_w;
+                if (ow < OW)
+                    sum += filter[i * KW + j] * plane[oh * OW + ow];
+            }
+        }
+    }
+    im[im_off + idx] = has_bias ? sum + bias[bias_off + c] : sum;
+}
+
+// weight_diff[o, i, j] += the sum over samples and output positions of rows[n, o, oh, ow] times the image
+// value tap (i, j) of that output reads: one work-group per weight value, a tree sum (deterministic).
+__kernel __attribute__((reqd_work_group_size(SUM_GROUP, 1, 1)))
+void depthwise_weight_gradient(__global const float* rows, const int rows_off, __global const float* im,
+                               const int im_off, CONV_GEOMETRY, const int M, __global float* weight_diff,
+                               const int diff_off) {
+    __local float scratch[SUM_GROUP];
+    const int tap = get_group_id(0), lid = get_local_id(0);
+    const int j = tap % KW, i = tap / KW % KH, o = tap / (KH * KW);
+    const int positions = OH * OW;
+    const int dh = i * dil_h - pad_h, dw = j * dil_w - pad_w;
+    float v = 0.0f;
+    for (int p = lid; p < N * positions; p += SUM_GROUP) {
+        const int n = p / positions, q = p - n * positions;
+        const int oh = q / OW, ow = q - oh * OW;
+        const int h = oh * stride_h + dh, w = ow * stride_w + dw;
+        if (h >= 0 && h < H && w >= 0 && w < W)
+            v += rows[rows_off + (n * C * M + o) * positions + q] * im[im_off + ((n * C + o / M) * H + h) * W + w];
+    }
+    v = group_sum(scratch, v);
+    if (lid == 0)
+        weight_diff[diff_off + tap] += v;
 }
 
 // y[i] += bias[(i / inner) % O] (InnerProduct: inner = 1).

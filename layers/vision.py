@@ -49,12 +49,15 @@ def run_kernel(name, total, *args):
     opencl.launch(KERNELS, name, total, *args, defines={"SUM_GROUP": SUM_GROUP})
 
 
+def run_group_sum(name, outputs, *args):
+    """Run vision.cl reduction `name` with one SUM_GROUP work-group per output value (Python ints become int32)."""
+    opencl.kernel(KERNELS, name, {"SUM_GROUP": SUM_GROUP})(
+        opencl.queue(), (outputs * SUM_GROUP,), (SUM_GROUP,), *(np.int32(a) if isinstance(a, int) else a for a in args))
+
+
 def channel_sum(x, num, channels, inner, out):
     """out[c] += the sum of x (num, channels, inner) over num and inner (a bias gradient), on the device."""
-    cl = opencl
-    cl.kernel(KERNELS, "channel_sum", {"SUM_GROUP": SUM_GROUP})(
-        cl.queue(), (channels * SUM_GROUP,), (SUM_GROUP,), np.int32(num), np.int32(channels), np.int32(inner),
-        *opencl.device_args(x), *opencl.device_args(out))
+    run_group_sum("channel_sum", channels, num, channels, inner, *opencl.device_args(x), *opencl.device_args(out))
 
 
 # -- the column transform ---------------------------------------------------------------------------
@@ -190,17 +193,23 @@ def conv_geometry(param, num_spatial, where):
     return kernel, stride, pad, dilation
 
 
-def transform_args_2d(num, channels, spatial, out_spatial, kernel, stride, pad, dilation, row_stride, sample_stride):
-    """The geometry arguments of vision.cl's im2col / col2im for a 1-D or 2-D transform (1-D: a unit row).
-
-    row_stride / sample_stride place the columns: tap row r of sample n starts at r * row_stride +
-    n * sample_stride (the convolutions' (C*K, num*L) matrix: num*L and L; Im2col's (num, C*K, L): L and C*K*L).
-    """
+def conv_args_2d(num, channels, spatial, out_spatial, kernel, stride, pad, dilation):
+    """The geometry arguments (vision.cl's CONV_GEOMETRY) of a 1-D or 2-D convolution (1-D: a unit row)."""
     lead = 2 - len(spatial)
     (h, w), (oh, ow), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = [
         (fill,) * lead + tuple(values) for fill, values in
         ((1, spatial), (1, out_spatial), (1, kernel), (1, stride), (0, pad), (1, dilation))]
-    return (num, channels, h, w, kh, kw, ph, pw, sh, sw, dh, dw, oh, ow, row_stride, sample_stride)
+    return (num, channels, h, w, kh, kw, ph, pw, sh, sw, dh, dw, oh, ow)
+
+
+def transform_args_2d(num, channels, spatial, out_spatial, kernel, stride, pad, dilation, row_stride, sample_stride):
+    """The geometry arguments of vision.cl's im2col / col2im for a 1-D or 2-D transform.
+
+    row_stride / sample_stride place the columns: tap row r of sample n starts at r * row_stride +
+    n * sample_stride (the convolutions' (C*K, num*L) matrix: num*L and L; Im2col's (num, C*K, L): L and C*K*L).
+    """
+    return conv_args_2d(num, channels, spatial, out_spatial, kernel, stride, pad, dilation) + (row_stride,
+                                                                                              sample_stride)
 
 
 # -- Convolution and Deconvolution ------------------------------------------------------------------
@@ -253,6 +262,9 @@ class BaseConvolutionLayer(Layer):
         # a 1x1 convolution with stride 1 and no padding is its own column matrix: a GEMM on the NCHW data
         self.pointwise = (not self.transposed and all(k == 1 for k in self.kernel) and
                           all(s == 1 for s in self.stride) and not any(self.pad))
+        # each group convolves one channel of the image side (depthwise; with a channel multiplier when
+        # conv_out_channels > group): OpenCL computes it directly, without columns or GEMMs
+        self.depthwise = 1 < self.group == self.conv_in_channels
 
     def top_spatial(self, spatial, where):
         """The top's spatial shape for a bottom's (checked)."""
@@ -402,7 +414,9 @@ class BaseConvolutionLayer(Layer):
 
     def _backward_columns_gpu(self, index, blob, image, first, samples):
         """The columns of `image` for backward: those forward kept for bottom `index` (`blob`) while its data
-        has not changed since, else im2col's."""
+        has not changed since, else im2col's; a pointwise layer's one sample (C, L) is its own columns."""
+        if self.pointwise and samples == 1:
+            return image[first * self._image_size():]
         kept = getattr(self, "_kept_columns", {})
         if index in kept and kept[index] == blob.data_version():
             return opencl.scratch(self, f"kept columns {index}", 0)
@@ -419,19 +433,23 @@ class BaseConvolutionLayer(Layer):
         """One GEMM per group; product picks which: "columns" = W^T @ rows, "weight" = rows @ col^T added to the
         weight diff (W @ col: _rows_product_gpu). The rows side is a regrouped (O, N * L) copy, or, with rows_at
         (a first sample), read straight from the (N, O, L) array (a convolution's top diff): the columns as one
-        batched GEMM over the samples, the weight with K running over the samples' blocks."""
+        batched GEMM over the samples (a pointwise layer's written straight into c, its (N, C, L) image-side
+        array), the weight with K running over the samples' blocks."""
         out_per_group, positions = self.conv_out_channels // self.group, self.column_count
         width = samples * positions
         weight_step, rows_step, col_step = out_per_group * self.kernel_dim, out_per_group * width, \
             self.kernel_dim * width
         nchw = rows_at is not None
         rows_offset = (rows_at or 0) * self._rows_size()
+        # where group g's columns of the first sample start, their row stride and the step between samples
+        c_at, ldc, c_step = ((rows_at or 0) * self._image_size(), positions, self._image_size()) if self.pointwise \
+            else (0, width, positions)
         for g in range(self.group):
             rows_g = rows_offset + g * out_per_group * positions if nchw else g * rows_step
             if product == "columns" and nchw:
                 opencl.gemm(True, False, self.kernel_dim, positions, out_per_group, 1.0, a, b, 0.0, c,
-                            a_offset=g * weight_step, b_offset=rows_g, c_offset=g * col_step, batch=samples,
-                            strides=(0, self._rows_size(), positions), ldb=positions, ldc=width)
+                            a_offset=g * weight_step, b_offset=rows_g, c_offset=c_at + g * self.kernel_dim * ldc,
+                            batch=samples, strides=(0, self._rows_size(), c_step), ldb=positions, ldc=ldc)
             elif product == "columns":
                 opencl.gemm(True, False, self.kernel_dim, width, out_per_group, 1.0, a, b, 0.0, c,
                             a_offset=g * weight_step, b_offset=rows_g, c_offset=g * col_step)
@@ -443,19 +461,24 @@ class BaseConvolutionLayer(Layer):
     def _rows_product_gpu(self, weight, col, out, first, samples, add_bias):
         """W @ col for samples [first, first + samples), written into the device rows-side array out (N, O, L):
         per group one batched GEMM, sample n reading its columns from col and writing its rows straight into
-        out, the bias added as they are written."""
+        out, the bias added as they are written. A pointwise layer's col is its (N, C, L) bottom as it is."""
         out_per_group, width = self.conv_out_channels // self.group, samples * self.column_count
         bias = self.blobs[1].gpu_data() if add_bias else None
+        # where the first sample's columns start, their row stride and the step between samples
+        col_at, ldb, col_step = (first * self._image_size(), self.column_count, self._image_size()) \
+            if self.pointwise else (0, width, self.column_count)
         for g in range(self.group):
             opencl.gemm(False, False, out_per_group, self.column_count, self.kernel_dim, 1.0, weight, col, 0.0, out,
-                        a_offset=g * out_per_group * self.kernel_dim, b_offset=g * self.kernel_dim * width,
+                        a_offset=g * out_per_group * self.kernel_dim, b_offset=col_at + g * self.kernel_dim * ldb,
                         c_offset=first * self._rows_size() + g * out_per_group * self.column_count,
-                        batch=samples, strides=(0, self.column_count, self._rows_size()), ldb=width,
+                        batch=samples, strides=(0, col_step, self._rows_size()), ldb=ldb,
                         ldc=self.column_count, bias=bias[g * out_per_group:] if add_bias else None, bias_axis=0)
 
     def _columns_product_gpu(self, weight, rows, image, first, samples, rows_at=None):
         """W^T @ rows for samples [first, first + samples), folded (col2im) into the device image-side array
-        (rows_at: see _group_gemm_gpu)."""
+        (rows_at: see _group_gemm_gpu); a pointwise layer's product is that array itself."""
+        if self.pointwise:
+            return self._group_gemm_gpu("columns", samples, weight, rows, image, rows_at)
         col = opencl.scratch(self, "columns", self.kernel_dim * self.group * samples * self.column_count)
         self._group_gemm_gpu("columns", samples, weight, rows, col, rows_at)
         self._col2im_gpu(col, image, first, samples)
@@ -464,20 +487,59 @@ class BaseConvolutionLayer(Layer):
         if self.bias_term and self.param_propagate_down[1]:
             channel_sum(top_diff, self.num, self.num_output, self.top_count, self.blobs[1].mutable_gpu_diff())
 
+    def _depthwise_args(self):
+        """vision.cl's depthwise geometry: CONV_GEOMETRY over the image side's channels, then the multiplier."""
+        return conv_args_2d(self.num, self.group, self.image_spatial, self.column_spatial, self.kernel, self.stride,
+                            self.pad, self.dilation) + (self.conv_out_channels // self.group,)
+
+    def _depthwise_gpu(self, to_rows, source, out, bias=None):
+        """A depthwise layer's rows (to_rows: vision.cl's depthwise_conv) or image side (depthwise_conv_transposed)
+        from the other side's device array, written into out for the whole batch in one launch, with bias (a
+        device array) added."""
+        weight = self.blobs[0].gpu_data()
+        run_kernel("depthwise_conv" if to_rows else "depthwise_conv_transposed", out.size,
+                   *opencl.device_args(source), *opencl.device_args(weight), bias is not None,
+                   *opencl.device_args(weight if bias is None else bias), *self._depthwise_args(),
+                   *opencl.device_args(out))
+
+    def _depthwise_forward_gpu(self, bottom, top):
+        bias = self.blobs[1].gpu_data() if self.bias_term else None
+        for b, t in zip(bottom, top):
+            self._depthwise_gpu(not self.transposed, b.gpu_data(), t.mutable_gpu_data(), bias)
+
+    def _depthwise_backward_gpu(self, top, propagate_down, bottom):
+        """The bias gradient (channel_sum), the weight gradient (one work-group per weight value) and the bottom
+        diff (the other direction of forward), each one launch over the whole batch."""
+        for t, down, b in zip(top, propagate_down, bottom):
+            top_diff = t.gpu_diff()
+            self._add_bias_gradient_gpu(top_diff)
+            if self.param_propagate_down[0]:
+                rows, image = (b.gpu_data(), top_diff) if self.transposed else (top_diff, b.gpu_data())
+                run_group_sum("depthwise_weight_gradient", self.blobs[0].count, *opencl.device_args(rows),
+                              *opencl.device_args(image), *self._depthwise_args(),
+                              *opencl.device_args(self.blobs[0].mutable_gpu_diff()))
+            if down:
+                self._depthwise_gpu(self.transposed, top_diff, b.mutable_gpu_diff())
+
     def forward_gpu(self, bottom, top):
         """Convolution: W @ im2col(bottom), the bias added as the rows are written into the top. Deconvolution:
         W^T @ (bottom as rows) folded into the top by col2im, then the bias."""
         if self.num_spatial > 2:
             return super().forward_gpu(bottom, top)
+        if self.depthwise:
+            return self._depthwise_forward_gpu(bottom, top)
         weight = self.blobs[0].gpu_data()
-        chunks = self._chunks()
+        chunks = [(0, self.num)] if self.pointwise else self._chunks()
         # one chunk of a layer that learns its weights: backward's weight gradient reuses these columns
-        keep = len(chunks) == 1 and self.needs_backward and self.param_propagate_down[0] and not self.transposed
+        keep = len(chunks) == 1 and self.needs_backward and self.param_propagate_down[0] and not self.transposed \
+            and not self.pointwise
         self._kept_columns = {i: b.data_version() for i, b in enumerate(bottom)} if keep else {}
         for i, (b, t) in enumerate(zip(bottom, top)):
             data, out = b.gpu_data(), t.mutable_gpu_data()
             for first, samples in chunks:
-                if self.transposed:
+                if self.pointwise:
+                    self._rows_product_gpu(weight, data, out, first, samples, self.bias_term)
+                elif self.transposed:
                     self._columns_product_gpu(weight, self._to_rows_gpu(data, first, samples), out, first, samples)
                 else:
                     self._rows_product_gpu(weight, self._im2col_gpu(data, first, samples, i if keep else None),
@@ -493,6 +555,8 @@ class BaseConvolutionLayer(Layer):
         the scratch it reads."""
         if self.num_spatial > 2:
             return super().backward_gpu(top, propagate_down, bottom)
+        if self.depthwise:
+            return self._depthwise_backward_gpu(top, propagate_down, bottom)
         want_weight = self.param_propagate_down[0]
         for i, (t, down, b) in enumerate(zip(top, propagate_down, bottom)):
             top_diff = t.gpu_diff()
