@@ -226,8 +226,10 @@ class BaseConvolutionLayer(Layer):
 
     OpenCL: 1-D and 2-D (1-D as 2-D with a unit row) run the im2col/col2im kernels of vision.cl and one GEMM per
     group over the columns of all samples side by side, (C/group * kernel) x (num * positions), in chunks of
-    samples only when those columns would exceed COLUMN_BUFFER_LIMIT floats. 3-D and higher run the CPU code
-    (the base class's fallback, with its one-time warning).
+    samples only when those columns would exceed COLUMN_BUFFER_LIMIT floats. Two kinds skip the columns: a
+    depthwise layer (each group one image-side channel) runs vision.cl's depthwise kernels, one launch per
+    direction for the whole batch, and a pointwise Convolution (1x1, stride 1, no pad) multiplies its NCHW
+    bottom as it is. 3-D and higher run the CPU code (the base class's fallback, with its one-time warning).
     """
     min_bottom_blobs = 1
     min_top_blobs = 1
