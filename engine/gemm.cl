@@ -19,19 +19,27 @@
 //   VEC_A, VEC_B      1, 2 or 4: width of the global loads along the contiguous axis of A / B; the host picks
 //                     a width > 1 only when the leading dimension and the offset are multiples of it, so that
 //                     every vector starts aligned
+//   LOCAL_VEC         1 or 4: a work-item's register block is made of runs of LOCAL_VEC adjacent rows / columns,
+//                     read from local memory as one float4 each (4: a quarter of the local-memory loads, which
+//                     bound the scalar variant on GPUs; WPT_M and WPT_N must be multiples of it)
+//   PREFETCH          0/1: fetch the next K step's global values into registers before computing on the current
+//                     tiles, so that global latency overlaps the arithmetic (costs registers)
 //
 // The work-group is (TS_N / WPT_N) x (TS_M / WPT_M) work-items. Each K step, the group copies a TS_M x TS_K
 // slice of op(A) and a TS_K x TS_N slice of op(B) into local memory with coalesced reads, then every work-item
-// accumulates its register block from there. A work-item's outputs are strided by the group's extent
-// (rather than adjacent) so that neighbouring work-items touch neighbouring addresses: C stores coalesce and
-// local reads spread over the banks.
+// accumulates its register block from there. A work-item's outputs are runs of LOCAL_VEC strided by the group's
+// extent (rather than one block) so that neighbouring work-items touch neighbouring addresses: C stores coalesce
+// and local reads spread over the banks.
 
 #define RTS_M (TS_M / WPT_M)
 #define RTS_N (TS_N / WPT_N)
 #define GROUP_SIZE (RTS_M * RTS_N)
-// one spare column: the transposing copies into local memory would otherwise hit one bank per K row
-#define LDS_M (TS_M + 1)
-#define LDS_N (TS_N + 1)
+// spare columns: the transposing copies into local memory would otherwise hit one bank per K row (LOCAL_VEC of
+// them keep the float4 reads aligned)
+#define LDS_M (TS_M + LOCAL_VEC)
+#define LDS_N (TS_N + LOCAL_VEC)
+// the tile row / column of a work-item's i-th register: runs of LOCAL_VEC, one run per group extent
+#define BLOCK_POS(i, t, RTS) (((i) / LOCAL_VEC) * ((RTS) * LOCAL_VEC) + (t) * LOCAL_VEC + (i) % LOCAL_VEC)
 // vector loads per work-item and tile; the last round may be partial
 #define LOADS_A ((TS_M * TS_K / VEC_A + GROUP_SIZE - 1) / GROUP_SIZE)
 #define LOADS_B ((TS_K * TS_N / VEC_B + GROUP_SIZE - 1) / GROUP_SIZE)
@@ -61,16 +69,22 @@ typedef float float_b;
 typedef union { float_a v; float s[VEC_A]; } vec_a;
 typedef union { float_b v; float s[VEC_B]; } vec_b;
 
-// Copy op(A)[m0 : m0 + TS_M, k0 : k0 + TS_K] into As[k][m], zero outside the matrix.
-inline void load_a_tile(__global const float* A, int lda, int M, int K, int m0, int k0,
-                        __local float* As, int tid) {
+// A work-item's share of a tile is LOADS_* vectors, the r-th at index tid + r * GROUP_SIZE of the tile's vectors
+// (the last round may be partial). The fetch (global -> registers) and the store (registers -> local memory)
+// are apart so that PREFETCH can overlap a fetch with the arithmetic.
 #if TRANS_A
-    // stored K x M: contiguous along m
-    #define A_RUN TS_M
+#define A_RUN TS_M  // stored K x M: contiguous along m
 #else
-    // stored M x K: contiguous along k
-    #define A_RUN TS_K
+#define A_RUN TS_K  // stored M x K: contiguous along k
 #endif
+#if TRANS_B
+#define B_RUN TS_K  // stored N x K: contiguous along k
+#else
+#define B_RUN TS_N  // stored K x N: contiguous along n
+#endif
+
+// op(A)[m0 : m0 + TS_M, k0 : k0 + TS_K] into registers, zero outside the matrix.
+inline void fetch_a(__global const float* A, int lda, int M, int K, int m0, int k0, int tid, vec_a* x) {
     #pragma unroll
     for (int r = 0; r < LOADS_A; ++r) {
         const int l = tid + r * GROUP_SIZE;
@@ -79,81 +93,97 @@ inline void load_a_tile(__global const float* A, int lda, int M, int K, int m0, 
         const int run = (l % (A_RUN / VEC_A)) * VEC_A;  // position along the contiguous axis
         const int line = l / (A_RUN / VEC_A);           // position along the other axis
 #if TRANS_A
-        const int m = run, k = line;
-        const int gline = k0 + k, grun = m0 + m, run_end = M, line_end = K;
+        const int gline = k0 + line, grun = m0 + run, run_end = M, line_end = K;
 #else
-        const int m = line, k = run;
-        const int gline = m0 + m, grun = k0 + k, run_end = K, line_end = M;
+        const int gline = m0 + line, grun = k0 + run, run_end = K, line_end = M;
 #endif
-        vec_a x;
 #if A_K_BLOCK
         __global const float* p = A + (size_t)(grun / A_K_BLOCK) * A_K_STRIDE + (size_t)gline * lda + grun % A_K_BLOCK;
 #else
         __global const float* p = A + (size_t)gline * lda + grun;
 #endif
         if (gline < line_end && grun + VEC_A <= run_end) {
-            x.v = LOAD_A(p);
+            x[r].v = LOAD_A(p);
         } else {
             #pragma unroll
             for (int c = 0; c < VEC_A; ++c)
-                x.s[c] = (gline < line_end && grun + c < run_end) ? p[c] : 0.0f;
+                x[r].s[c] = (gline < line_end && grun + c < run_end) ? p[c] : 0.0f;
         }
+    }
+}
+
+// The fetched op(A) tile into As[k][m].
+inline void store_a(const vec_a* x, __local float* As, int tid) {
+    #pragma unroll
+    for (int r = 0; r < LOADS_A; ++r) {
+        const int l = tid + r * GROUP_SIZE;
+        if (l >= TS_M * TS_K / VEC_A)
+            break;
+        const int run = (l % (A_RUN / VEC_A)) * VEC_A, line = l / (A_RUN / VEC_A);
         #pragma unroll
         for (int c = 0; c < VEC_A; ++c) {
 #if TRANS_A
-            As[k * LDS_M + m + c] = x.s[c];
+            As[line * LDS_M + run + c] = x[r].s[c];
 #else
-            As[(k + c) * LDS_M + m] = x.s[c];
+            As[(run + c) * LDS_M + line] = x[r].s[c];
 #endif
         }
     }
-    #undef A_RUN
 }
 
-// Copy op(B)[k0 : k0 + TS_K, n0 : n0 + TS_N] into Bs[k][n], zero outside the matrix.
-inline void load_b_tile(__global const float* B, int ldb, int N, int K, int n0, int k0,
-                        __local float* Bs, int tid) {
-#if TRANS_B
-    // stored N x K: contiguous along k
-    #define B_RUN TS_K
-#else
-    // stored K x N: contiguous along n
-    #define B_RUN TS_N
-#endif
+// op(B)[k0 : k0 + TS_K, n0 : n0 + TS_N] into registers, zero outside the matrix.
+inline void fetch_b(__global const float* B, int ldb, int N, int K, int n0, int k0, int tid, vec_b* x) {
     #pragma unroll
     for (int r = 0; r < LOADS_B; ++r) {
         const int l = tid + r * GROUP_SIZE;
         if (l >= TS_K * TS_N / VEC_B)
             break;
-        const int run = (l % (B_RUN / VEC_B)) * VEC_B;
-        const int line = l / (B_RUN / VEC_B);
+        const int run = (l % (B_RUN / VEC_B)) * VEC_B, line = l / (B_RUN / VEC_B);
 #if TRANS_B
-        const int n = line, k = run;
-        const int gline = n0 + n, grun = k0 + k, run_end = K, line_end = N;
+        const int gline = n0 + line, grun = k0 + run, run_end = K, line_end = N;
 #else
-        const int n = run, k = line;
-        const int gline = k0 + k, grun = n0 + n, run_end = N, line_end = K;
+        const int gline = k0 + line, grun = n0 + run, run_end = N, line_end = K;
 #endif
-        vec_b x;
         __global const float* p = B + (size_t)gline * ldb + grun;
         if (gline < line_end && grun + VEC_B <= run_end) {
-            x.v = LOAD_B(p);
+            x[r].v = LOAD_B(p);
         } else {
             #pragma unroll
             for (int c = 0; c < VEC_B; ++c)
-                x.s[c] = (gline < line_end && grun + c < run_end) ? p[c] : 0.0f;
+                x[r].s[c] = (gline < line_end && grun + c < run_end) ? p[c] : 0.0f;
         }
+    }
+}
+
+// The fetched op(B) tile into Bs[k][n].
+inline void store_b(const vec_b* x, __local float* Bs, int tid) {
+    #pragma unroll
+    for (int r = 0; r < LOADS_B; ++r) {
+        const int l = tid + r * GROUP_SIZE;
+        if (l >= TS_K * TS_N / VEC_B)
+            break;
+        const int run = (l % (B_RUN / VEC_B)) * VEC_B, line = l / (B_RUN / VEC_B);
         #pragma unroll
         for (int c = 0; c < VEC_B; ++c) {
 #if TRANS_B
-            Bs[(k + c) * LDS_N + n] = x.s[c];
+            Bs[(run + c) * LDS_N + line] = x[r].s[c];
 #else
-            Bs[k * LDS_N + n + c] = x.s[c];
+            Bs[line * LDS_N + run + c] = x[r].s[c];
 #endif
         }
     }
-    #undef B_RUN
 }
+
+// A work-item's WPT registers of local row k: float4 runs when LOCAL_VEC is 4
+#if LOCAL_VEC == 4
+#define READ_BLOCK(dst, tile, WPT, t, RTS) \
+    _Pragma("unroll") for (int g = 0; g < (WPT) / 4; ++g) { \
+        const float4 v = *(__local const float4*)(tile + g * (RTS) * 4 + (t) * 4); \
+        dst[4 * g] = v.s0; dst[4 * g + 1] = v.s1; dst[4 * g + 2] = v.s2; dst[4 * g + 3] = v.s3; }
+#else
+#define READ_BLOCK(dst, tile, WPT, t, RTS) \
+    _Pragma("unroll") for (int i = 0; i < (WPT); ++i) dst[i] = tile[(t) + i * (RTS)];
+#endif
 
 __kernel __attribute__((reqd_work_group_size(RTS_N, RTS_M, 1)))
 void gemm(const int M, const int N, const int K, const float alpha,
@@ -162,8 +192,8 @@ void gemm(const int M, const int N, const int K, const float alpha,
           const float beta, __global float* C, const int c_offset, const int ldc, const int k_chunk,
           const int stride_a, const int stride_b, const int stride_c,
           __global const float* bias, const int bias_offset) {
-    __local float As[TS_K * LDS_M];
-    __local float Bs[TS_K * LDS_N];
+    __local float As[TS_K * LDS_M] __attribute__((aligned(16)));
+    __local float Bs[TS_K * LDS_N] __attribute__((aligned(16)));
 
     const int tn = get_local_id(0), tm = get_local_id(1);
     const int tid = tm * RTS_N + tn;
@@ -190,19 +220,25 @@ void gemm(const int M, const int N, const int K, const float alpha,
         for (int j = 0; j < WPT_N; ++j)
             acc[i][j] = 0.0f;
 
+    vec_a ra[LOADS_A];
+    vec_b rb[LOADS_B];
+    fetch_a(A, lda, M, K, m0, k_begin, tid, ra);
+    fetch_b(B, ldb, N, K, n0, k_begin, tid, rb);
     for (int k0 = k_begin; k0 < k_end; k0 += TS_K) {
-        load_a_tile(A, lda, M, K, m0, k0, As, tid);
-        load_b_tile(B, ldb, N, K, n0, k0, Bs, tid);
+        store_a(ra, As, tid);
+        store_b(rb, Bs, tid);
         barrier(CLK_LOCAL_MEM_FENCE);
+#if PREFETCH
+        if (k0 + TS_K < k_end) {
+            fetch_a(A, lda, M, K, m0, k0 + TS_K, tid, ra);
+            fetch_b(B, ldb, N, K, n0, k0 + TS_K, tid, rb);
+        }
+#endif
         #pragma unroll
         for (int k = 0; k < TS_K; ++k) {
             float a[WPT_M], b[WPT_N];
-            #pragma unroll
-            for (int i = 0; i < WPT_M; ++i)
-                a[i] = As[k * LDS_M + tm + i * RTS_M];
-            #pragma unroll
-            for (int j = 0; j < WPT_N; ++j)
-                b[j] = Bs[k * LDS_N + tn + j * RTS_N];
+            READ_BLOCK(a, (As + k * LDS_M), WPT_M, tm, RTS_M)
+            READ_BLOCK(b, (Bs + k * LDS_N), WPT_N, tn, RTS_N)
             #pragma unroll
             for (int i = 0; i < WPT_M; ++i)
                 #pragma unroll
@@ -211,14 +247,20 @@ void gemm(const int M, const int N, const int K, const float alpha,
         }
         // the next step overwrites the tiles
         barrier(CLK_LOCAL_MEM_FENCE);
+#if !PREFETCH
+        if (k0 + TS_K < k_end) {
+            fetch_a(A, lda, M, K, m0, k0 + TS_K, tid, ra);
+            fetch_b(B, ldb, N, K, n0, k0 + TS_K, tid, rb);
+        }
+#endif
     }
 
     #pragma unroll
     for (int i = 0; i < WPT_M; ++i) {
-        const int m = m0 + tm + i * RTS_M;
+        const int m = m0 + BLOCK_POS(i, tm, RTS_M);
         #pragma unroll
         for (int j = 0; j < WPT_N; ++j) {
-            const int n = n0 + tn + j * RTS_N;
+            const int n = n0 + BLOCK_POS(j, tn, RTS_N);
             if (m < M && n < N) {
 #if SPLIT_K
                 C[((size_t)get_group_id(2) * M + m) * N + n] = alpha * acc[i][j];

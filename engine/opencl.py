@@ -5,6 +5,7 @@ Device arrays are float32 `pyopencl.array.Array`s; views with an offset (e.g. `b
 accepted wherever an array is, the offset is passed to the kernels. All work goes to the selected device's one
 in-order queue, so kernels run in the order they are enqueued and only reads back to the host wait.
 """
+import collections
 import functools
 import importlib.resources
 import math
@@ -17,6 +18,7 @@ import pyopencl.array as cla
 import pyopencl.tools as cltools
 
 from . import device as kaffe_device
+from . import gemm_tuning
 from .errors import KaffeError
 from .log import logger
 from .opencl_codegen import SYMBOLIC_OPS, Expr, literal, symbolic_params
@@ -482,12 +484,13 @@ def dot(x, y, n=None, out=None, scale=1.0):
 
 # -- GEMM ------------------------------------------------------------------------------------------------
 GEMM_BACKENDS = ("kaffe", "clblast")
-_gemm_state = {"backend": os.environ.get("KAFFE_GEMM", "kaffe")}
+# None: per shape class, the backend the tuning cache measured best (engine/gemm_tuning.py), else kaffe's
+_gemm_state = {"backend": os.environ.get("KAFFE_GEMM") or None}
 
 
 def set_gemm_backend(name):
-    """'kaffe' (gemm.cl) or 'clblast' (pyclblast, when installed)."""
-    if name not in GEMM_BACKENDS:
+    """'kaffe' (gemm.cl), 'clblast' (pyclblast, when installed), or None: the tuning cache's choice."""
+    if name is not None and name not in GEMM_BACKENDS:
         raise KaffeError(f"unknown GEMM backend {name!r}; choose one of {GEMM_BACKENDS}")
     if name == "clblast" and _pyclblast() is None:
         raise KaffeError("the 'clblast' GEMM backend needs pyclblast (pip install pyclblast; it builds against "
@@ -495,8 +498,13 @@ def set_gemm_backend(name):
     _gemm_state["backend"] = name
 
 
-def gemm_backend():
+def explicit_gemm_backend():
+    """The backend set by KAFFE_GEMM or set_gemm_backend, None when the tuning cache chooses."""
     return _gemm_state["backend"]
+
+
+def gemm_backend():
+    return _gemm_state["backend"] or "kaffe"
 
 
 @functools.cache
@@ -508,8 +516,23 @@ def _pyclblast():
     return pyclblast
 
 
+class GemmTiles(collections.namedtuple("GemmTiles", "ts_m ts_n ts_k wpt_m wpt_n local_vec prefetch",
+                                         defaults=(1, 0))):
+    """gemm.cl's settings TS_M, TS_N, TS_K, WPT_M, WPT_N, LOCAL_VEC, PREFETCH (see the kernel's header)."""
+
+    def __str__(self):
+        return (f"{self.ts_m}x{self.ts_n}x{self.ts_k} tiles, {self.wpt_m}x{self.wpt_n} per work-item"
+                + (", float4 local reads" if self.local_vec == 4 else "") + (", prefetch" if self.prefetch else ""))
+
+
 def _gemm_tiles(M, N, dev):
-    """(TS_M, TS_N, TS_K, WPT_M, WPT_N) for a C of M x N on `dev`.
+    """The GemmTiles for a C of M x N on `dev`: those that `kaffe device_query --tune` measured best for its
+    shape class where its cache holds them (engine/gemm_tuning.py), else gemm_rule_tiles'."""
+    return gemm_tuning.tuned_tiles(M, N, dev) or gemm_rule_tiles(M, N, dev)
+
+
+def gemm_rule_tiles(M, N, dev):
+    """The GemmTiles for a C of M x N on `dev` without a tuning cache.
 
     Bigger tiles and register blocks reuse each load more, but leave fewer work-groups to fill the compute
     units: on a GPU the big tiles pay only when there are at least as many of them as compute units (H100:
@@ -517,10 +540,10 @@ def _gemm_tiles(M, N, dev):
     CPU runtimes (PoCL) run a work-group as a loop over its work-items: few work-items with big blocks win.
     """
     if not dev.is_gpu:
-        return (16, 64, 16, 2, 4) if M <= 32 else (64, 64, 16, 8, 8)
+        return GemmTiles(16, 64, 16, 2, 4) if M <= 32 else GemmTiles(64, 64, 16, 8, 8)
     if -(-M // 128) * -(-N // 128) >= dev.device.max_compute_units:
-        return 128, 128, 32, 8, 8
-    return 64, 64, 16, 4, 4
+        return GemmTiles(128, 128, 32, 8, 8)
+    return GemmTiles(64, 64, 16, 4, 4)
 
 
 def _vector_width(ld, offset, run_tile):
@@ -574,15 +597,16 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
     if bias is not None:
         _check_room("gemm bias", N if bias_axis == 1 else M, _buffer(bias)[2])
     dev = current()
-    if _gemm_state["backend"] == "clblast" and batch == 1 and bias is None and not block:
+    if (_gemm_state["backend"] or gemm_tuning.tuned_backend(M, N, dev)) == "clblast" and batch == 1 \
+            and bias is None and not block:
         # pyclblast wants 2-D arrays and passes their whole buffers: the offsets of views are in *_at
         _pyclblast().gemm(dev.queue, M, N, K, A.reshape(1, A.size), B.reshape(1, B.size), C.reshape(1, C.size),
                           lda, ldb, ldc, alpha=float(alpha), beta=float(beta), a_transp=bool(trans_a),
                           b_transp=bool(trans_b), a_offset=a_at, b_offset=b_at, c_offset=c_at)
         return C
-    ts_m, ts_n, ts_k, wpt_m, wpt_n = _gemm_tiles(M, N, dev)
+    ts_m, ts_n, ts_k, wpt_m, wpt_n, local_vec, prefetch = GemmTiles(*_gemm_tiles(M, N, dev))
     defines = {"TRANS_A": bool(trans_a), "TRANS_B": bool(trans_b), "TS_M": ts_m, "TS_N": ts_n, "TS_K": ts_k,
-               "WPT_M": wpt_m, "WPT_N": wpt_n,
+               "WPT_M": wpt_m, "WPT_N": wpt_n, "LOCAL_VEC": local_vec, "PREFETCH": prefetch,
                "VEC_A": _vector_width(math.gcd(lda, strides[0], block_stride), a_at, ts_m if trans_a else ts_k),
                "A_K_BLOCK": block, "A_K_STRIDE": block_stride,
                "VEC_B": _vector_width(math.gcd(ldb, strides[1]), b_at, ts_k if trans_b else ts_n),

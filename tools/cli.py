@@ -77,6 +77,11 @@ def _build_parser():
 
     query = commands.add_parser("device_query", help="show the OpenCL devices (all, or --gpu N)")
     _flag(query, "gpu", default="", help="device id to query; empty or 'all' = every device")
+    _flag(query, "tune", action="store_true", help="measure the GEMM tile candidates of device --gpu (default 0) and "
+                                                    "write its tuning cache under ~/.cache/kaffe/gemm_tuning")
+    _flag(query, "tune-quick", action="store_true", help="--tune on small shapes (seconds; CPU devices always)")
+    _flag(query, "tune-classes", default="", help="--tune only these shape classes, comma-separated (large, "
+                                                   "medium, small_m, small_output; default all)")
 
     for name, (_, _, text) in TOOL_COMMANDS.items():
         commands.add_parser(name, help=text, add_help=False)
@@ -241,7 +246,7 @@ def time_model(args):
 
 def device_query(args):
     from . import device_query as query
-    query.run(args.gpu)
+    query.run(args.gpu, args.tune, args.tune_quick, args.tune_classes)
 
 
 COMMANDS = {"train": train, "test": test, "time": time_model, "device_query": device_query}
