@@ -20,17 +20,35 @@
                       const int dil_h, const int dil_w, const int OH, const int OW
 #define TRANSFORM_GEOMETRY CONV_GEOMETRY, const int row_stride, const int sample_stride
 
+// The coordinates (a, b, y, x) of element idx of a row-major (A, B, Y, X) array.
+#define UNRAVEL(idx, B, Y, X, a, b, y, x) \
+    const int x = (idx) % (X); \
+    const int y = (idx) / (X) % (Y); \
+    const int b = (idx) / ((X) * (Y)) % (B); \
+    const int a = (idx) / ((X) * (Y) * (B))
+
+// Runs BODY for every tap (i, j) and output position (oh, ow) whose window reads image element (h, w).
+#define FOR_COVERING_TAPS(h, w, BODY) \
+    for (int i = 0; i < KH; ++i) { \
+        const int th = (h) + pad_h - i * dil_h; /* oh * stride_h when tap i of output row oh reads row h */ \
+        if (th < 0 || th % stride_h || th / stride_h >= OH) \
+            continue; \
+        const int oh = th / stride_h; \
+        for (int j = 0; j < KW; ++j) { \
+            const int tw = (w) + pad_w - j * dil_w; \
+            if (tw >= 0 && tw % stride_w == 0 && tw / stride_w < OW) { \
+                const int ow = tw / stride_w; \
+                BODY; \
+            } \
+        } \
+    }
+
 __kernel void im2col(const int total, __global const float* im, const int im_off, TRANSFORM_GEOMETRY,
                      __global float* col, const int col_off) {
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int ow = idx % OW;
-    int rest = idx / OW;
-    const int oh = rest % OH;
-    rest /= OH;
-    const int n = rest % N;
-    const int c = rest / N;
+    UNRAVEL(idx, N, OH, OW, c, n, oh, ow);
     __global float* out = col + col_off + (c * KH * KW) * row_stride + n * sample_stride + oh * OW + ow;
     __global const float* plane = im + im_off + (n * C + c) * H * W;
     const int h0 = oh * stride_h - pad_h, w0 = ow * stride_w - pad_w;
@@ -52,30 +70,10 @@ __kernel void col2im(const int total, __global const float* col, const int col_o
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int w = idx % W;
-    int rest = idx / W;
-    const int h = rest % H;
-    rest /= H;
-    const int c = rest % C;
-    const int n = rest / C;
+    UNRAVEL(idx, C, H, W, n, c, h, w);
     __global const float* sample = col + col_off + n * sample_stride;
     float sum = 0.0f;
-    for (int i = 0; i < KH; ++i) {
-        const int th = h + pad_h - i * dil_h;  // oh * stride_h when tap i of output row oh reads row h
-        if (th < 0 || th % stride_h)
-            continue;
-        const int oh = th / stride_h;
-        if (oh >= OH)
-            continue;
-        for (int j = 0; j < KW; ++j) {
-            const int tw = w + pad_w - j * dil_w;
-            if (tw < 0 || tw % stride_w)
-                continue;
-            const int ow = tw / stride_w;
-            if (ow < OW)
-                sum += sample[((c * KH + i) * KW + j) * row_stride + oh * OW + ow];
-        }
-    }
+    FOR_COVERING_TAPS(h, w, sum += sample[((c * KH + i) * KW + j) * row_stride + oh * OW + ow]);
     im[im_off + idx] = sum;
 }
 
@@ -137,12 +135,7 @@ __kernel void depthwise_conv(const int total, __global const float* im, const in
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int ow = idx % OW;
-    int rest = idx / OW;
-    const int oh = rest % OH;
-    rest /= OH;
-    const int o = rest % (C * M);
-    const int n = rest / (C * M);
+    UNRAVEL(idx, C * M, OH, OW, n, o, oh, ow);
     __global const float* plane = im + im_off + (n * C + o / M) * H * W;
     __global const float* filter = weight + weight_off + o * KH * KW;
     const int h0 = oh * stride_h - pad_h, w0 = ow * stride_w - pad_w;
@@ -169,32 +162,12 @@ __kernel void depthwise_conv_transposed(const int total, __global const float* r
     const int idx = get_global_id(0);
     if (idx >= total)
         return;
-    const int w = idx % W;
-    int rest = idx / W;
-    const int h = rest % H;
-    rest /= H;
-    const int c = rest % C;
-    const int n = rest / C;
+    UNRAVEL(idx, C, H, W, n, c, h, w);
     float sum = 0.0f;
     for (int o = c * M; o < (c + 1) * M; ++o) {
         __global const float* plane = rows + rows_off + (n * C * M + o) * OH * OW;
         __global const float* filter = weight + weight_off + o * KH * KW;
-        for (int i = 0; i < KH; ++i) {
-            const int th = h + pad_h - i * dil_h;  // oh * stride_h when tap i of output row oh reads row h
-            if (th < 0 || th % stride_h)
-                continue;
-            const int oh = th / stride_h;
-            if (oh >= OH)
-                continue;
-            for (int j = 0; j < KW; ++j) {
-                const int tw = w + pad_w - j * dil_w;
-                if (tw < 0 || tw % stride_w)
-                    continue;
-                const int ow = tw / stride_w;
-                if (ow < OW)
-                    sum += filter[i * KW + j] * plane[oh * OW + ow];
-            }
-        }
+        FOR_COVERING_TAPS(h, w, sum += filter[i * KW + j] * plane[oh * OW + ow]);
     }
     im[im_off + idx] = has_bias ? sum + bias[bias_off + c] : sum;
 }
