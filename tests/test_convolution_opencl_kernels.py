@@ -76,9 +76,10 @@ def test_pointwise_backward_in_sample_chunks(monkeypatch, samples_per_chunk):
     check_parity(layer_text("Convolution", "num_output: 3 kernel_size: 1"), [rand(5, 4, 4, 5)])
 
 
-def test_depthwise_gradient_gpu(gpu_mode):
-    layer = make_layer(layer_text("Convolution", "num_output: 4 group: 2 kernel_size: 3 stride: 2 pad: 1 "
-                                                 "dilation: 2"))
+@pytest.mark.parametrize("num_output", [2, 4], ids=["depthwise", "multiplier2"])
+def test_depthwise_gradient_gpu(gpu_mode, num_output):
+    layer = make_layer(layer_text("Convolution", f"num_output: {num_output} group: 2 kernel_size: 3 stride: 2 "
+                                                 "pad: 1 dilation: 2"))
     bottom = blobs_from(rand(2, 2, 5, 4))
     top = setup_layer(layer, bottom)
     check_gradient(layer, bottom, top, step=1e-2, threshold=1e-2)
