@@ -38,7 +38,7 @@
 // them keep the float4 reads aligned)
 #define LDS_M (TS_M + LOCAL_VEC)
 #define LDS_N (TS_N + LOCAL_VEC)
-// the tile row / column of a work-item's i-th register: runs of LOCAL_VEC, one run per group extent
+// the tile row / column of a work-item's i-th register (as read_registers reads them)
 #define BLOCK_POS(i, t, RTS) (((i) / LOCAL_VEC) * ((RTS) * LOCAL_VEC) + (t) * LOCAL_VEC + (i) % LOCAL_VEC)
 // vector loads per work-item and tile; the last round may be partial
 #define LOADS_A ((TS_M * TS_K / VEC_A + GROUP_SIZE - 1) / GROUP_SIZE)
@@ -174,16 +174,24 @@ inline void store_b(const vec_b* x, __local float* Bs, int tid) {
     }
 }
 
-// A work-item's WPT registers of local row k: float4 runs when LOCAL_VEC is 4
+// A work-item's wpt registers from one local row: runs of LOCAL_VEC values (one float4 read each when 4), one
+// run per group extent rts (wpt and rts are constants once inlined, so the loop unrolls).
+inline void read_registers(float* dst, __local const float* row, int t, const int wpt, const int rts) {
 #if LOCAL_VEC == 4
-#define READ_BLOCK(dst, tile, WPT, t, RTS) \
-    _Pragma("unroll") for (int g = 0; g < (WPT) / 4; ++g) { \
-        const float4 v = *(__local const float4*)(tile + g * (RTS) * 4 + (t) * 4); \
-        dst[4 * g] = v.s0; dst[4 * g + 1] = v.s1; dst[4 * g + 2] = v.s2; dst[4 * g + 3] = v.s3; }
+    #pragma unroll
+    for (int g = 0; g < wpt / 4; ++g) {
+        const float4 v = *(__local const float4*)(row + (g * rts + t) * 4);
+        dst[4 * g] = v.s0;
+        dst[4 * g + 1] = v.s1;
+        dst[4 * g + 2] = v.s2;
+        dst[4 * g + 3] = v.s3;
+    }
 #else
-#define READ_BLOCK(dst, tile, WPT, t, RTS) \
-    _Pragma("unroll") for (int i = 0; i < (WPT); ++i) dst[i] = tile[(t) + i * (RTS)];
+    #pragma unroll
+    for (int i = 0; i < wpt; ++i)
+        dst[i] = row[t + i * rts];
 #endif
+}
 
 __kernel __attribute__((reqd_work_group_size(RTS_N, RTS_M, 1)))
 void gemm(const int M, const int N, const int K, const float alpha,
@@ -237,8 +245,8 @@ void gemm(const int M, const int N, const int K, const float alpha,
         #pragma unroll
         for (int k = 0; k < TS_K; ++k) {
             float a[WPT_M], b[WPT_N];
-            READ_BLOCK(a, (As + k * LDS_M), WPT_M, tm, RTS_M)
-            READ_BLOCK(b, (Bs + k * LDS_N), WPT_N, tn, RTS_N)
+            read_registers(a, As + k * LDS_M, tm, WPT_M, RTS_M);
+            read_registers(b, Bs + k * LDS_N, tn, WPT_N, RTS_N);
             #pragma unroll
             for (int i = 0; i < WPT_M; ++i)
                 #pragma unroll

@@ -205,7 +205,7 @@ class _Problem:
         b = rng.standard_normal((K, N), dtype=np.float32)
         self.A, self.B, self.C = opencl.to_device(a), opencl.to_device(b), opencl.empty(M * N)
         self.expected = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
-        self.tolerance = 1e-4 * math.sqrt(K) * float(np.abs(self.expected).max(initial=1.0))
+        self.tolerance = 2e-5 * math.sqrt(K) * float(np.abs(self.expected).max(initial=1.0))
 
     def run(self):
         M, N, K = self.shape
