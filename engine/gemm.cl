@@ -22,8 +22,10 @@
 //   LOCAL_VEC         1 or 4: a work-item's register block is made of runs of LOCAL_VEC adjacent rows / columns,
 //                     read from local memory as one float4 each (4: a quarter of the local-memory loads, which
 //                     bound the scalar variant on GPUs; WPT_M and WPT_N must be multiples of it)
-//   PREFETCH          0/1: fetch the next K step's global values into registers before computing on the current
-//                     tiles, so that global latency overlaps the arithmetic (costs registers)
+//   PREFETCH          0, 1: fetch the next K step's global values into registers before computing on the current
+//                     tiles, so that global latency overlaps the arithmetic (costs registers), or 2: also two
+//                     local buffers, the next tiles stored into the other while the current ones are read: one
+//                     barrier per K step instead of two (costs twice the local memory)
 //
 // The work-group is (TS_N / WPT_N) x (TS_M / WPT_M) work-items. Each K step, the group copies a TS_M x TS_K
 // slice of op(A) and a TS_K x TS_N slice of op(B) into local memory with coalesced reads, then every work-item
@@ -32,6 +34,7 @@
 // and local reads spread over the banks.
 
 #define RTS_M (TS_M / WPT_M)
+#define BUFFERS (PREFETCH == 2 ? 2 : 1)
 #define RTS_N (TS_N / WPT_N)
 #define GROUP_SIZE (RTS_M * RTS_N)
 // spare columns: the transposing copies into local memory would otherwise hit one bank per K row (LOCAL_VEC of
@@ -200,8 +203,8 @@ void gemm(const int M, const int N, const int K, const float alpha,
           const float beta, __global float* C, const int c_offset, const int ldc, const int k_chunk,
           const int stride_a, const int stride_b, const int stride_c,
           __global const float* bias, const int bias_offset) {
-    __local float As[TS_K * LDS_M] __attribute__((aligned(16)));
-    __local float Bs[TS_K * LDS_N] __attribute__((aligned(16)));
+    __local float As[BUFFERS * TS_K * LDS_M] __attribute__((aligned(16)));
+    __local float Bs[BUFFERS * TS_K * LDS_N] __attribute__((aligned(16)));
 
     const int tn = get_local_id(0), tm = get_local_id(1);
     const int tid = tm * RTS_N + tn;
@@ -232,35 +235,44 @@ void gemm(const int M, const int N, const int K, const float alpha,
     vec_b rb[LOADS_B];
     fetch_a(A, lda, M, K, m0, k_begin, tid, ra);
     fetch_b(B, ldb, N, K, n0, k_begin, tid, rb);
-    for (int k0 = k_begin; k0 < k_end; k0 += TS_K) {
-        store_a(ra, As, tid);
-        store_b(rb, Bs, tid);
-        barrier(CLK_LOCAL_MEM_FENCE);
+    store_a(ra, As, tid);
+    store_b(rb, Bs, tid);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int k0 = k_begin, buffer = 0; k0 < k_end; k0 += TS_K, buffer = (buffer + 1) % BUFFERS) {
+        const bool more = k0 + TS_K < k_end;
 #if PREFETCH
-        if (k0 + TS_K < k_end) {
+        if (more) {
             fetch_a(A, lda, M, K, m0, k0 + TS_K, tid, ra);
             fetch_b(B, ldb, N, K, n0, k0 + TS_K, tid, rb);
         }
 #endif
+        __local const float* as = As + buffer * (TS_K * LDS_M);
+        __local const float* bs = Bs + buffer * (TS_K * LDS_N);
         #pragma unroll
         for (int k = 0; k < TS_K; ++k) {
             float a[WPT_M], b[WPT_N];
-            read_registers(a, As + k * LDS_M, tm, WPT_M, RTS_M);
-            read_registers(b, Bs + k * LDS_N, tn, WPT_N, RTS_N);
+            read_registers(a, as + k * LDS_M, tm, WPT_M, RTS_M);
+            read_registers(b, bs + k * LDS_N, tn, WPT_N, RTS_N);
             #pragma unroll
             for (int i = 0; i < WPT_M; ++i)
                 #pragma unroll
                 for (int j = 0; j < WPT_N; ++j)
                     acc[i][j] = fma(a[i], b[j], acc[i][j]);
         }
-        // the next step overwrites the tiles
+#if BUFFERS == 1
+        // the next tiles overwrite these
         barrier(CLK_LOCAL_MEM_FENCE);
+#endif
+        if (more) {
 #if !PREFETCH
-        if (k0 + TS_K < k_end) {
             fetch_a(A, lda, M, K, m0, k0 + TS_K, tid, ra);
             fetch_b(B, ldb, N, K, n0, k0 + TS_K, tid, rb);
-        }
 #endif
+            const int next = (buffer + 1) % BUFFERS;
+            store_a(ra, As + next * (TS_K * LDS_M), tid);
+            store_b(rb, Bs + next * (TS_K * LDS_N), tid);
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
     }
 
     #pragma unroll

@@ -32,18 +32,20 @@ SHAPE_CLASSES = {
     "small_output": "fewer 64x64 tiles than compute units (a weight gradient: long K, split-K)",
 }
 
-# candidates beside each shape's rule tiles: (TS_M, TS_N, TS_K, WPT_M, WPT_N, LOCAL_VEC, PREFETCH)
+# candidates beside each shape's rule tiles, the likeliest first (a spent budget skips the last):
+# (TS_M, TS_N, TS_K, WPT_M, WPT_N, LOCAL_VEC, PREFETCH)
 GPU_CANDIDATES = {
-    "large": [(128, 128, 32, 8, 8, 4, 0), (128, 128, 32, 8, 8, 4, 1), (128, 128, 16, 8, 8, 4, 0),
-              (128, 128, 16, 8, 8, 4, 1), (128, 64, 16, 8, 4, 4, 1), (64, 128, 16, 4, 8, 4, 1)],
-    "medium": [(64, 64, 16, 4, 4, 4, 0), (64, 64, 16, 4, 4, 4, 1), (64, 64, 32, 4, 4, 4, 1),
-               (128, 64, 16, 8, 4, 4, 1), (64, 64, 16, 8, 8, 4, 1), (32, 64, 16, 4, 4, 4, 1)],
-    "small_m": [(64, 64, 16, 4, 4), (32, 64, 16, 4, 4, 4, 1), (32, 128, 16, 4, 8, 4, 1), (16, 128, 16, 2, 4),
-                (64, 64, 16, 4, 4, 4, 1)],
-    "small_output": [(64, 64, 16, 4, 4, 4, 1), (32, 32, 16, 2, 2), (32, 64, 16, 4, 4, 4, 1), (16, 64, 16, 2, 4)],
+    "large": [(128, 128, 16, 8, 8, 4, 2), (128, 128, 16, 8, 8, 4, 1), (128, 128, 32, 8, 8, 4, 1),
+              (128, 128, 32, 8, 8, 4, 0), (128, 128, 16, 8, 8, 4, 0), (128, 64, 16, 8, 4, 4, 2),
+              (64, 128, 16, 4, 8, 4, 2)],
+    "medium": [(64, 64, 16, 4, 4, 4, 2), (64, 64, 16, 4, 4, 4, 1), (64, 64, 32, 4, 4, 4, 1),
+               (128, 64, 16, 8, 4, 4, 2), (64, 64, 16, 8, 8, 4, 2), (32, 64, 16, 4, 4, 4, 1)],
+    "small_m": [(64, 64, 16, 4, 4), (32, 64, 16, 4, 4, 4, 1), (32, 128, 16, 4, 8, 4, 2), (16, 128, 16, 2, 4),
+                (64, 64, 16, 4, 4, 4, 2)],
+    "small_output": [(64, 64, 16, 4, 4, 4, 2), (32, 32, 16, 2, 2), (32, 64, 16, 4, 4, 4, 1), (16, 64, 16, 2, 4)],
 }
 CPU_CANDIDATES = {
-    "large": [(64, 64, 16, 8, 8, 4, 0), (64, 64, 16, 8, 8, 4, 1)],
+    "large": [(64, 64, 16, 8, 8, 4, 0), (64, 64, 16, 8, 8, 4, 2)],
     "medium": [(64, 64, 16, 8, 8, 4, 0), (32, 64, 16, 4, 8)],
     "small_m": [(16, 64, 16, 4, 4, 4, 0)],
     "small_output": [(16, 64, 16, 2, 4, 1, 1)],
@@ -156,14 +158,14 @@ def invalid_reason(tiles, dev):
     the work-group fit the device and the local tiles its local memory."""
     ts_m, ts_n, ts_k, wpt_m, wpt_n, local_vec, prefetch = tiles
     d = dev.device
-    if min(tiles[:5]) < 1 or ts_m % wpt_m or ts_n % wpt_n or local_vec not in (1, 4) or prefetch not in (0, 1):
+    if min(tiles[:5]) < 1 or ts_m % wpt_m or ts_n % wpt_n or local_vec not in (1, 4) or prefetch not in (0, 1, 2):
         return "the register block does not divide the tile"
     if wpt_m % local_vec or wpt_n % local_vec or ts_k % 4:
         return "LOCAL_VEC must divide the register block, 4 TS_K"
     group = (ts_n // wpt_n, ts_m // wpt_m)
     if group[0] * group[1] > d.max_work_group_size or any(g > s for g, s in zip(group, d.max_work_item_sizes)):
         return f"a work-group of {group[0]}x{group[1]} exceeds the device's {d.max_work_group_size}"
-    local_bytes = ts_k * (ts_m + ts_n + 2 * local_vec) * opencl.FLOAT_BYTES
+    local_bytes = (2 if prefetch == 2 else 1) * ts_k * (ts_m + ts_n + 2 * local_vec) * opencl.FLOAT_BYTES
     if local_bytes > d.local_mem_size:
         return f"{local_bytes} bytes of local memory exceed the device's {d.local_mem_size}"
     return None
