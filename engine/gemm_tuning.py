@@ -254,7 +254,7 @@ def _measure(problem, dev, name, tiles):
         opencl.set_gemm_backend(saved_backend)
 
 
-def tune(dev, quick=False, classes=tuple(SHAPE_CLASSES), budget_seconds=45.0, seed=0):
+def tune(dev, quick=False, classes=tuple(SHAPE_CLASSES), budget_seconds=40.0, seed=0):
     """Measure each shape class's candidates on `dev` (an opencl.Device, made current), log them, write the
     cache and return what it holds: {shape class: entry}, entry = {"shape", "tiles" (the best GemmTiles as a
     list), "backend" ('clblast' where CLBlast beat them), "gflops", "default_gflops" (the rule's tiles),
