@@ -254,3 +254,12 @@ def test_cache_path_follows_xdg_cache_home_and_names_the_device(dev, tmp_path, m
 def test_unknown_shape_classes_are_refused(dev, capsys, log_back_on_stderr):
     assert cli.main(["device_query", "--tune", "--tune-classes", "large,huge"]) == 1
     assert "kaffe device_query: error: unknown GEMM shape classes ['huge']" in capsys.readouterr().err
+
+
+def test_device_query_without_tune_still_queries(dev, capsys, log_back_on_stderr):
+    assert cli.main(["device_query", "--gpu", str(dev.index)]) == 0
+    err = capsys.readouterr().err
+    assert "Self-test (2x + 1 kernel):     passed" in err and "Tuning" not in err
+    assert cli.main(["device_query", "--tune", "--gpu", "x"]) == 1
+    assert "--gpu must be a device id" in capsys.readouterr().err
+    assert not os.path.exists(gemm_tuning.cache_path(dev))
