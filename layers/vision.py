@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pyopencl.array as cla
 
-from ..engine import device, opencl
+from ..engine import accelerator, device, opencl
 from ..engine.blob import Blob
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
@@ -629,7 +629,42 @@ class ConvolutionLayer(BaseConvolutionLayer):
             self._cached_columns[id(blob)] = (key, col)
         return col
 
+    def _compiled_depthwise(self):
+        """2-D depthwise convolutions run the numba kernels where the accelerator is on."""
+        return self.depthwise and self.num_spatial == 2 and accelerator.enabled()
+
+    def _planes(self, array, channels):
+        """A bottom- or top-side array as (num, channels, H, W)."""
+        return array.reshape((self.num, channels) + array.shape[-2:])
+
+    def _forward_depthwise(self, bottom, top):
+        bias = self.blobs[1].cpu_data() if self.bias_term else np.zeros(self.num_output, dtype=np.float32)
+        weight = self.blobs[0].cpu_data().reshape(self.num_output, *self.kernel)
+        for b, t in zip(bottom, top):
+            accelerator.kernels().depthwise_forward(
+                self._planes(b.cpu_data(), self.channels), weight, bias,
+                self._planes(t.mutable_cpu_data(), self.num_output), *self.stride, *self.pad, *self.dilation)
+
+    def _backward_depthwise(self, top, propagate_down, bottom):
+        kernels, geometry = accelerator.kernels(), (*self.stride, *self.pad, *self.dilation)
+        want_bias = self.bias_term and self.param_propagate_down[1]
+        weight = self.blobs[0].cpu_data().reshape(self.num_output, *self.kernel)
+        for t, down, b in zip(top, propagate_down, bottom):
+            top_diff = self._planes(t.cpu_diff(), self.num_output)
+            if self.param_propagate_down[0]:  # the bias gradient comes with it
+                bias_diff = self.blobs[1].mutable_cpu_diff() if want_bias else np.zeros(0, dtype=np.float32)
+                kernels.depthwise_backward_weight(self._planes(b.cpu_data(), self.channels), top_diff,
+                                                  self.blobs[0].mutable_cpu_diff().reshape(weight.shape),
+                                                  bias_diff, *geometry)
+            elif want_bias:
+                self._add_bias_gradient(top_diff)
+            if down:
+                kernels.depthwise_backward_data(top_diff, weight, self._planes(b.mutable_cpu_diff(), self.channels),
+                                                *geometry)
+
     def forward_cpu(self, bottom, top):
+        if self._compiled_depthwise():
+            return self._forward_depthwise(bottom, top)
         weight = self._weights()
         if self.fold_bias:
             weight = np.concatenate((weight, self.blobs[1].cpu_data().reshape(1, -1, 1)), axis=2)
@@ -640,6 +675,8 @@ class ConvolutionLayer(BaseConvolutionLayer):
                 out.reshape(self.num, self.num_output, -1)[...] += self._bias()
 
     def backward_cpu(self, top, propagate_down, bottom):
+        if self._compiled_depthwise():
+            return self._backward_depthwise(top, propagate_down, bottom)
         want_weight = self.param_propagate_down[0]
         want_bias = self.bias_term and self.param_propagate_down[1]
         for t, down, b in zip(top, propagate_down, bottom):
@@ -1073,6 +1110,9 @@ class PoolingLayer(Layer):
         dy = top[0].cpu_diff()
         dx = bottom[0].mutable_cpu_diff()
         if self.method == caffe_pb2.PoolingParameter.MAX and self.window_argmax is not None:
+            if accelerator.enabled():  # the numba kernel scatters in one pass, not one per tap
+                return accelerator.kernels().max_pool_backward(dy, self.window_argmax, dx, self.kernel[1],
+                                                               *self.stride, *self.pad)
             self._backward_max_fast(dy, dx)
             return
         dx[...] = 0

@@ -1,0 +1,51 @@
+"""The optional compiled CPU accelerator: numba kernels (layers/cpu_kernels.py) for depthwise convolution and
+max pooling's backward pass, which numpy cannot make fast (`pip install "kaffe[accel]"`).
+
+Without numba, or with KAFFE_ACCEL=0, the layers run their numpy code, the reference the kernels are tested
+against. numba is imported when a layer with a kernel first runs and each kernel is compiled at its first call,
+then cached on disk (numba's cache: the package's __pycache__, numba's folder under ~/.cache where the package
+is read-only, or NUMBA_CACHE_DIR), so that `import kaffe` does not pay for it. The kernels use as many threads as the BLAS is given: OMP_NUM_THREADS or
+OPENBLAS_NUM_THREADS, else the cores this process may run on.
+"""
+import os
+
+from .log import logger
+
+_kernels = None
+_numba_installed = None
+
+
+def enabled():
+    """Whether the compiled kernels run: numba is installed and KAFFE_ACCEL is not 0."""
+    global _numba_installed
+    if os.environ.get("KAFFE_ACCEL", "1") == "0":
+        return False
+    if _numba_installed is None:
+        try:
+            import numba  # noqa: F401
+            _numba_installed = True
+        except ImportError:
+            _numba_installed = False
+            logger.info('depthwise convolution and max pooling run in numpy: pip install "kaffe[accel]" (numba) '
+                        'compiles them')
+    return _numba_installed
+
+
+def _threads():
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def kernels():
+    """The module of compiled kernels (numba imported and its thread count set on the first call)."""
+    global _kernels
+    if _kernels is None:
+        import numba
+
+        from ..layers import cpu_kernels
+        numba.set_num_threads(max(1, min(_threads(), numba.config.NUMBA_NUM_THREADS)))
+        _kernels = cpu_kernels
+    return _kernels

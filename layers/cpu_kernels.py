@@ -1,0 +1,131 @@
+"""Compiled CPU kernels (numba) for what numpy cannot make fast: depthwise convolution (forward, both backward
+directions) and the backward pass of 2-D MAX pooling.
+
+engine/accelerator.py imports this module on first use, only when numba is installed and KAFFE_ACCEL is not 0;
+the numpy code of layers/vision.py is the reference they are tested against. Every kernel runs in parallel over
+the planes of the batch (sample x channel, or the output channels for the weight gradient); the arrays are
+C-contiguous NCHW float32, windows and taps as in layers/vision.py (tap_span).
+"""
+import numba
+import numpy as np
+from numba import prange, uint64
+
+# reassociation lets the multiply-adds vectorise.
+# Inner loops index with unsigned integers: numba wraps negative signed indices, which stops LLVM vectorising.
+conv_kernel = numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+pool_kernel = numba.njit(parallel=True, cache=True)
+
+
+@numba.njit(cache=True)
+def tap_runs(taps, dilation, pad, stride, in_size, out_size):
+    """Per kernel tap along one axis, the run of outputs o whose input o * stride + tap * dilation - pad lies in
+    [0, in_size): rows (first output, first input, length), unsigned (tap_span of layers/vision.py)."""
+    runs = np.empty((taps, 3), dtype=np.uint64)
+    for tap in range(taps):
+        offset = tap * dilation - pad
+        lo = max(0, (stride - 1 - offset) // stride)
+        hi = min(out_size, (in_size - 1 - offset) // stride + 1)
+        runs[tap, 0], runs[tap, 1], runs[tap, 2] = lo, lo * stride + offset, max(hi - lo, 0)
+    return runs
+
+
+@conv_kernel
+def depthwise_forward(x, weight, bias, y, sh, sw, ph, pw, dh, dw):
+    """y[n, o] = bias[o] + the correlation of x[n, o // multiplier] with weight[o] (KH, KW)."""
+    num, channels, height, width = x.shape
+    outputs, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
+    multiplier, step = outputs // channels, uint64(sw)
+    runs = tap_runs(weight.shape[2], dw, pw, sw, width, out_w)
+    for plane in prange(num * outputs):
+        n, o = plane // outputs, plane % outputs
+        image, out, w = x[n, o // multiplier], y[n, o], weight[o]
+        for oy in range(out_h):
+            row = out[oy]
+            row[:] = bias[o]
+            for ky in range(w.shape[0]):
+                iy = oy * sh - ph + ky * dh
+                if 0 <= iy < height:
+                    source = image[iy]
+                    for kx in range(w.shape[1]):
+                        first, start, count = runs[kx, 0], runs[kx, 1], runs[kx, 2]
+                        value = w[ky, kx]
+                        for i in range(count):
+                            row[first + i] += value * source[start + i * step]
+
+
+@conv_kernel
+def depthwise_backward_data(dy, weight, dx, sh, sw, ph, pw, dh, dw):
+    """dx[n, c] = the sum over the outputs o of channel c (o // multiplier == c) of dy[n, o] spread back
+    through weight[o]."""
+    num, channels, height, width = dx.shape
+    outputs, out_h, out_w = dy.shape[1], dy.shape[2], dy.shape[3]
+    multiplier, step = outputs // channels, uint64(sw)
+    runs = tap_runs(weight.shape[2], dw, pw, sw, width, out_w)
+    for plane in prange(num * channels):
+        n, c = plane // channels, plane % channels
+        image = dx[n, c]
+        image[:] = 0
+        for o in range(c * multiplier, (c + 1) * multiplier):
+            grad, w = dy[n, o], weight[o]
+            for oy in range(out_h):
+                row = grad[oy]
+                for ky in range(w.shape[0]):
+                    iy = oy * sh - ph + ky * dh
+                    if 0 <= iy < height:
+                        target = image[iy]
+                        for kx in range(w.shape[1]):
+                            first, start, count = runs[kx, 0], runs[kx, 1], runs[kx, 2]
+                            value = w[ky, kx]
+                            for i in range(count):
+                                target[start + i * step] += value * row[first + i]
+
+
+@conv_kernel
+def depthwise_backward_weight(x, dy, dweight, dbias, sh, sw, ph, pw, dh, dw):
+    """dweight[o] += the correlation of dy[:, o] with x[:, o // multiplier]; dbias[o] += the sum of dy[:, o]
+    where dbias has entries. Sums over an output row in float32, over the rows in float64."""
+    num, channels, height, width = x.shape
+    outputs, out_h, out_w = dy.shape[1], dy.shape[2], dy.shape[3]
+    multiplier, step = outputs // channels, uint64(sw)
+    kh, kw = dweight.shape[1], dweight.shape[2]
+    runs = tap_runs(kw, dw, pw, sw, width, out_w)
+    for o in prange(outputs):
+        total = np.zeros((kh, kw))
+        bias_total = 0.0
+        for n in range(num):
+            image, grad = x[n, o // multiplier], dy[n, o]
+            for oy in range(out_h):
+                row = grad[oy]
+                bias_total += row.sum()
+                for ky in range(kh):
+                    iy = oy * sh - ph + ky * dh
+                    if 0 <= iy < height:
+                        source = image[iy]
+                        for kx in range(kw):
+                            first, start, count = runs[kx, 0], runs[kx, 1], runs[kx, 2]
+                            partial = np.float32(0)
+                            for i in range(count):
+                                partial += row[first + i] * source[start + i * step]
+                            total[ky, kx] += partial
+        for ky in range(kh):
+            for kx in range(kw):
+                dweight[o, ky, kx] += np.float32(total[ky, kx])
+        if dbias.size:
+            dbias[o] += np.float32(bias_total)
+
+
+@pool_kernel
+def max_pool_backward(dy, window_argmax, dx, kw, sh, sw, ph, pw):
+    """dx = 0, plus each dy at its window's maximum: window_argmax holds its row-major tap index (the numpy
+    forward's, Caffe's first-maximum rule; every window has a real maximum there). The outputs are visited
+    last to first, so that a cell shared by windows sums in the numpy path's order (by tap) to the same bits."""
+    num, channels, height, width = dx.shape
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    for plane in prange(num * channels):
+        n, c = plane // channels, plane % channels
+        image, grad, taps = dx[n, c], dy[n, c], window_argmax[n, c]
+        image[:] = 0
+        for oy in range(out_h - 1, -1, -1):
+            for ox in range(out_w - 1, -1, -1):
+                tap = np.int64(taps[oy, ox])
+                image[uint64(oy * sh - ph + tap // kw), uint64(ox * sw - pw + tap % kw)] += grad[oy, ox]

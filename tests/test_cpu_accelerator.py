@@ -1,0 +1,163 @@
+"""The compiled CPU accelerator (engine/accelerator.py, layers/cpu_kernels.py) against the numpy path it replaces
+(KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, max pooling's backward with Caffe's
+first-maximum tie rule; gradient checks with it on; numpy alone when numba is missing."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from gradient_check import blobs_from, check_gradient, make_layer, rand32, setup_layer
+
+from kaffe.engine import accelerator, device
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    device.set_random_seed(1234)
+
+
+def run_both(monkeypatch, text, x, num_top=1, prefill_diffs=False):
+    """Forward and backward of one layer with the accelerator on and off: per run, the tops' data, the bottom
+    diff and the parameter diffs (added to a non-zero start when prefill_diffs)."""
+    results = []
+    for accel in ("1", "0"):
+        monkeypatch.setenv("KAFFE_ACCEL", accel)
+        device.set_random_seed(1234)
+        layer = make_layer(text)
+        bottom = blobs_from(x)
+        top = setup_layer(layer, bottom, num_top=num_top)
+        for blob in layer.blobs:
+            blob.mutable_cpu_diff()[...] = 0.25 if prefill_diffs else 0
+        layer.forward(bottom, top)
+        top[0].mutable_cpu_diff()[...] = rand32(*top[0].shape, seed=5)
+        layer.backward(top, [True], bottom)
+        results.append([t.cpu_data().copy() for t in top] + [bottom[0].cpu_diff().copy()] +
+                       [blob.cpu_diff().copy() for blob in layer.blobs])
+    return results
+
+
+def assert_close(accelerated, reference):
+    for got, want in zip(accelerated, reference):
+        scale = max(float(np.abs(want).max()), 1.0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def depthwise_text(channels, geometry, multiplier=1, bias=True, extra=""):
+    return (f'type: "Convolution" convolution_param {{ num_output: {channels * multiplier} group: {channels} '
+            f'bias_term: {"true" if bias else "false"} {geometry} weight_filler {{ type: "gaussian" std: 0.5 }} '
+            f'bias_filler {{ type: "gaussian" std: 0.5 }} }} {extra}')
+
+
+DEPTHWISE_CASES = [
+    # (input shape, geometry, channel multiplier, bias)
+    ((1, 3, 7, 9), "kernel_size: 3 pad: 1", 1, True),                      # MobileNet's conv*/dw, batch 1
+    ((3, 4, 9, 7), "kernel_size: 3 stride: 2 pad: 1", 1, True),            # its stride-2 layers, odd sizes
+    ((3, 2, 8, 11), "kernel_size: 3 stride: 2 pad: 2 dilation: 2", 1, False),
+    ((1, 3, 6, 5), "kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_h: 0 pad_w: 1", 2, True),  # multiplier 2
+    ((3, 2, 5, 5), "kernel_size: 5 pad: 3", 1, True),                      # taps reading padding only
+    ((1, 5, 13, 13), "kernel_size: 3", 3, False),
+]
+
+
+@pytest.mark.parametrize("shape,geometry,multiplier,bias", DEPTHWISE_CASES)
+def test_depthwise_convolution_matches_the_numpy_path(monkeypatch, shape, geometry, multiplier, bias):
+    accelerated, reference = run_both(monkeypatch, depthwise_text(shape[1], geometry, multiplier, bias),
+                                      rand32(*shape), prefill_diffs=True)
+    assert_close(accelerated, reference)
+
+
+def test_depthwise_convolution_with_frozen_weights_or_bias(monkeypatch):
+    """lr_mult 0 on the weights: the bias gradient alone; on the bias: the weights alone."""
+    for params in ('param { lr_mult: 0 } param { lr_mult: 1 }', 'param { lr_mult: 1 } param { lr_mult: 0 }'):
+        accelerated, reference = run_both(monkeypatch, depthwise_text(3, "kernel_size: 3 pad: 1", extra=params),
+                                          rand32(2, 3, 5, 6), prefill_diffs=True)
+        assert_close(accelerated, reference)
+
+
+@pytest.mark.parametrize("shape,geometry,multiplier,bias", DEPTHWISE_CASES[1:4])
+def test_depthwise_convolution_gradient_with_the_accelerator(monkeypatch, shape, geometry, multiplier, bias):
+    monkeypatch.setenv("KAFFE_ACCEL", "1")
+    layer = make_layer(depthwise_text(shape[1], geometry, multiplier, bias))
+    bottom = blobs_from(rand32(*shape))
+    top = setup_layer(layer, bottom)
+    assert layer._compiled_depthwise()
+    check_gradient(layer, bottom, top)
+
+
+@pytest.mark.parametrize("geometry,shape", [
+    ("kernel_size: 3 stride: 2", (3, 3, 9, 8)),            # overlapping windows (CIFAR-10, AlexNet)
+    ("kernel_size: 3 stride: 2 pad: 1", (1, 4, 8, 7)),     # padded and clipped windows (GoogLeNet)
+    ("kernel_size: 3 stride: 1 pad: 1", (3, 2, 5, 6)),
+    ("kernel_size: 2 stride: 2", (1, 3, 8, 6)),            # tiling windows (LeNet)
+    ("kernel_size: 3 stride: 2 round_mode: FLOOR", (3, 2, 10, 9)),
+    ("kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2", (1, 2, 5, 7))])
+def test_max_pooling_backward_is_bit_identical_to_the_numpy_path(monkeypatch, geometry, shape):
+    """Integer inputs give many ties: the gradient goes to the first maximum in window order, as in Caffe; the
+    argmax top is the forward's either way."""
+    x = np.random.default_rng(11).integers(0, 4, size=shape).astype(np.float32)
+    accelerated, reference = run_both(monkeypatch, f'type: "Pooling" pooling_param {{ pool: MAX {geometry} }}', x,
+                                      num_top=2)
+    for got, want in zip(accelerated, reference):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_max_pooling_gradient_with_the_accelerator(monkeypatch):
+    monkeypatch.setenv("KAFFE_ACCEL", "1")
+    layer = make_layer('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 }')
+    bottom = blobs_from(np.random.default_rng(3).permutation(2 * 2 * 7 * 7).reshape(2, 2, 7, 7) * 0.05)
+    top = setup_layer(layer, bottom)
+    check_gradient(layer, bottom, top)
+
+
+def test_kaffe_accel_0_turns_it_off(monkeypatch):
+    monkeypatch.setenv("KAFFE_ACCEL", "1")
+    assert accelerator.enabled()
+    monkeypatch.setenv("KAFFE_ACCEL", "0")
+    assert not accelerator.enabled()
+
+
+def run_python(code):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_import_kaffe_does_not_import_numba():
+    done = run_python("import sys, kaffe; print('numba' in sys.modules)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_without_numba_the_numpy_path_runs_with_one_info_line():
+    done = run_python("""
+        import sys
+        sys.modules["numba"] = None  # as if it were not installed: `import numba` raises ImportError
+        import numpy as np
+        import kaffe
+        from kaffe.engine.log import init_log
+        init_log(stream=sys.stdout)
+        net_text = '''
+        input: "data" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 } force_backward: true
+        layer { name: "dw" type: "Convolution" bottom: "data" top: "dw"
+                convolution_param { num_output: 3 group: 3 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+        layer { name: "pool" type: "Pooling" bottom: "dw" top: "pool"
+                pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+        layer { name: "dw2" type: "Convolution" bottom: "pool" top: "dw2"
+                convolution_param { num_output: 3 group: 3 kernel_size: 3 weight_filler { type: "xavier" } } }
+        '''
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+            f.write(net_text)
+        net = kaffe.Net(f.name, kaffe.TRAIN)
+        net.blobs["data"].data[...] = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+        for _ in range(2):
+            net.forward()
+            net.blobs["dw2"].diff[...] = 1
+            net.backward()
+        print("finite", bool(np.isfinite(net.blobs["data"].diff).all()))
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count('pip install "kaffe[accel]"') == 1
+    assert "finite True" in done.stdout
