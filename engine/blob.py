@@ -107,16 +107,16 @@ class Blob:
         return self._host_view(self._diff.mutable_cpu())
 
     def gpu_data(self):
-        return self._data.gpu()[:self._count]
+        return self._data.gpu_view(self._count)
 
     def mutable_gpu_data(self):
-        return self._data.mutable_gpu()[:self._count]
+        return self._data.gpu_view(self._count, mutable=True)
 
     def gpu_diff(self):
-        return self._diff.gpu()[:self._count]
+        return self._diff.gpu_view(self._count)
 
     def mutable_gpu_diff(self):
-        return self._diff.mutable_gpu()[:self._count]
+        return self._diff.gpu_view(self._count, mutable=True)
 
     # pycaffe: `.data` / `.diff` are writable numpy arrays
     @property

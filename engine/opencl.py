@@ -68,6 +68,7 @@ class Device:
         self.allocator = cltools.MemoryPool(cltools.ImmediateAllocator(self.queue))
         self.programs = {}
         self.kernels = {}
+        self.pending_uploads = collections.deque()
 
     @property
     def is_gpu(self):
@@ -120,6 +121,7 @@ def finish():
     if _selected["device"] is not None:
         _count("waits")
         _selected["device"].queue.finish()
+        _selected["device"].pending_uploads.clear()
 
 
 # -- statistics -------------------------------------------------------------------------------------------
@@ -184,7 +186,12 @@ def upload(host, array):
     if host.size:
         _count("uploads")
         _count("upload_bytes", host.nbytes)
-        cl.enqueue_copy(queue(), array.base_data, host, dst_offset=array.offset, is_blocking=False)
+        pending = current().pending_uploads
+        # pyopencl's event of a copy from host memory waits for the copy when it is dropped: keep each one
+        # until its copy is done, or the host would wait for everything enqueued before it
+        while pending and pending[0].command_execution_status == cl.command_execution_status.COMPLETE:
+            pending.popleft()
+        pending.append(cl.enqueue_copy(queue(), array.base_data, host, dst_offset=array.offset, is_blocking=False))
     return array
 
 
@@ -222,23 +229,39 @@ LAUNCH_GROUP = 256
 def launch(source, name, n, *args, defines=None):
     """Run kernel `name` of `source` with one work-item per i < n (rounded up to whole work-groups); n is
     passed as the kernel's first argument. Python ints become int32 and Python floats float32 arguments."""
-    if n <= 0:
-        return
-    values = [np.int32(a) if isinstance(a, (bool, int)) else np.float32(a) if isinstance(a, float) else a
-              for a in args]
-    kernel(source, name, defines)(queue(), (_round_up(n, LAUNCH_GROUP),), (LAUNCH_GROUP,), np.int32(n), *values)
+    if n > 0:
+        kernel(source, name, defines)(queue(), (_round_up(n, LAUNCH_GROUP),), (LAUNCH_GROUP,), n, *args)
+
+
+def _scalar_dtype(value):
+    """The dtype a kernel argument is passed as: numpy scalars keep theirs, Python ints and bools are int32,
+    Python floats float32; None for memory objects."""
+    if isinstance(value, np.generic):
+        return value.dtype
+    if isinstance(value, (bool, int)):
+        return np.int32
+    return np.float32 if isinstance(value, float) else None
 
 
 class CountedKernel:
-    """A cl.Kernel whose launches are counted; called as a cl.Kernel (queue, global size, local size, *args)."""
+    """A cl.Kernel whose launches are counted; called as a cl.Kernel (queue, global size, local size, *args).
+
+    The scalar arguments' types are fixed at the first launch: pyopencl then packs scalars with struct instead
+    of inspecting each value's buffer, about 50x cheaper per argument.
+    """
 
     def __init__(self, knl):
         self.kernel = knl
+        self.typed = False
 
     def __call__(self, queue_, global_size, local_size, *args):
-        _count("launches")
-        self.kernel.set_args(*args)
-        return cl.enqueue_nd_range_kernel(queue_, self.kernel, global_size, local_size)
+        _stats["launches"] += 1
+        knl = self.kernel
+        if not self.typed:
+            knl.set_scalar_arg_dtypes([_scalar_dtype(a) for a in args])
+            self.typed = True
+        knl.set_args(*args)
+        return cl.enqueue_nd_range_kernel(queue_, knl, global_size, local_size)
 
 
 def scratch(owner, name, n, dtype=np.float32):
@@ -321,12 +344,14 @@ def program(source, defines=None):
 
 
 def kernel(source, name, defines=None):
-    """The CountedKernel `name` of program(source, defines), made once: arguments are set anew at every launch."""
-    dev = current()
-    key = (source, name, _build_options(defines))
-    if key not in dev.kernels:
-        dev.kernels[key] = CountedKernel(cl.Kernel(program(source, defines), name))
-    return dev.kernels[key]
+    """The CountedKernel `name` of program(source, defines), made once per device."""
+    kernels = current().kernels
+    # the defines' values with their types: {"X": 1} and {"X": 1.0} build different programs
+    key = (source, name, tuple(defines.items()), tuple(map(type, defines.values()))) if defines else (source, name)
+    found = kernels.get(key)
+    if found is None:
+        found = kernels[key] = CountedKernel(cl.Kernel(program(source, defines), name))
+    return found
 
 
 def _round_up(n, multiple):
@@ -522,7 +547,8 @@ class GemmTiles(collections.namedtuple("GemmTiles", "ts_m ts_n ts_k wpt_m wpt_n 
 
     def __str__(self):
         return (f"{self.ts_m}x{self.ts_n}x{self.ts_k} tiles, {self.wpt_m}x{self.wpt_n} per work-item"
-                + (", float4 local reads" if self.local_vec == 4 else "") + (", prefetch" if self.prefetch else ""))
+                + (", float4 local reads" if self.local_vec == 4 else "")
+                + ("", ", prefetch", ", prefetch, 2 local buffers")[self.prefetch])
 
 
 def _gemm_tiles(M, N, dev):
@@ -576,6 +602,57 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
     a_blocks: (block, stride) with trans_a False: op(A)[m][k] is at (k // block) * stride + m * block + k % block
     (an (N, O, L) array read as the O x (N * L) matrix, block L, stride O * L).
     """
+    a_buf, a_at, a_left = _buffer(A, a_offset)
+    b_buf, b_at, b_left = _buffer(B, b_offset)
+    c_buf, c_at, c_left = _buffer(C, c_offset)
+    bias_buf, bias_at, bias_left = (c_buf, 0, None) if bias is None else _buffer(bias)
+    dev = current()
+    plans = _gemm_plans(dev)
+    key = (trans_a, trans_b, M, N, K, a_at, a_left, b_at, b_left, c_at, c_left, bias_left, bias_axis, split_k,
+           batch, tuple(strides), ldb, ldc, a_blocks)
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = _gemm_plan(*key, dev)
+    if plan.kernel is None:
+        if plan.lda is not None:   # CLBlast
+            # pyclblast wants 2-D arrays and passes their whole buffers: the offsets of views are in *_at
+            _pyclblast().gemm(dev.queue, M, N, K, A.reshape(1, A.size), B.reshape(1, B.size), C.reshape(1, C.size),
+                              plan.lda, plan.ldb, plan.ldc, alpha=float(alpha), beta=float(beta),
+                              a_transp=bool(trans_a), b_transp=bool(trans_b), a_offset=a_at, b_offset=b_at,
+                              c_offset=c_at)
+        return C
+    M, N, K = plan.sizes
+    target, target_at, target_ld = c_buf, c_at, plan.ldc
+    if plan.chunks > 1:
+        partial = dev.split_k_scratch = _grown(getattr(dev, "split_k_scratch", None), plan.chunks * M * N)
+        target, target_at, target_ld = partial.base_data, 0, N
+    plan.kernel(dev.queue, plan.global_size, plan.local_size, M, N, K, float(alpha), a_buf, a_at, plan.lda, b_buf,
+                b_at, plan.ldb, float(beta), target, target_at, target_ld, plan.k_chunk, *plan.strides, bias_buf,
+                bias_at)
+    if plan.chunks > 1:
+        launch("gemm.cl", "gemm_split_reduce", M * N, N, plan.chunks, partial.base_data, float(beta), c_buf, c_at,
+               plan.ldc, defines=plan.defines)
+    return C
+
+
+GemmPlan = collections.namedtuple("GemmPlan", "kernel sizes lda ldb ldc global_size local_size k_chunk strides "
+                                              "chunks defines")
+_NO_WORK = GemmPlan(*(None,) * 11)
+
+
+def _gemm_plans(dev):
+    """dev's GemmPlans by call signature; made anew when the backend or the tuning table changes."""
+    owner = (_gemm_state["backend"], getattr(dev, "gemm_tuned", None))
+    cached = getattr(dev, "gemm_plans", None)
+    if cached is None or cached[0] != owner[0] or cached[1] is not owner[1]:
+        cached = dev.gemm_plans = owner + ({},)
+    return cached[2]
+
+
+def _gemm_plan(trans_a, trans_b, M, N, K, a_at, a_left, b_at, b_left, c_at, c_left, bias_left, bias_axis, split_k,
+               batch, strides, ldb, ldc, a_blocks, dev):
+    """What a gemm call of this signature launches (see gemm): its checks, kernel, sizes and scalar arguments,
+    worked out once per signature."""
     M, N, K, batch = int(M), int(N), int(K), int(batch)
     block, block_stride = a_blocks or (0, 0)
     if block and trans_a:
@@ -583,54 +660,35 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
     lda = M if trans_a else block or K
     ldb = int(ldb or (K if trans_b else N))
     ldc = int(ldc or N)
-    a_buf, a_at, a_left = _buffer(A, a_offset)
-    b_buf, b_at, b_left = _buffer(B, b_offset)
-    c_buf, c_at, c_left = _buffer(C, c_offset)
     last = batch - 1
     a_end = ((K - 1) // block) * block_stride + (M - 1) * lda + (K - 1) % block + 1 if block and M and K else M * K
     _check_room("gemm A", last * strides[0] + a_end, a_left)
     _check_room("gemm B", last * strides[1] + ((N if trans_b else K) - 1) * ldb + (K if trans_b else N), b_left)
     _check_room("gemm C", last * strides[2] + (M - 1) * ldc + N, c_left)
     if M == 0 or N == 0:
-        return C
-    bias_buf, bias_at = (c_buf, 0) if bias is None else _buffer(bias)[:2]
-    if bias is not None:
-        _check_room("gemm bias", N if bias_axis == 1 else M, _buffer(bias)[2])
-    dev = current()
+        return _NO_WORK
+    if bias_left is not None:
+        _check_room("gemm bias", N if bias_axis == 1 else M, bias_left)
     if (_gemm_state["backend"] or gemm_tuning.tuned_backend(M, N, dev)) == "clblast" and batch == 1 \
-            and bias is None and not block:
-        # pyclblast wants 2-D arrays and passes their whole buffers: the offsets of views are in *_at
-        _pyclblast().gemm(dev.queue, M, N, K, A.reshape(1, A.size), B.reshape(1, B.size), C.reshape(1, C.size),
-                          lda, ldb, ldc, alpha=float(alpha), beta=float(beta), a_transp=bool(trans_a),
-                          b_transp=bool(trans_b), a_offset=a_at, b_offset=b_at, c_offset=c_at)
-        return C
+            and bias_left is None and not block:
+        return _NO_WORK._replace(lda=lda, ldb=ldb, ldc=ldc)
     ts_m, ts_n, ts_k, wpt_m, wpt_n, local_vec, prefetch = GemmTiles(*_gemm_tiles(M, N, dev))
     defines = {"TRANS_A": bool(trans_a), "TRANS_B": bool(trans_b), "TS_M": ts_m, "TS_N": ts_n, "TS_K": ts_k,
                "WPT_M": wpt_m, "WPT_N": wpt_n, "LOCAL_VEC": local_vec, "PREFETCH": prefetch,
                "VEC_A": _vector_width(math.gcd(lda, strides[0], block_stride), a_at, ts_m if trans_a else ts_k),
                "A_K_BLOCK": block, "A_K_STRIDE": block_stride,
                "VEC_B": _vector_width(math.gcd(ldb, strides[1]), b_at, ts_k if trans_b else ts_n),
-               "BATCHED": batch > 1, "BIAS": 0 if bias is None else 2 - bias_axis}
+               "BATCHED": batch > 1, "BIAS": 0 if bias_left is None else 2 - bias_axis}
     local = (ts_n // wpt_n, ts_m // wpt_m)
     tiles = -(-N // ts_n) * -(-M // ts_m)
-    chunks = 1 if batch > 1 or bias is not None else split_k or gemm_split_k(M, N, K, tiles, dev)
+    chunks = 1 if batch > 1 or bias_left is not None else split_k or gemm_split_k(M, N, K, tiles, dev)
     k_chunk = max(ts_k, _round_up(-(-K // chunks), ts_k))
     chunks = max(1, -(-K // k_chunk))
-    global_size = (-(-N // ts_n) * local[0], -(-M // ts_m) * local[1], max(chunks, batch))
-    target, target_at, target_ld = c_buf, c_at, ldc
     if chunks > 1:
         defines["SPLIT_K"] = True
-        partial = dev.split_k_scratch = _grown(getattr(dev, "split_k_scratch", None), chunks * M * N)
-        target, target_at, target_ld = partial.base_data, 0, N
-    kernel("gemm.cl", "gemm", defines)(
-        dev.queue, global_size, local + (1,), np.int32(M), np.int32(N), np.int32(K), np.float32(alpha),
-        a_buf, np.int32(a_at), np.int32(lda), b_buf, np.int32(b_at), np.int32(ldb),
-        np.float32(beta), target, np.int32(target_at), np.int32(target_ld), np.int32(k_chunk),
-        *(np.int32(s) for s in strides), bias_buf, np.int32(bias_at))
-    if chunks > 1:
-        launch("gemm.cl", "gemm_split_reduce", M * N, N, chunks, partial.base_data, float(beta), c_buf,
-               int(c_at), int(ldc), defines=defines)
-    return C
+    global_size = (-(-N // ts_n) * local[0], -(-M // ts_m) * local[1], max(chunks, batch))
+    return GemmPlan(kernel("gemm.cl", "gemm", defines), (M, N, K), lda, ldb, ldc, global_size, local + (1,),
+                    k_chunk, tuple(int(s) for s in strides), chunks, defines)
 
 
 def _grown(array, n):

@@ -18,6 +18,7 @@ class SyncedMemory:
         self.count = int(count)
         self._host = None
         self._device = None
+        self._views = {}  # count -> the view of the device copy's first count values, made once
         self.head = UNINITIALIZED
         self.version = 0  # bumped by every mutable access: lets layers cache what they derived from it
 
@@ -33,12 +34,13 @@ class SyncedMemory:
 
     def _to_gpu(self):
         if self.head == UNINITIALIZED:
-            self._device = opencl.empty(self.count) if self._device is None else self._device
+            if self._device is None:
+                self._set_device(opencl.empty(self.count))
             opencl.fill(self._device, 0.0)
             self.head = HEAD_AT_GPU
         elif self.head == HEAD_AT_CPU:
             if self._device is None:
-                self._device = opencl.empty(self.count)
+                self._set_device(opencl.empty(self.count))
             opencl.upload(self._host, self._device)
             self.head = SYNCED
 
@@ -47,7 +49,11 @@ class SyncedMemory:
         side by side), moving the values there on the device when the device copy is current."""
         if self.head in (HEAD_AT_GPU, SYNCED):
             opencl.copy(self._device, array, n=self.count)
+        self._set_device(array)
+
+    def _set_device(self, array):
         self._device = array
+        self._views = {}
 
     def cpu(self):
         """The flat float32 host array, for reading."""
@@ -71,3 +77,12 @@ class SyncedMemory:
         self.head = HEAD_AT_GPU
         self.version += 1
         return self._device
+
+    def gpu_view(self, count, mutable=False):
+        """The device copy's first `count` values (gpu() or mutable_gpu()): blobs smaller than their memory
+        read a view, kept here because slicing a pyopencl array costs more than the launch that uses it."""
+        array = self.mutable_gpu() if mutable else self.gpu()
+        view = self._views.get(count)
+        if view is None:
+            view = self._views[count] = array[:count]
+        return view
