@@ -3,7 +3,7 @@ a cache file per device that opencl.gemm consults (as Caffe's OpenCL branch auto
 
 The tuning runs only when asked (`kaffe device_query --tune`, or tune() from Python). Without a cache, or with
 KAFFE_GEMM_TUNING=off, opencl.gemm_rule_tiles' fixed rule decides. The cache is
-$XDG_CACHE_HOME/kaffe/gemm_tuning/<device>.json (~/.cache without XDG_CACHE_HOME), one file per device name,
+$XDG_CACHE_HOME/kaffe/gemm_tuning/<device>-<hash>.json (~/.cache without XDG_CACHE_HOME), one per device name,
 platform and driver version; it also records a hash of gemm.cl, so that a changed kernel makes it stale (ignored
 with a warning, as a corrupt file is).
 """
@@ -131,19 +131,19 @@ def _tuned(dev):
 
 def tuned_tiles(M, N, dev):
     """The cached GemmTiles of the shape class of an M x N C on `dev`, or None."""
-    table = _tuned(dev)
-    return table[shape_class(M, N, dev)][0] if table and shape_class(M, N, dev) in table else None
+    entry = _tuned(dev).get(shape_class(M, N, dev))
+    return entry and entry[0]
 
 
 def tuned_backend(M, N, dev):
     """'clblast' where the cache says CLBlast won the shape class of an M x N C (and pyclblast is installed),
     else 'kaffe'."""
-    table = _tuned(dev)
-    entry = table.get(shape_class(M, N, dev)) if table else None
+    entry = _tuned(dev).get(shape_class(M, N, dev))
     return "clblast" if entry and entry[1] == "clblast" and opencl._pyclblast() is not None else "kaffe"
 
 
 def shape_class(M, N, dev):
+    """The SHAPE_CLASSES name of an M x N C on `dev`."""
     units = dev.device.max_compute_units
     if -(-M // 64) * -(-N // 64) < units:
         return "small_output"
@@ -160,8 +160,8 @@ def invalid_reason(tiles, dev):
     d = dev.device
     if min(tiles[:5]) < 1 or ts_m % wpt_m or ts_n % wpt_n or local_vec not in (1, 4) or prefetch not in (0, 1, 2):
         return "the register block does not divide the tile"
-    if wpt_m % local_vec or wpt_n % local_vec or ts_k % 4:
-        return "LOCAL_VEC must divide the register block, 4 TS_K"
+    if wpt_m % local_vec or wpt_n % local_vec:
+        return "LOCAL_VEC must divide the register block"
     group = (ts_n // wpt_n, ts_m // wpt_m)
     if group[0] * group[1] > d.max_work_group_size or any(g > s for g, s in zip(group, d.max_work_item_sizes)):
         return f"a work-group of {group[0]}x{group[1]} exceeds the device's {d.max_work_group_size}"
