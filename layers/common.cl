@@ -51,14 +51,8 @@ __kernel void eltwise_max_backward(const int n, __global const float* top_diff, 
 #define POSITION_OF(i) (((i) / (channels * inner)) * inner + (i) % inner)
 
 // softmax of a position in one work-item: the maximum, exp(x - max) and their sum, then the division (Caffe's
-// four passes, in one launch for the whole batch)
-__kernel void channel_softmax(const int n, __global const float* x, const int x_offset,
-                              __global float* out, const int out_offset, const int channels, const int inner) {
-    const int p = get_global_id(0);
-    if (p >= n)
-        return;
-    x += x_offset + POSITION_BASE(p);
-    out += out_offset + POSITION_BASE(p);
+// four passes, in one launch for the whole batch); x and out point at the position's first channel
+inline void position_softmax(__global const float* x, __global float* out, const int channels, const int inner) {
     float m = -INFINITY;
     for (int c = 0; c < channels; ++c)
         m = fmax(m, x[c * inner]);
@@ -70,6 +64,13 @@ __kernel void channel_softmax(const int n, __global const float* x, const int x_
     }
     for (int c = 0; c < channels; ++c)
         out[c * inner] /= s;
+}
+
+__kernel void channel_softmax(const int n, __global const float* x, const int x_offset,
+                              __global float* out, const int out_offset, const int channels, const int inner) {
+    const int p = get_global_id(0);
+    if (p < n)
+        position_softmax(x + x_offset + POSITION_BASE(p), out + out_offset + POSITION_BASE(p), channels, inner);
 }
 
 __kernel void channel_sum(const int n, __global const float* x, const int x_offset,

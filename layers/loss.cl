@@ -3,6 +3,17 @@
 
 // Per position p: loss[p] = -log(max(prob of its label, FLT_MIN)) and count[p] = 1, or 0 and 0 where the label is
 // ignored. A label outside [0, channels) gives a NaN loss (no read out of bounds); the host then finds it.
+inline float position_loss(__global const float* prob, const int target, const int p, const int channels,
+                           const int inner, const int has_ignore, const int ignore_label) {
+    if (has_ignore && target == ignore_label)
+        return 0.0f;
+    if (target < 0 || target >= channels)
+        return NAN;
+    const float picked = prob[((p / inner) * channels + target) * inner + p % inner];
+    // not fmax, which would turn a NaN probability into FLT_MIN: NaN propagates as on the CPU (np.maximum)
+    return -log(picked < FLT_MIN ? FLT_MIN : picked);
+}
+
 __kernel void softmax_loss_forward(const int n, __global const float* prob, const int prob_offset,
                                    __global const float* label, const int label_offset,
                                    __global float* loss, __global float* count,
@@ -11,19 +22,32 @@ __kernel void softmax_loss_forward(const int n, __global const float* prob, cons
     if (p >= n)
         return;
     const int target = (int)label[label_offset + p];
-    if (has_ignore && target == ignore_label) {
-        loss[p] = 0.0f;
-        count[p] = 0.0f;
-    } else if (target < 0 || target >= channels) {
-        loss[p] = NAN;
-        count[p] = 1.0f;
-    } else {
-        const float picked = prob[prob_offset + ((p / inner) * channels + target) * inner + p % inner];
-        // not fmax, which would turn a NaN probability into FLT_MIN: NaN propagates as on the CPU (np.maximum)
-        loss[p] = -log(picked < FLT_MIN ? FLT_MIN : picked);
-        count[p] = 1.0f;
-    }
+    loss[p] = position_loss(prob + prob_offset, target, p, channels, inner, has_ignore, ignore_label);
+    count[p] = has_ignore && target == ignore_label ? 0.0f : 1.0f;
 }
+
+#ifdef GROUP_SIZE
+// The whole forward of a batch of at most GROUP_SIZE positions in one work-group (built after reduce.cl and
+// common.cl): each position's softmax and loss, and out = scale * the sum of the losses, added in the order of
+// reduce.cl's asum of one work-group, so that the loss is the same as the three launches' of the general case.
+__kernel __attribute__((reqd_work_group_size(GROUP_SIZE, 1, 1)))
+void softmax_loss_forward_sum(const int n, __global const float* x, const int x_offset,
+                              __global float* prob, const int prob_offset,
+                              __global const float* label, const int label_offset,
+                              __global float* out, const int out_offset, const int channels, const int inner,
+                              const int has_ignore, const int ignore_label, const float scale) {
+    __local float scratch[GROUP_SIZE];
+    float v = 0.0f;
+    for (int p = get_local_id(0); p < n; p += GROUP_SIZE) {
+        position_softmax(x + x_offset + POSITION_BASE(p), prob + prob_offset + POSITION_BASE(p), channels, inner);
+        v += fabs(position_loss(prob + prob_offset, (int)label[label_offset + p], p, channels, inner, has_ignore,
+                                ignore_label));
+    }
+    const float s = group_sum(v, scratch);
+    if (get_local_id(0) == 0)
+        out[out_offset] = s * scale;
+}
+#endif
 
 // diff = (prob - [channel == label]) * scale, and 0 at ignored positions; with divide, scale is first divided by
 // the count of valid labels that the forward left on the device (at least 1)

@@ -20,6 +20,9 @@ FLT_MIN = np.finfo(np.float32).tiny
 LOG_THRESHOLD = 1e-20  # Caffe's kLOG_THRESHOLD: the smallest probability a log loss takes the log of
 LossParameter = caffe_pb2.LossParameter
 KERNELS = "layers/loss.cl"
+# SoftmaxWithLoss's forward in one launch for small batches: the softmax and asum of common.cl and reduce.cl
+SOFTMAX_LOSS_SUM = ("reduce.cl", "layers/common.cl", KERNELS)
+SOFTMAX_LOSS_SUM_DEFINES = {"GROUP_SIZE": opencl.REDUCE_GROUP, "ASUM": 1}
 
 
 def normalization_mode(loss_param, default):
@@ -196,14 +199,24 @@ class SoftmaxWithLossLayer(LossLayer):
         _check_host_labels(self, bottom[1], channels, self.ignore_label)
         x = bottom[0].gpu_data()
         prob = self.prob.mutable_gpu_data()
+        count_on_device = self.normalization == LossParameter.VALID and self.ignore_label is not None
+        if outer * inner <= opencl.REDUCE_GROUP and not count_on_device:   # one work-group does it all
+            self.valid_count = self.normalizer(outer * inner)
+            opencl.kernel(SOFTMAX_LOSS_SUM, "softmax_loss_forward_sum", SOFTMAX_LOSS_SUM_DEFINES)(
+                opencl.queue(), (opencl.REDUCE_GROUP,), (opencl.REDUCE_GROUP,), outer * inner,
+                *opencl.device_args(x), *opencl.device_args(prob), *opencl.device_args(bottom[1].gpu_data()),
+                *opencl.device_args(top[0].mutable_gpu_data()), channels, inner, *self._label_args(),
+                1.0 / self.valid_count)
+            if len(top) == 2:
+                top[1].share_data(self.prob)
+            return
         softmax_gpu(x, prob, self.dims)
         losses, counts = opencl.scratch(self, "losses", outer * inner), opencl.scratch(self, "counts", outer * inner)
         opencl.launch(KERNELS, "softmax_loss_forward", outer * inner, *opencl.device_args(prob),
                       *opencl.device_args(bottom[1].gpu_data()), losses.data, counts.data, channels, inner,
                       *self._label_args())
         self.valid_count = _device_loss(self, top[0], opencl.asum, losses, counts, outer * inner,  # losses >= 0
-                                        self.normalization == LossParameter.VALID and self.ignore_label is not None,
-                                        self.normalizer(outer * inner))
+                                        count_on_device, self.normalizer(outer * inner))
         if len(top) == 2:
             top[1].share_data(self.prob)
 
