@@ -32,7 +32,8 @@ from ..proto import caffe_pb2
 
 TIMEOUT_ENV = "KAFFE_MPI_TIMEOUT"
 BUCKET_BYTES = 1 << 20       # gradient bytes per allreduce: big enough to amortise latency, small enough to overlap
-_FAILURE_TAG, _STATE_TAG = 7001, 7002
+_FAILURE_TAG, _STATE_TAG, _HEARD_TAG = 7001, 7002, 7003
+HEARD_WAIT_S = 10        # how long a failed rank waits for the others to say why they stop before it aborts all
 _STOP, _SNAPSHOT = 0, 1      # the slots of the per-iteration action vote
 # launchers' environment: size and rank of the world (MPICH/Intel MPI hydra, Open MPI, MVAPICH)
 _LAUNCHER_VARS = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
@@ -165,6 +166,7 @@ class World:
         local.Free()
         self.failed = False          # this rank failed: abort the job when the process exits
         self._notices = []           # failure notices on their way to the other ranks
+        self._told_by = []           # ranks whose failure notice stopped this one: told when it has said so
         self.timeout = timeout()
         if self.rank:
             logger.setLevel(logging.ERROR)   # rank 0 writes the log; the others only errors
@@ -236,9 +238,11 @@ class World:
                          if r != self.rank]
 
     def check_peers(self):
-        if self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=_FAILURE_TAG):
+        status = self.MPI.Status()
+        if self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=_FAILURE_TAG, status=status):
             self.failed = True
-            raise PeerFailure(f"{self.where()} stops: {self.comm.recv(source=self.MPI.ANY_SOURCE, tag=_FAILURE_TAG)}")
+            self._told_by.append(status.Get_source())
+            raise PeerFailure(f"{self.where()} stops: {self.comm.recv(source=status.Get_source(), tag=_FAILURE_TAG)}")
 
     def wait(self, requests, what):
         """Complete requests, watching for failure notices; a wait beyond the timeout is a failure."""
@@ -256,12 +260,19 @@ class World:
     def _abort_if_failed(self):
         if not self.failed:
             return
-        deadline = time.monotonic() + 2
-        while self._notices and not self.MPI.Request.Testall(self._notices) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.5)   # let the others print why before the launcher takes them down
         sys.stdout.flush()
         sys.stderr.flush()
+        # a rank stopped by another's failure has printed why by now (atexit): it tells the failed rank, which
+        # waits for that (a loaded machine may take seconds) before its abort takes every rank down
+        heard = [self.comm.isend(None, dest=rank, tag=_HEARD_TAG) for rank in self._told_by]
+        waiting = {r for r in range(self.size) if r != self.rank} if self._notices else set()
+        deadline = time.monotonic() + HEARD_WAIT_S
+        while (waiting or not self.MPI.Request.Testall(heard + self._notices)) and time.monotonic() < deadline:
+            for rank in [r for r in waiting if self.comm.Iprobe(source=r, tag=_HEARD_TAG)]:
+                self.comm.recv(source=rank, tag=_HEARD_TAG)
+                waiting.discard(rank)
+            time.sleep(0.01)
+        time.sleep(0.2)   # the launcher forwards the last lines of output
         self.comm.Abort(1)
 
 
