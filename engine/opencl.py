@@ -234,13 +234,13 @@ def launch(source, name, n, *args, defines=None):
 
 
 def _scalar_dtype(value):
-    """The dtype a kernel argument is passed as: numpy scalars keep theirs, Python ints and bools are int32,
-    Python floats float32; None for memory objects."""
-    if isinstance(value, np.generic):
-        return value.dtype
+    """The dtype a kernel argument is passed as: Python ints and bools are int32, Python floats (numpy's float64
+    too, a float subclass) float32, other numpy scalars keep theirs; None for memory objects."""
     if isinstance(value, (bool, int)):
         return np.int32
-    return np.float32 if isinstance(value, float) else None
+    if isinstance(value, float):
+        return np.float32
+    return value.dtype if isinstance(value, np.generic) else None
 
 
 class CountedKernel:

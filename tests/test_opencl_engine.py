@@ -339,3 +339,48 @@ def test_blob_keeps_device_memory_when_reshaped_smaller(rng, gpu_mode):
     blob.mutable_gpu_diff()
     blob.update()
     np.testing.assert_allclose(blob.gpu_data().get(), blob.cpu_data())
+
+
+def test_blob_device_views_are_made_once_per_memory_and_count(rng, gpu_mode):
+    blob = Blob(2, 3)
+    view = blob.gpu_data()
+    assert blob.gpu_data() is view and blob.mutable_gpu_data() is view and view.size == 6
+    blob.reshape(4)                     # smaller: the same memory, a view of its first 4 values
+    assert blob.gpu_data().size == 4 and blob.gpu_data() is blob.gpu_data()
+    blob.reshape(3, 3)                  # bigger: new memory, new views
+    values = rand(rng, 3, 3)
+    blob.data = values
+    np.testing.assert_array_equal(blob.gpu_data().get(), values.ravel())
+    assert blob.gpu_diff() is not blob.gpu_data()
+
+
+AFFINE = """__kernel void affine(const int n, __global float* out, const int out_offset, const int shift,
+                             const float a) {
+    const int i = get_global_id(0);
+    if (i < n)
+        out[out_offset + i] = a * (float)(i + shift);
+}"""
+
+
+def test_launch_scalars_typed_at_the_first_launch_and_set_at_every_launch():
+    out = opencl.zeros(6)
+    # Python int and numpy's float64 (a float subclass) become int32 and float32, as later numpy scalars
+    opencl.launch(AFFINE, "affine", 4, *opencl.device_args(out), 3, np.float64(0.5))
+    assert out.get().tolist() == [1.5, 2.0, 2.5, 3.0, 0.0, 0.0]
+    opencl.launch(AFFINE, "affine", 2, *opencl.device_args(out, 4), np.int32(1), np.float32(-2.0))
+    assert out.get().tolist() == [1.5, 2.0, 2.5, 3.0, -2.0, -4.0]
+    opencl.launch(AFFINE, "affine", 1, *opencl.device_args(out), 0, -0.0)   # -0.0 == 0.0, its sign is kept
+    assert np.signbit(out.get()[0])
+
+
+def test_uploads_keep_their_copy_events_until_the_copies_are_done():
+    """pyopencl waits for a host copy when its event is dropped: kaffe keeps the events, so an upload enqueued
+    behind other work does not make the host wait."""
+    dev = opencl.current()
+    host = np.arange(5, dtype=np.float32)
+    array = opencl.upload(host, opencl.empty(5))
+    host[:] = -1                        # the upload copied a private snapshot
+    assert dev.pending_uploads
+    opencl.finish()
+    assert not dev.pending_uploads
+    assert array.get().tolist() == [0, 1, 2, 3, 4]
