@@ -4,8 +4,8 @@ max pooling's backward pass, which numpy cannot make fast (`pip install "kaffe[a
 Without numba, or with KAFFE_ACCEL=0, the layers run their numpy code, the reference the kernels are tested
 against. numba is imported when a layer with a kernel first runs and each kernel is compiled at its first call,
 then cached on disk (numba's cache: the package's __pycache__, numba's folder under ~/.cache where the package
-is read-only, or NUMBA_CACHE_DIR), so that `import kaffe` does not pay for it. The kernels use as many threads as the BLAS is given: OMP_NUM_THREADS or
-OPENBLAS_NUM_THREADS, else the cores this process may run on.
+is read-only, or NUMBA_CACHE_DIR), so that `import kaffe` does not pay for it. The kernels are parallel over the
+planes of the batch (numba's prange) but run on one thread unless NUMBA_NUM_THREADS is set.
 """
 import os
 
@@ -31,14 +31,6 @@ def enabled():
     return _numba_installed
 
 
-def _threads():
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def kernels():
     """The module of compiled kernels (numba imported and its thread count set on the first call)."""
     global _kernels
@@ -46,6 +38,8 @@ def kernels():
         import numba
 
         from ..layers import cpu_kernels
-        numba.set_num_threads(max(1, min(_threads(), numba.config.NUMBA_NUM_THREADS)))
+        # one thread unless NUMBA_NUM_THREADS asks for more: measured on 2 shared cores, a parallel kernel
+        # waits at its barrier for whichever thread the OS has set aside, and lost to the one-thread kernel
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if "NUMBA_NUM_THREADS" in os.environ else 1)
         _kernels = cpu_kernels
     return _kernels

@@ -40,14 +40,16 @@ def deploy_nets():
                   and os.path.exists(os.path.join(MODELS, d, "README.md")))
 
 
-def build(name, batch, optimize=None):
-    """Zoo net `name`'s deploy net in the TEST phase with its Input's batch size set to `batch`."""
+def build(name, batch, optimize=None, train=False):
+    """Zoo net `name`'s deploy net in the TEST phase with its Input's batch size set to `batch` (train: in the
+    TRAIN phase with force_backward, as a training step without its data and loss layers)."""
     param = read_net_param(os.path.join(MODELS, name, "deploy.prototxt"))
     for layer in param.layer:
         if layer.type == "Input":
             for shape in layer.input_param.shape:
                 shape.dim[0] = batch
-    param.state.phase = caffe_pb2.TEST
+    param.state.phase = caffe_pb2.TRAIN if train else caffe_pb2.TEST
+    param.force_backward = train
     return Net(param, optimize=optimize)
 
 
