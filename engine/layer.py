@@ -233,6 +233,7 @@ class DeviceLosses:
 
     def __init__(self):
         self.values = None
+        self.slots = []   # the one-value views of values, made once
         self.used = 0
 
     def add(self, blob):
@@ -242,8 +243,10 @@ class DeviceLosses:
             grown = opencl.empty(max(self.INITIAL_SLOTS, 2 * self.used))
             if self.used:
                 opencl.copy(self.values, grown, n=self.used)
-            self.values = grown
-        opencl.dot(blob.gpu_data(), blob.gpu_diff(), out=self.values[self.used:self.used + 1])
+            self.values, self.slots = grown, []
+        if self.used == len(self.slots):
+            self.slots.append(self.values[self.used:self.used + 1])
+        opencl.dot(blob.gpu_data(), blob.gpu_diff(), out=self.slots[self.used])
         self.used += 1
         return PendingLoss((self.used - 1,))
 

@@ -81,8 +81,12 @@ class SyncedMemory:
     def gpu_view(self, count, mutable=False):
         """The device copy's first `count` values (gpu() or mutable_gpu()): blobs smaller than their memory
         read a view, kept here because slicing a pyopencl array costs more than the launch that uses it."""
-        array = self.mutable_gpu() if mutable else self.gpu()
+        if self.head != HEAD_AT_GPU and self.head != SYNCED:
+            self._to_gpu()
+        if mutable:
+            self.head = HEAD_AT_GPU
+            self.version += 1
         view = self._views.get(count)
         if view is None:
-            view = self._views[count] = array[:count]
+            view = self._views[count] = self._device[:count]
         return view
