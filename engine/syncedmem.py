@@ -24,7 +24,10 @@ class SyncedMemory:
 
     def _to_cpu(self):
         if self.head == UNINITIALIZED:
-            self._host = np.zeros(self.count, dtype=np.float32)
+            if self._host is None:
+                self._host = np.zeros(self.count, dtype=np.float32)
+            else:
+                self._host[...] = 0   # placed (place_on_host) before it held anything
             self.head = HEAD_AT_CPU
         elif self.head == HEAD_AT_GPU:
             if self._host is None:
@@ -50,6 +53,13 @@ class SyncedMemory:
         if self.head in (HEAD_AT_GPU, SYNCED):
             opencl.copy(self._device, array, n=self.count)
         self._set_device(array)
+
+    def place_on_host(self, array):
+        """Keep the host copy in `array` (count float32 values, e.g. a view of a buffer that several memories share
+        side by side, as a gradient bucket does), moving the values there when the host copy is current."""
+        if self.head in (HEAD_AT_CPU, SYNCED):
+            array[...] = self._host
+        self._host = array
 
     def _set_device(self, array):
         self._device = array

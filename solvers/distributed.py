@@ -339,24 +339,40 @@ def set_blas_threads(threads):
 
 # -- the gradient reduction -------------------------------------------------------------------------------
 class _Bucket:
+    """Gradients reduced together. Their host copies live side by side in one buffer, so the allreduce and the
+    scaling work on the diffs themselves, with no copy in or out."""
+
     def __init__(self, blobs):
         self.blobs = blobs
-        self.buffer = np.empty(sum(b.count for b in blobs), dtype=np.float32)
+        self.buffer = np.zeros(sum(b._diff.count for b in blobs), dtype=np.float32)
         self.request = None
+        self._place()
+
+    def _place(self):
+        self.memories, offset = [], 0
+        for blob in self.blobs:
+            memory = blob._diff
+            memory.place_on_host(self.buffer[offset:offset + memory.count])
+            self.memories.append(memory)
+            offset += memory.count
+
+    def _placed(self):
+        """Whether every diff still keeps its host copy here (a reshape that grows a blob gives it new memory)."""
+        return all(blob._diff is memory and memory._host is not None and memory._host.base is self.buffer
+                   for blob, memory in zip(self.blobs, self.memories))
 
     def start(self, world):
-        offset = 0
-        for blob in self.blobs:
-            self.buffer[offset:offset + blob.count] = blob.cpu_diff().reshape(-1)
-            offset += blob.count
+        if not self._placed():
+            self.buffer = np.zeros(sum(b._diff.count for b in self.blobs), dtype=np.float32)
+            self._place()
+        for memory in self.memories:
+            memory.cpu()   # a diff computed on an OpenCL device comes down into the buffer
         self.request = world.comm.Iallreduce(world.MPI.IN_PLACE, self.buffer, world.MPI.SUM)
 
     def finish(self, scale):
-        offset = 0
-        for blob in self.blobs:
-            np.multiply(self.buffer[offset:offset + blob.count], scale,
-                        out=blob.mutable_cpu_diff().reshape(-1))
-            offset += blob.count
+        np.multiply(self.buffer, scale, out=self.buffer)
+        for memory in self.memories:
+            memory.mutable_cpu()   # the reduced host copy is the newest
         self.request = None
 
 

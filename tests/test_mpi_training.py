@@ -152,6 +152,22 @@ def test_adam(tmp_path, mnist_lmdb):
     check_equivalence(tmp_path, mnist_lmdb, 20, SMALL, extra=ADAM)
 
 
+def test_ranks_on_opencl_devices(tmp_path, mnist_lmdb):
+    """`mpiexec -n 2 kaffe train --gpu all`: each rank on an OpenCL device (both on PoCL's one device here); the
+    diffs come down into the reduction buffers and go back up for the update: one process's weights within the
+    OpenCL parity tolerance."""
+    from kaffe.engine import opencl
+    if not opencl.devices():
+        pytest.skip("no OpenCL platform (install pocl-opencl-icd)")
+    ranks = write_run(tmp_path / "ranks", mnist_lmdb, 32, 10, SMALL)
+    alone = write_run(tmp_path / "alone", mnist_lmdb, 64, 10, SMALL)
+    result = mpiexec(["train", "--solver", str(ranks), "--gpu", "all"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train_alone(alone, 10)
+    assert_same_weights(tmp_path / "ranks" / "run_iter_10.caffemodel", tmp_path / "alone" / "run_iter_10.caffemodel",
+                        rtol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, norm", [(SGD, ""), (SGD, BATCH_NORM), (ADAM, "")], ids=["sgd", "batchnorm", "adam"])
 def test_lenet_200_iterations(tmp_path, mnist_lmdb, extra, norm):

@@ -310,6 +310,21 @@ def test_synced_memory_heads():
     assert mem.gpu().get()[0] == 9
 
 
+def test_synced_memory_placed_on_host_keeps_its_values_in_the_given_array():
+    shared = np.full(9, -1, np.float32)
+    fresh, written, on_device = SyncedMemory(3), SyncedMemory(3), SyncedMemory(3)
+    fresh.place_on_host(shared[0:3])                 # nothing held yet: reads as zeros, in the array
+    written.mutable_cpu()[:] = [1, 2, 3]
+    written.place_on_host(shared[3:6])               # host copy current: moved into the array
+    opencl.fill(on_device.mutable_gpu(), 5.0)
+    on_device.place_on_host(shared[6:9])             # device copy newest: comes down into the array when read
+    assert fresh.cpu().base is shared and on_device.cpu().base is shared
+    np.testing.assert_array_equal(shared, [0, 0, 0, 1, 2, 3, 5, 5, 5])
+    shared *= 2                                      # what an in-place reduction does to the buffer
+    written.mutable_cpu()
+    np.testing.assert_array_equal(written.gpu().get(), [2, 4, 6])
+
+
 def test_synced_memory_starts_zeroed_on_device():
     mem = SyncedMemory(4)
     np.testing.assert_array_equal(mem.gpu().get(), np.zeros(4))
