@@ -13,6 +13,9 @@
 //                     z * stride_a, stride_b, stride_c (e.g. a convolution's per-sample products written as NCHW)
 //   BIAS              0, or 1: C[m][n] += bias[n] (InnerProduct), 2: C[m][n] += bias[m] (Convolution), added
 //                     where C is written: the bias costs no launch of its own
+//   ONES_COLUMN       0/1: op(B) has one more column than B holds, all ones, and that column of the product goes
+//                     to bias[m] (beta applies there too) instead of C: a layer's bias gradient (the sums of the
+//                     top diff's rows) comes out of its weight gradient's GEMM, in the same launch
 //   A_K_BLOCK         0, or (with TRANS_A 0) op(A)[m][k] is at (k / A_K_BLOCK) * A_K_STRIDE + m * lda + k % A_K_BLOCK:
 //                     K runs over blocks, e.g. the samples of an (N, O, L) array read as the (O, N * L) matrix
 //                     of a convolution's weight gradient, without a regrouping pass
@@ -143,17 +146,25 @@ inline void fetch_b(__global const float* B, int ldb, int N, int K, int n0, int 
             break;
         const int run = (l % (B_RUN / VEC_B)) * VEC_B, line = l / (B_RUN / VEC_B);
 #if TRANS_B
-        const int gline = n0 + line, grun = k0 + run, run_end = K, line_end = N;
+        const int gline = n0 + line, grun = k0 + run, run_end = K, line_end = N - ONES_COLUMN;
 #else
-        const int gline = k0 + line, grun = n0 + run, run_end = N, line_end = K;
+        const int gline = k0 + line, grun = n0 + run, run_end = N - ONES_COLUMN, line_end = K;
 #endif
         __global const float* p = B + (size_t)gline * ldb + grun;
         if (gline < line_end && grun + VEC_B <= run_end) {
             x[r].v = LOAD_B(p);
         } else {
             #pragma unroll
-            for (int c = 0; c < VEC_B; ++c)
+            for (int c = 0; c < VEC_B; ++c) {
                 x[r].s[c] = (gline < line_end && grun + c < run_end) ? p[c] : 0.0f;
+#if ONES_COLUMN && TRANS_B
+                if (gline == N - 1 && grun + c < K)
+                    x[r].s[c] = 1.0f;
+#elif ONES_COLUMN
+                if (grun + c == N - 1 && gline < K)
+                    x[r].s[c] = 1.0f;
+#endif
+            }
         }
     }
 }
@@ -202,7 +213,7 @@ void gemm(const int M, const int N, const int K, const float alpha,
           __global const float* B, const int b_offset, const int ldb,
           const float beta, __global float* C, const int c_offset, const int ldc, const int k_chunk,
           const int stride_a, const int stride_b, const int stride_c,
-          __global const float* bias, const int bias_offset) {
+          __global float* bias, const int bias_offset) {
     __local float As[BUFFERS * TS_K * LDS_M] __attribute__((aligned(16)));
     __local float Bs[BUFFERS * TS_K * LDS_N] __attribute__((aligned(16)));
 
@@ -285,6 +296,13 @@ void gemm(const int M, const int N, const int K, const float alpha,
 #if SPLIT_K
                 C[((size_t)get_group_id(2) * M + m) * N + n] = alpha * acc[i][j];
 #else
+#if ONES_COLUMN
+                if (n == N - 1) {
+                    __global float* g = bias + bias_offset + m;
+                    *g = (beta == 0.0f) ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *g;
+                    continue;
+                }
+#endif
                 __global float* c = C + (size_t)m * ldc + n;
                 // beta == 0 must not read C: it may hold NaN or garbage (BLAS semantics)
 #if BIAS == 1
@@ -301,9 +319,11 @@ void gemm(const int M, const int N, const int K, const float alpha,
     }
 }
 
-// C[m][n] = sum over the chunks of partial[chunk][m][n] + beta * C[m][n]: the second step of a split-K GEMM.
+// C[m][n] = sum over the chunks of partial[chunk][m][n] + beta * C[m][n]: the second step of a split-K GEMM
+// (with ONES_COLUMN, column N - 1 goes to bias[m]).
 __kernel void gemm_split_reduce(const int count, const int N, const int chunks, __global const float* partial,
-                                const float beta, __global float* C, const int c_offset, const int ldc) {
+                                const float beta, __global float* C, const int c_offset, const int ldc,
+                                __global float* bias, const int bias_offset) {
     const int i = get_global_id(0);  // count = M * N
     if (i >= count)
         return;
@@ -311,5 +331,9 @@ __kernel void gemm_split_reduce(const int count, const int N, const int chunks, 
     for (int s = 0; s < chunks; ++s)
         sum += partial[(size_t)s * count + i];
     __global float* c = C + c_offset + (size_t)(i / N) * ldc + i % N;
+#if ONES_COLUMN
+    if (i % N == N - 1)
+        c = bias + bias_offset + i / N;
+#endif
     *c = (beta == 0.0f) ? sum : sum + beta * *c;
 }

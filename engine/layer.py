@@ -159,19 +159,32 @@ class Layer:
     def forward(self, bottom, top):
         """Reshape, run the device's forward, and return this layer's weighted loss."""
         self.reshape(bottom, top)
+        self._written_loss = None
         if device.mode() == device.GPU:
             self.forward_gpu(bottom, top)
         else:
             self.forward_cpu(bottom, top)
         loss = 0.0
-        for blob, weight in zip(top, self.loss_weights):
+        for index, (blob, weight) in enumerate(zip(top, self.loss_weights)):
             if weight:
-                if blob.memory.head == HEAD_AT_GPU:   # read on the device: one value comes back, or none yet
+                if index == 0 and self._written_loss is not None:   # the forward's kernel wrote it already
+                    loss += self._written_loss
+                elif blob.memory.head == HEAD_AT_GPU:   # read on the device: one value comes back, or none yet
                     deferred = _deferred["losses"]
                     loss += deferred.add(blob) if deferred else opencl.dot(blob.gpu_data(), blob.gpu_diff())
                 else:
                     loss += float(np.dot(blob.cpu_data().ravel(), blob.cpu_diff().ravel()))
         return loss
+
+    def weighted_loss_slot(self):
+        """GPU mode, losses deferred: where a loss layer's forward kernel may write top 0's weighted loss (its
+        data times the loss weight in its diff, as Layer.forward's dot computes it) to save that launch; a
+        one-value device view, or None. A forward that writes it calls wrote_weighted_loss() after the launch."""
+        deferred = _deferred["losses"]
+        return deferred.next_slot() if deferred and self.loss_weights and self.loss_weights[0] else None
+
+    def wrote_weighted_loss(self):
+        self._written_loss = _deferred["losses"].take()
 
     def backward(self, top, propagate_down, bottom):
         if device.mode() == device.GPU:
@@ -236,9 +249,8 @@ class DeviceLosses:
         self.slots = []   # the one-value views of values, made once
         self.used = 0
 
-    def add(self, blob):
-        """Enqueue the weighted loss of a loss top (the dot of its data and the loss weights in its diff)
-        into the next slot; returns it as a PendingLoss."""
+    def next_slot(self):
+        """The one-value device view that the next loss goes to (take() claims it)."""
         if self.values is None or self.used == self.values.size:
             grown = opencl.empty(max(self.INITIAL_SLOTS, 2 * self.used))
             if self.used:
@@ -246,9 +258,18 @@ class DeviceLosses:
             self.values, self.slots = grown, []
         if self.used == len(self.slots):
             self.slots.append(self.values[self.used:self.used + 1])
-        opencl.dot(blob.gpu_data(), blob.gpu_diff(), out=self.slots[self.used])
+        return self.slots[self.used]
+
+    def take(self):
+        """The next slot, written by now, as a PendingLoss."""
         self.used += 1
         return PendingLoss((self.used - 1,))
+
+    def add(self, blob):
+        """Enqueue the weighted loss of a loss top (the dot of its data and the loss weights in its diff)
+        into the next slot; returns it as a PendingLoss."""
+        opencl.dot(blob.gpu_data(), blob.gpu_diff(), out=self.next_slot())
+        return self.take()
 
     def read(self):
         """The values of every slot since the last read, as a host array; the slots are free again."""

@@ -589,7 +589,7 @@ def gemm_split_k(M, N, K, tiles, dev):
 
 
 def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0, c_offset=0, split_k=None,
-         batch=1, strides=(0, 0, 0), ldb=None, ldc=None, bias=None, bias_axis=1, a_blocks=None):
+         batch=1, strides=(0, 0, 0), ldb=None, ldc=None, bias=None, bias_axis=1, a_blocks=None, row_sums=None):
     """C = alpha * op(A) @ op(B) + beta * C on device arrays holding row-major matrices (as numpy's).
 
     op(A) is M x K: A holds it from a_offset as M x K, or as K x M when trans_a. op(B) is K x N: B holds it as
@@ -601,15 +601,20 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
     (bias_axis 1, bias[n]) or every column (bias_axis 0, bias[m]), in the same launch.
     a_blocks: (block, stride) with trans_a False: op(A)[m][k] is at (k // block) * stride + m * block + k % block
     (an (N, O, L) array read as the O x (N * L) matrix, block L, stride O * L).
+    row_sums: a device array r of M values: also r[m] = alpha * sum_k op(A)[m][k] + beta * r[m] in the same
+    launch (op(B) gets a column of ones: a layer's bias gradient beside its weight gradient).
     """
+    if bias is not None and row_sums is not None:
+        raise KaffeError("gemm: bias and row_sums cannot be used together")
     a_buf, a_at, a_left = _buffer(A, a_offset)
     b_buf, b_at, b_left = _buffer(B, b_offset)
     c_buf, c_at, c_left = _buffer(C, c_offset)
-    bias_buf, bias_at, bias_left = (c_buf, 0, None) if bias is None else _buffer(bias)
+    extra = bias if row_sums is None else row_sums
+    bias_buf, bias_at, bias_left = (c_buf, 0, None) if extra is None else _buffer(extra)
     dev = current()
     plans = _gemm_plans(dev)
-    key = (trans_a, trans_b, M, N, K, a_at, a_left, b_at, b_left, c_at, c_left, bias_left, bias_axis, split_k,
-           batch, tuple(strides), ldb, ldc, a_blocks)
+    key = (trans_a, trans_b, M, N, K, a_at, a_left, b_at, b_left, c_at, c_left, bias_left,
+           "sums" if row_sums is not None else bias_axis, split_k, batch, tuple(strides), ldb, ldc, a_blocks)
     plan = plans.get(key)
     if plan is None:
         plan = plans[key] = _gemm_plan(*key, dev)
@@ -631,7 +636,7 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, a_offset=0, b_offset=0
                 bias_at)
     if plan.chunks > 1:
         launch("gemm.cl", "gemm_split_reduce", M * N, N, plan.chunks, partial.base_data, float(beta), c_buf, c_at,
-               plan.ldc, defines=plan.defines)
+               plan.ldc, bias_buf, bias_at, defines=plan.defines)
     return C
 
 
@@ -665,23 +670,27 @@ def _gemm_plan(trans_a, trans_b, M, N, K, a_at, a_left, b_at, b_left, c_at, c_le
     _check_room("gemm A", last * strides[0] + a_end, a_left)
     _check_room("gemm B", last * strides[1] + ((N if trans_b else K) - 1) * ldb + (K if trans_b else N), b_left)
     _check_room("gemm C", last * strides[2] + (M - 1) * ldc + N, c_left)
-    if M == 0 or N == 0:
+    if M == 0 or (N == 0 and bias_axis != "sums"):
         return _NO_WORK
     if bias_left is not None:
         _check_room("gemm bias", N if bias_axis == 1 else M, bias_left)
     if (_gemm_state["backend"] or gemm_tuning.tuned_backend(M, N, dev)) == "clblast" and batch == 1 \
             and bias_left is None and not block:
         return _NO_WORK._replace(lda=lda, ldb=ldb, ldc=ldc)
+    ones_column = bias_axis == "sums"
+    N += ones_column   # the column of ones; the kernel sends that column of the product to the row sums
     ts_m, ts_n, ts_k, wpt_m, wpt_n, local_vec, prefetch = GemmTiles(*_gemm_tiles(M, N, dev))
     defines = {"TRANS_A": bool(trans_a), "TRANS_B": bool(trans_b), "TS_M": ts_m, "TS_N": ts_n, "TS_K": ts_k,
                "WPT_M": wpt_m, "WPT_N": wpt_n, "LOCAL_VEC": local_vec, "PREFETCH": prefetch,
                "VEC_A": _vector_width(math.gcd(lda, strides[0], block_stride), a_at, ts_m if trans_a else ts_k),
                "A_K_BLOCK": block, "A_K_STRIDE": block_stride,
                "VEC_B": _vector_width(math.gcd(ldb, strides[1]), b_at, ts_k if trans_b else ts_n),
-               "BATCHED": batch > 1, "BIAS": 0 if bias_left is None else 2 - bias_axis}
+               "BATCHED": batch > 1, "BIAS": 0 if bias_left is None or ones_column else 2 - bias_axis,
+               "ONES_COLUMN": ones_column}
     local = (ts_n // wpt_n, ts_m // wpt_m)
     tiles = -(-N // ts_n) * -(-M // ts_m)
-    chunks = 1 if batch > 1 or bias_left is not None else split_k or gemm_split_k(M, N, K, tiles, dev)
+    chunks = 1 if batch > 1 or (bias_left is not None and not ones_column) \
+        else split_k or gemm_split_k(M, N, K, tiles, dev)
     k_chunk = max(ts_k, _round_up(-(-K // chunks), ts_k))
     chunks = max(1, -(-K // k_chunk))
     if chunks > 1:

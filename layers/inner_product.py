@@ -77,14 +77,17 @@ class InnerProductLayer(Layer):
         cl = opencl
         top_diff = top[0].gpu_diff()
         M, N, K = self.samples, self.num_output, self.inputs
+        want_bias = self.bias_term and self.param_propagate_down[1]
+        bias_diff = self.blobs[1].mutable_gpu_diff() if want_bias else None
         if self.param_propagate_down[0]:
             data, weight_diff = bottom[0].gpu_data(), self.blobs[0].mutable_gpu_diff()
             if self.transpose:  # (K, N) += x^T dy
                 cl.gemm(True, False, K, N, M, 1.0, data, top_diff, 1.0, weight_diff)
-            else:  # (N, K) += dy^T x
-                cl.gemm(True, False, N, K, M, 1.0, top_diff, data, 1.0, weight_diff)
-        if self.bias_term and self.param_propagate_down[1]:
-            cl.gemm(False, False, 1, N, M, 1.0, self._ones(M), top_diff, 1.0, self.blobs[1].mutable_gpu_diff())
+            else:  # (N, K) += dy^T x, and the bias gradient (dy^T's row sums) in the same launch
+                cl.gemm(True, False, N, K, M, 1.0, top_diff, data, 1.0, weight_diff, row_sums=bias_diff)
+                want_bias = False
+        if want_bias:
+            cl.gemm(False, False, 1, N, M, 1.0, self._ones(M), top_diff, 1.0, bias_diff)
         if propagate_down[0]:
             cl.gemm(False, self.transpose, M, K, N, 1.0, top_diff, self.blobs[0].gpu_data(), 0.0,
                     bottom[0].mutable_gpu_diff())

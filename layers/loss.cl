@@ -29,13 +29,16 @@ __kernel void softmax_loss_forward(const int n, __global const float* prob, cons
 #ifdef GROUP_SIZE
 // The whole forward of a batch of at most GROUP_SIZE positions in one work-group (built after reduce.cl and
 // common.cl): each position's softmax and loss, and out = scale * the sum of the losses, added in the order of
-// reduce.cl's asum of one work-group, so that the loss is the same as the three launches' of the general case.
+// reduce.cl's asum of one work-group, so that the loss is the same as the three launches' of the general case;
+// with weigh, also the weighted loss that the net sums (Layer.weighted_loss_slot), saving the launch of its dot.
 __kernel __attribute__((reqd_work_group_size(GROUP_SIZE, 1, 1)))
 void softmax_loss_forward_sum(const int n, __global const float* x, const int x_offset,
                               __global float* prob, const int prob_offset,
                               __global const float* label, const int label_offset,
                               __global float* out, const int out_offset, const int channels, const int inner,
-                              const int has_ignore, const int ignore_label, const float scale) {
+                              const int has_ignore, const int ignore_label, const float scale,
+                              __global float* weighted, const int weighted_offset,
+                              __global const float* weight, const int weight_offset, const int weigh) {
     __local float scratch[GROUP_SIZE];
     float v = 0.0f;
     for (int p = get_local_id(0); p < n; p += GROUP_SIZE) {
@@ -44,8 +47,12 @@ void softmax_loss_forward_sum(const int n, __global const float* x, const int x_
                                 ignore_label));
     }
     const float s = group_sum(v, scratch);
-    if (get_local_id(0) == 0)
-        out[out_offset] = s * scale;
+    if (get_local_id(0) == 0) {
+        const float loss = s * scale;
+        out[out_offset] = loss;
+        if (weigh)   // the weighted loss, the loss times the loss weight in the top's diff, into its slot
+            weighted[weighted_offset] = loss * weight[weight_offset];
+    }
 }
 #endif
 

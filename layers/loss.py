@@ -202,11 +202,16 @@ class SoftmaxWithLossLayer(LossLayer):
         count_on_device = self.normalization == LossParameter.VALID and self.ignore_label is not None
         if outer * inner <= opencl.REDUCE_GROUP and not count_on_device:   # one work-group does it all
             self.valid_count = self.normalizer(outer * inner)
+            slot = self.weighted_loss_slot()
+            out = top[0].mutable_gpu_data()
             opencl.kernel(SOFTMAX_LOSS_SUM, "softmax_loss_forward_sum", SOFTMAX_LOSS_SUM_DEFINES)(
                 opencl.queue(), (opencl.REDUCE_GROUP,), (opencl.REDUCE_GROUP,), outer * inner,
                 *opencl.device_args(x), *opencl.device_args(prob), *opencl.device_args(bottom[1].gpu_data()),
-                *opencl.device_args(top[0].mutable_gpu_data()), channels, inner, *self._label_args(),
-                1.0 / self.valid_count)
+                *opencl.device_args(out), channels, inner, *self._label_args(), 1.0 / self.valid_count,
+                *opencl.device_args(out if slot is None else slot), *opencl.device_args(top[0].gpu_diff()),
+                int(slot is not None))
+            if slot is not None:
+                self.wrote_weighted_loss()
             if len(top) == 2:
                 top[1].share_data(self.prob)
             return

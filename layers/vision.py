@@ -431,12 +431,13 @@ class BaseConvolutionLayer(Layer):
                    samples, self.conv_out_channels, self.column_count, *opencl.device_args(rows))
         return rows
 
-    def _group_gemm_gpu(self, product, samples, a, b, c, rows_at=None):
+    def _group_gemm_gpu(self, product, samples, a, b, c, rows_at=None, bias_diff=None):
         """One GEMM per group; product picks which: "columns" = W^T @ rows, "weight" = rows @ col^T added to the
         weight diff (W @ col: _rows_product_gpu). The rows side is a regrouped (O, N * L) copy, or, with rows_at
         (a first sample), read straight from the (N, O, L) array (a convolution's top diff): the columns as one
         batched GEMM over the samples (a pointwise layer's written straight into c, its (N, C, L) image-side
-        array), the weight with K running over the samples' blocks."""
+        array), the weight with K running over the samples' blocks, and with bias_diff the bias gradient (the
+        rows' sums) in the same launch."""
         out_per_group, positions = self.conv_out_channels // self.group, self.column_count
         width = samples * positions
         weight_step, rows_step, col_step = out_per_group * self.kernel_dim, out_per_group * width, \
@@ -458,7 +459,8 @@ class BaseConvolutionLayer(Layer):
             else:  # accumulated (beta 1), as Caffe accumulates parameter diffs
                 opencl.gemm(False, True, out_per_group, self.kernel_dim, width, 1.0, a, b, 1.0, c,
                             a_offset=rows_g, b_offset=g * col_step, c_offset=g * weight_step,
-                            a_blocks=(positions, self._rows_size()) if nchw else None)
+                            a_blocks=(positions, self._rows_size()) if nchw else None,
+                            row_sums=None if bias_diff is None else bias_diff[g * out_per_group:])
 
     def _rows_product_gpu(self, weight, col, out, first, samples, add_bias):
         """W @ col for samples [first, first + samples), written into the device rows-side array out (N, O, L):
@@ -560,9 +562,13 @@ class BaseConvolutionLayer(Layer):
         if self.depthwise:
             return self._depthwise_backward_gpu(top, propagate_down, bottom)
         want_weight = self.param_propagate_down[0]
+        # a Convolution's bias gradient comes out of the weight gradient's GEMMs (the sums of the rows they read)
+        bias_in_gemm = want_weight and not self.transposed and self.bias_term and self.param_propagate_down[1]
+        bias_diff = self.blobs[1].mutable_gpu_diff() if bias_in_gemm else None
         for i, (t, down, b) in enumerate(zip(top, propagate_down, bottom)):
             top_diff = t.gpu_diff()
-            self._add_bias_gradient_gpu(top_diff)
+            if not bias_in_gemm:
+                self._add_bias_gradient_gpu(top_diff)
             if not (want_weight or down):
                 continue
             rows_side, image_side = (b.gpu_data(), top_diff) if self.transposed else (top_diff, b.gpu_data())
@@ -573,7 +579,8 @@ class BaseConvolutionLayer(Layer):
                 col = self._backward_columns_gpu(i, b, image_side, first, samples) \
                     if want_weight or self.transposed else None
                 if want_weight:
-                    self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff(), rows_at)
+                    self._group_gemm_gpu("weight", samples, rows, col, self.blobs[0].mutable_gpu_diff(), rows_at,
+                                         bias_diff)
                 if down and self.transposed:
                     self._rows_product_gpu(self.blobs[0].gpu_data(), col, b.mutable_gpu_diff(), first, samples, False)
                 elif down:

@@ -100,10 +100,12 @@ def launches(run):
     ("Convolution", (3, 8, 9, 7), "num_output: 8 group: 8 kernel_size: 3 stride: 2 pad: 1", 1, 3),
     ("Convolution", (2, 4, 6, 6), "num_output: 8 group: 4 kernel_size: 3 pad: 1", 1, 3),
     ("Deconvolution", (2, 4, 5, 6), "num_output: 4 group: 4 kernel_size: 3 stride: 2", 1, 3),
-    # one batched GEMM with the bias fused; backward: bias, im2col + GEMM (weight), GEMM (bottom diff)
-    ("Convolution", (4, 6, 5, 5), "num_output: 5 kernel_size: 1", 1, 4),
+    # one batched GEMM with the bias fused; backward: im2col + GEMM (weight and bias), GEMM (bottom diff)
+    ("Convolution", (4, 6, 5, 5), "num_output: 5 kernel_size: 1", 1, 3),
     # one sample: the weight gradient's GEMM reads the bottom as it is
-    ("Convolution", (1, 6, 5, 5), "num_output: 5 kernel_size: 1", 1, 3),
+    ("Convolution", (1, 6, 5, 5), "num_output: 5 kernel_size: 1", 1, 2),
+    # 3x3, groups: per group one GEMM for the weight and bias gradients, one for the columns, then col2im
+    ("Convolution", (2, 4, 6, 6), "num_output: 6 group: 2 kernel_size: 3 pad: 1", 3, 5),
 ])
 def test_launches_per_pass(gpu_mode, kind, shape, params, forward, backward):
     layer = make_layer(layer_text(kind, params))

@@ -83,6 +83,29 @@ def test_gemm_split_k_matches_numpy(rng, trans_a, trans_b, chunks):
     assert_close(C.get(), expected)
 
 
+@pytest.mark.parametrize("trans_a,trans_b", [(False, True), (True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("N", [1, 25, 64, 131])
+@pytest.mark.parametrize("chunks", [1, 5])
+def test_gemm_row_sums_in_the_same_launch(rng, trans_a, trans_b, N, chunks):
+    """row_sums (a layer's bias gradient beside its weight gradient): r = alpha * op(A)'s row sums + beta * r,
+    C as without it, one launch (two when split along K); N around the tiles and vector widths."""
+    M, K = 20, 203
+    a = rand(rng, *((K, M) if trans_a else (M, K)))
+    b = rand(rng, *((N, K) if trans_b else (K, N)))
+    c, r = rand(rng, M * N), rand(rng, 2 + M)
+    C, R = opencl.to_device(c), opencl.to_device(r)
+    opencl.reset_stats()
+    opencl.gemm(trans_a, trans_b, M, N, K, 0.5, opencl.to_device(a), opencl.to_device(b), 1.0, C, split_k=chunks,
+                row_sums=R[2:])
+    assert opencl.stats()["launches"] == (1 if chunks == 1 else 2)
+    a64 = op(a.astype(np.float64), trans_a)
+    assert_close(C.get(), c + 0.5 * (a64 @ op(b.astype(np.float64), trans_b)).ravel())
+    assert_close(R.get(), np.concatenate([r[:2], r[2:] + 0.5 * a64.sum(axis=1)]))
+    with pytest.raises(KaffeError, match="bias and row_sums"):
+        opencl.gemm(trans_a, trans_b, M, N, K, 1.0, opencl.to_device(a), opencl.to_device(b), 0.0, C, bias=R,
+                    row_sums=R)
+
+
 def test_gemm_split_k_is_chosen_only_for_small_outputs_on_gpus():
     gpu = SimpleNamespace(is_gpu=True, device=SimpleNamespace(max_compute_units=132))
     cpu = SimpleNamespace(is_gpu=False, device=SimpleNamespace(max_compute_units=2))
