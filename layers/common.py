@@ -304,6 +304,13 @@ class EltwiseLayer(Layer):
             out = data[0] * data[1]
             for d in data[2:]:
                 out *= d
+        elif self.op == caffe_pb2.EltwiseParameter.SUM and all(c == 1 for c in self.coeffs):
+            # plain sums (ResNet's shortcuts) in one pass each, straight into the top: 1 * x is x
+            out = top[0].mutable_cpu_data()
+            np.add(data[0], data[1], out=out)
+            for d in data[2:]:
+                np.add(out, d, out=out)
+            return
         elif self.op == caffe_pb2.EltwiseParameter.SUM:
             out = self.coeffs[0] * data[0]
             for c, d in zip(self.coeffs[1:], data[1:]):

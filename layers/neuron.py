@@ -29,6 +29,20 @@ NUMPY_OPS = SimpleNamespace(where=np.where, exp=np.exp, log=np.log, log1p=np.log
                             maximum=np.maximum, minimum=np.minimum, sqrt=np.sqrt, pow=np.power)
 
 KERNELS = ("layers/random.cl", "layers/neuron.cl")  # Dropout draws counter_bits (random.cl)
+# values per numpy pass of a formula on the CPU: its temporaries stay in the cache and are reused, instead of
+# being fresh (page-faulting) blob-sized arrays, each written and read back through memory
+BLOCK = 65536
+
+
+def evaluate_blockwise(formula, out, *arrays):
+    """out = formula(*arrays) element by element, in blocks of BLOCK values (the same values as one call on the
+    whole arrays; out may be one of them: each block is read before it is written)."""
+    flat_out = out.reshape(-1)
+    flats = [a.reshape(-1) for a in arrays]
+    with np.errstate(all="ignore"):
+        for start in range(0, flat_out.size, BLOCK):
+            end = start + BLOCK
+            flat_out[start:end] = formula(*(f[start:end] for f in flats))
 
 
 def no_params(layer_param):
@@ -85,9 +99,7 @@ class FormulaLayer(NeuronLayer):
         x = bottom[0].cpu_data()
         if _keeps_input(self, bottom, top):
             self.saved_input = x.copy()
-        with np.errstate(all="ignore"):
-            y = self.formula.forward(x, self.p, NUMPY_OPS)
-        top[0].mutable_cpu_data()[...] = y
+        evaluate_blockwise(lambda xb: self.formula.forward(xb, self.p, NUMPY_OPS), top[0].mutable_cpu_data(), x)
 
     def _kernel(self, direction, inputs):
         # one kernel per (type, direction), cached by elementwise_kernel; parameter values are kernel arguments
@@ -119,9 +131,8 @@ class ElementwiseLayer(FormulaLayer):
         if not propagate_down[0]:
             return
         x = self.saved_input if _keeps_input(self, bottom, top) else bottom[0].cpu_data()
-        with np.errstate(all="ignore"):
-            dx = self.formula.backward(x, top[0].cpu_data(), top[0].cpu_diff(), self.p, NUMPY_OPS)
-        bottom[0].mutable_cpu_diff()[...] = dx
+        evaluate_blockwise(lambda xb, yb, dyb: self.formula.backward(xb, yb, dyb, self.p, NUMPY_OPS),
+                           bottom[0].mutable_cpu_diff(), x, top[0].cpu_data(), top[0].cpu_diff())
 
     def backward_gpu(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -141,12 +152,29 @@ def elementwise_layer(type_name, forward, backward=None, params=no_params, **opt
     return register_layer(type_name)(cls)
 
 
-ReLULayer = elementwise_layer(
-    "ReLU",
-    forward=lambda x, p, ops: ops.maximum(x, 0) + p.negative_slope * ops.minimum(x, 0),
-    # Caffe's rule, reading the bottom's sign: in place x holds y, which has x's sign when negative_slope >= 0
-    backward=lambda x, y, dy, p, ops: dy * ((x > 0) + p.negative_slope * (x <= 0)),
-    params=field_params("relu_param", "negative_slope"))
+@register_layer("ReLU")
+class ReLULayer(ElementwiseLayer):
+    """ReLU: an elementwise activation given by its formula. On the CPU, the usual negative_slope 0 takes one
+    numpy pass each way, with the formula's values: forward max(x, 0) (the formula's 0 * min(x, 0) term only
+    matters for x = -inf, which it turns into NaN, as Caffe: such inputs take the formula), backward dy * (x > 0)
+    (the formula's dy * 1 and dy * 0, NaN for an infinite dy included)."""
+    formula = Formula(
+        forward=lambda x, p, ops: ops.maximum(x, 0) + p.negative_slope * ops.minimum(x, 0),
+        # Caffe's rule, reading the bottom's sign: in place x holds y, which has x's sign when negative_slope >= 0
+        backward=lambda x, y, dy, p, ops: dy * ((x > 0) + p.negative_slope * (x <= 0)),
+        params=field_params("relu_param", "negative_slope"))
+
+    def forward_cpu(self, bottom, top):
+        x = bottom[0].cpu_data()
+        if self.p.negative_slope != 0 or (x.size and np.fmin.reduce(x, axis=None) == -np.inf):   # fmin skips NaN
+            return super().forward_cpu(bottom, top)
+        np.maximum(x, 0, out=top[0].mutable_cpu_data())
+
+    def backward_cpu(self, top, propagate_down, bottom):
+        if self.p.negative_slope != 0 or not propagate_down[0]:
+            return super().backward_cpu(top, propagate_down, bottom)
+        with np.errstate(all="ignore"):
+            np.multiply(top[0].cpu_diff(), bottom[0].cpu_data() > 0, out=bottom[0].mutable_cpu_diff())
 
 SigmoidLayer = elementwise_layer(
     "Sigmoid",

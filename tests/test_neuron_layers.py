@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from gradient_check import blobs_from, check_gradient, make_layer, rand, setup_layer
+from gradient_check import blobs_from, check_gradient, make_layer, rand, rand32, setup_layer
 
 from kaffe.engine import device
 from kaffe.engine.blob import Blob
@@ -51,6 +51,39 @@ def test_leaky_relu_forward_and_backward_at_zero():
     layer.backward(top, [True], bottom)
     # Caffe: dy * ((x > 0) + slope * (x <= 0)): zero takes the negative side
     np.testing.assert_allclose(bottom[0].diff, dy * np.where(x > 0, 1.0, 0.3), rtol=1e-6)
+
+
+def test_relu_shortcut_gives_the_formulas_values_special_values_included():
+    """negative_slope 0 on the CPU takes one numpy pass each way: the same values as Caffe's formula, for -inf
+    (0 * -inf = NaN), NaN, infinite gradients and zeros too, over more than one evaluation block."""
+    from kaffe.layers.neuron import BLOCK, NUMPY_OPS, ReLULayer
+    from types import SimpleNamespace
+    x = rand32(BLOCK + 77, scale=3)
+    x[:6] = [np.inf, np.nan, 0.0, -0.0, 1e-45, -1e-45]
+    dy = rand32(BLOCK + 77, seed=3)
+    dy[6:10] = [np.inf, -np.inf, np.nan, 0.0]
+    x[7:9] = [-2.0, 3.0]
+    p = SimpleNamespace(negative_slope=np.float32(0))
+    with np.errstate(all="ignore"):
+        y_formula = ReLULayer.formula.forward(x, p, NUMPY_OPS)
+        dx_formula = ReLULayer.formula.backward(x, y_formula, dy, p, NUMPY_OPS)
+    for with_neg_inf in (False, True):
+        if with_neg_inf:
+            x[10] = -np.inf
+            with np.errstate(all="ignore"):
+                y_formula = ReLULayer.formula.forward(x, p, NUMPY_OPS)
+            assert np.isnan(y_formula[10])
+        y, dx = forward_backward('type: "ReLU"', x, dy, in_place=False)
+        np.testing.assert_array_equal(y, y_formula)
+        if not with_neg_inf:
+            np.testing.assert_array_equal(dx, dx_formula)
+
+
+def test_formulas_evaluated_blockwise_give_the_whole_array_values():
+    from kaffe.layers.neuron import BLOCK, NUMPY_OPS
+    x = rand32(2 * BLOCK + 5, scale=2)
+    _, _, top = run('type: "TanH"', x)
+    np.testing.assert_array_equal(top[0].data, np.tanh(x))
 
 
 def test_sigmoid_forward_is_stable_for_large_inputs():

@@ -124,7 +124,20 @@ def worker_main(kind, name, batch, weights, passes, gpu):
     except (ImportError, AttributeError):  # no OpenCV, or OpenCV 5, which dropped the Caffe importer
         print(json.dumps(None))
         return
-    print(json.dumps({"ms": ms, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"ms": ms, "rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb():
+    """This process's own peak resident memory. Linux's getrusage maxrss survives exec, so a worker started by
+    a big parent would report the parent's size: the memory map's high-water mark (VmHWM) is the worker's."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def main(argv=None):
