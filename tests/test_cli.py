@@ -148,3 +148,4 @@ def test_benchmark_lenet_measures_kaffe_training_steps():
     tagged = [line for line in out.stdout.splitlines() if line.startswith("BENCHMARK_RESULT ")]
     result = json.loads(tagged[0][len("BENCHMARK_RESULT "):])
     assert result["ms_per_iter"] > 0 and result["numpy"] == np.__version__
+    assert 20 < result["rss_mb"] < 4000   # the child's own peak, not its parent's

@@ -153,12 +153,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the medians are compared")
     parser.add_argument("--child", choices=("kaffe-lmdb", "kaffe-memory", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child and args.child.startswith("kaffe-"):
-        print(RESULT_TAG + json.dumps(measure_kaffe(args.net, args.iterations, args.warmup,
-                                                    args.child[len("kaffe-"):])))
-        return 0
-    if args.child == "torch":
-        print(RESULT_TAG + json.dumps(measure_torch(args.net, args.iterations, args.warmup, args.threads)))
+    if args.child:
+        from .benchmark_zoo import peak_rss_mb
+        result = measure_kaffe(args.net, args.iterations, args.warmup, args.child[len("kaffe-"):]) \
+            if args.child.startswith("kaffe-") else measure_torch(args.net, args.iterations, args.warmup, args.threads)
+        print(RESULT_TAG + json.dumps(dict(result, rss_mb=peak_rss_mb())))
         return 0
     # the measurements take turns, `--repeats` rounds: a slow spell of a shared machine then touches each of
     # them, and the medians compare like with like
@@ -178,7 +177,9 @@ def main(argv=None):
         if which not in runs:
             continue
         each = ", ".join(f"{r['ms_per_iter']:.2f}" for r in runs[which])
-        print(f"  {label}: {median[which]:.2f} ms/iter ({1e3 / median[which]:.1f} iter/s; runs: {each})")
+        rss = max(r["rss_mb"] for r in runs[which])
+        print(f"  {label}: {median[which]:.2f} ms/iter ({1e3 / median[which]:.1f} iter/s; runs: {each}; "
+              f"peak RSS {rss:.0f} MB)")
     lmdb = f", {median['kaffe-lmdb'] / median['torch']:.2f} (kaffe from LMDB)" if "kaffe-lmdb" in median else ""
     print(f"  ratio kaffe/PyTorch time per iteration: {median['kaffe-memory'] / median['torch']:.2f} "
           f"(same input path){lmdb}")
