@@ -5,8 +5,9 @@ Levels:
 - "safe" (the default for TEST nets built from Python): only rewrites after which every blob in net.blobs holds
   what Caffe holds after forward. A BatchNorm (global statistics) / Scale / Bias chain that works in place on a
   Convolution's or InnerProduct's top (ResNet's conv -> BatchNorm -> Scale, all writing one blob) is folded into
-  that layer's weights and bias, and TEST-phase Dropout in place, an identity, is skipped. Layers that a backward
-  pass would run are left alone.
+  that layer's weights and bias, TEST-phase Dropout in place, an identity, is skipped, and the CPU forward of
+  2-D stride-1 convolutions runs one GEMM per kernel tap instead of im2col (ConvolutionLayer.shifted_taps).
+  Layers that a backward pass would run are left alone.
 - "full" (kaffe test, kaffe time --phase TEST, the benchmarks): also folds chains whose intermediate blobs are
   read by nothing else (conv -> bn -> scale writing three blobs), whatever backward would need; only the inputs,
   the outputs and the blobs the caller keeps are sure to hold their values, and backward is refused.
@@ -114,6 +115,9 @@ class ForwardPlan:
                 runner = None
             else:
                 runner = net.layers[i]
+            computing = runner.layer if isinstance(runner, FoldedProducer) else runner
+            if computing is not None and computing.type == "Convolution" and self._may_rewrite(i):
+                computing.shifted_taps = True  # a GEMM per kernel tap, no columns (layers/vision.py)
             self.steps.append((i, last, runner))
             i = last + 1
         self.folded = [step for step in self.steps if step[0] != step[1]]

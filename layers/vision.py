@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pyopencl.array as cla
 
-from ..engine import accelerator, device, opencl
+from ..engine import accelerator, blas, device, opencl
 from ..engine.blob import Blob
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
@@ -25,6 +25,10 @@ SUM_GROUP = 256  # work-group size of channel_sum
 # the most floats one convolution's column buffer may hold: a batch whose columns need more is done in chunks
 # of samples (one GEMM per group and chunk) so that memory stays bounded for big images and batches
 COLUMN_BUFFER_LIMIT = 1 << 25
+# shifted_taps (ConvolutionLayer): positions per slice of the output that all taps add into before the next,
+# and the largest output map (positions per sample) left to im2col when the batch has several samples
+SHIFTED_TAPS_SLICE = 4096
+SHIFTED_TAPS_SMALL_MAP = 64
 _work_buffers = {}
 
 
@@ -32,7 +36,8 @@ def work_buffer(role, count):
     """A flat float32 array of `count` values that every layer shares for one role of short-lived work (layers
     run one at a time): a fresh large array page-faults on every first touch, which costs as much as the copy
     into it. Roles: "inference columns" (convolutions that never run backward keep no columns), "rows" (a
-    transposed top diff), "rows product" and "columns product" (GEMM results before they are laid out)."""
+    transposed top diff), "rows product" and "columns product" (GEMM results before they are laid out),
+    "padded image" (a zero-bordered input of the shifted_taps forward)."""
     buffer = _work_buffers.get(role)
     if buffer is None or buffer.size < count:
         buffer = _work_buffers[role] = np.empty(count, dtype=np.float32)
@@ -593,11 +598,16 @@ class ConvolutionLayer(BaseConvolutionLayer):
     """N-d convolution with groups and dilation: im2col + one GEMM per group over the whole batch.
 
     Output size per axis: (in + 2 pad - (dilation (kernel - 1) + 1)) / stride + 1.
+    With `shifted_taps` (set by the deploy-time optimiser, engine/optimize.py) the CPU forward of a 2-D,
+    stride-1, one-group convolution runs one GEMM per kernel tap instead (see _forward_shifted_taps): the same
+    sums in another order, within float32 rounding of im2col's.
     """
+    shifted_taps = False
 
     def layer_setup(self, bottom, top):
         super().layer_setup(bottom, top)
         self._cached_columns = {}
+        self._tap_weights_cache = None
         # CPU, group 1: the bias rides in the GEMMs, as the weights' last column times a row of ones under
         # the columns; that saves a pass over the top in forward and over its diff for the bias gradient
         self.fold_bias = self.bias_term and self.group == 1 and not self.pointwise
@@ -669,9 +679,82 @@ class ConvolutionLayer(BaseConvolutionLayer):
                 kernels.depthwise_backward_data(top_diff, weight, self._planes(b.mutable_cpu_diff(), self.channels),
                                                 *geometry)
 
+    def _runs_shifted_taps(self):
+        """Whether this forward runs as one GEMM per kernel tap (see _forward_shifted_taps): 2-D, stride 1, one
+        group, and a shape where that beat im2col and one GEMM over all taps (measured with numpy's OpenBLAS on 2
+        cores over the zoo's layers): enough input channels that each tap's GEMM, which sums over them, is not
+        thin (96, or 64 when the outputs are at most twice as many, so that im2col's copies weigh more), and not
+        small maps of several samples, where the grid's extra positions cost more than the columns."""
+        if not (self.shifted_taps and self.num_spatial == 2 and self.group == 1 and not self.pointwise and
+                all(s == 1 for s in self.stride) and blas.available()):
+            return False
+        wide = self.channels >= 96 or (self.channels >= 64 and self.num_output <= 2 * self.channels)
+        return wide and (self.num == 1 or self.column_count > SHIFTED_TAPS_SMALL_MAP)
+
+    def _tap_weights(self):
+        """The weights as one contiguous (num_output, channels) matrix per kernel tap, row-major taps; kept
+        while the weights' data is unchanged."""
+        key = (id(self.blobs[0]), self.blobs[0].data_version())
+        if self._tap_weights_cache is None or self._tap_weights_cache[0] != key:
+            weight = self.blobs[0].cpu_data().reshape(self.num_output, self.channels, -1)
+            self._tap_weights_cache = (key, np.ascontiguousarray(weight.transpose(2, 0, 1)))
+        return self._tap_weights_cache[1]
+
+    def _tap_grid(self):
+        """The flat layout of the shifted_taps input: (lead, rows per sample, row length). Sample n's pixel
+        (y, x) lies at lead + (n * rows + y) * row_length + x and every other place holds zero. Padding comes
+        after each row and each sample; when the window reaches exactly pad past both sides ((kernel - 1) *
+        dilation == 2 pad, "same" convolutions) the pad after one row is also the pad before the next, so rows
+        and samples need only one pad between them, else two. The lead is the pad before the first pixel."""
+        (height, width), (ph, pw) = self.image_spatial, self.pad
+        shared = [(k - 1) * d == 2 * p for k, d, p in zip(self.kernel, self.dilation, self.pad)]
+        rows, length = height + (ph if shared[0] else 2 * ph), width + (pw if shared[1] else 2 * pw)
+        return ph * length + pw, rows, length
+
+    def _forward_shifted_taps(self, bottom, top):
+        """The convolution as a sum over the kernel taps (i, j) of weight[:, :, i, j] @ the padded input shifted
+        by that tap, with no columns. The samples lie one after another in one zero-bordered (C, positions)
+        array (_tap_grid), where the output at (n, y, x) is the sum over taps of the input at its own flat place
+        plus the tap's offset (i * dilation_h * row_length + j * dilation_w), so each GEMM reads the input in
+        place. The outputs come on the grid (M, N, rows, row_length), in slices of positions to which the taps
+        add in turn (BLAS's beta = 1); the top receives each sample's out_h x out_w corner, with the bias added
+        on the way."""
+        (kh, kw), (dh, dw) = self.kernel, self.dilation
+        (height, width), (out_h, out_w) = self.image_spatial, self.column_spatial
+        lead, rows, length = self._tap_grid()
+        span = self.num * rows * length
+        offsets = [i * dh * length + j * dw for i in range(kh) for j in range(kw)]
+        size = lead + span + offsets[-1]  # the last tap's view runs past the grid
+        channels, outputs = self.channels, self.num_output
+        taps = self._tap_weights()
+        padded = work_buffer("padded image", channels * size).reshape(channels, size)
+        product = work_buffer("rows product", outputs * span).reshape(outputs, span)
+        grid = padded[:, lead:lead + span].reshape(channels, self.num, rows, length)
+        padded[:, :lead] = 0
+        padded[:, lead + span:] = 0
+        grid[:, :, height:] = 0
+        grid[:, :, :height, width:] = 0
+        tap_size, target = outputs * channels * 4, blas.address(product)
+        for b, t in zip(bottom, top):
+            grid[:, :, :height, :width] = b.cpu_data().reshape(self._image_shape()).swapaxes(0, 1)
+            for first in range(0, span, SHIFTED_TAPS_SLICE):
+                positions = min(SHIFTED_TAPS_SLICE, span - first)
+                for tap, offset in enumerate(offsets):
+                    blas.gemm(outputs, positions, channels, blas.address(taps) + tap * tap_size, channels,
+                              blas.address(padded) + 4 * (offset + first), size, target + 4 * first, span,
+                              accumulate=tap > 0)
+            out = t.mutable_cpu_data().reshape(self.num, outputs, out_h, out_w)
+            result = product.reshape(outputs, self.num, rows, length)[:, :, :out_h, :out_w].swapaxes(0, 1)
+            if self.bias_term:
+                np.add(result, self.blobs[1].cpu_data().reshape(1, -1, 1, 1), out=out)
+            else:
+                out[...] = result
+
     def forward_cpu(self, bottom, top):
         if self._compiled_depthwise():
             return self._forward_depthwise(bottom, top)
+        if self._runs_shifted_taps():
+            return self._forward_shifted_taps(bottom, top)
         weight = self._weights()
         if self.fold_bias:
             weight = np.concatenate((weight, self.blobs[1].cpu_data().reshape(1, -1, 1)), axis=2)

@@ -187,6 +187,67 @@ def test_convolution_reshapes_when_the_bottom_changes():
     np.testing.assert_allclose(top[0].data, expected, rtol=1e-4, atol=1e-4)
 
 
+SHIFTED_TAPS_CASES = [
+    # (input shape, num_output, geometry): "same" windows (one pad between rows and samples) and others (two)
+    ((1, 96, 9, 11), 40, "kernel_size: 3 pad: 1"),
+    ((3, 64, 10, 7), 100, "kernel_size: 5 pad: 2"),
+    ((2, 96, 8, 9), 20, "kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0"),
+    ((2, 96, 12, 10), 30, "kernel_size: 3 pad: 2 dilation: 2"),
+    ((2, 96, 11, 10), 30, "kernel_size: 3 pad: 0"),
+    ((2, 96, 9, 9), 30, "kernel_h: 2 kernel_w: 3 pad_h: 2 pad_w: 1"),  # windows overhanging the pads
+    ((1, 128, 5, 5), 16, "kernel_size: 3 pad: 1"),  # a small map of one sample
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,num_output,geometry", SHIFTED_TAPS_CASES)
+def test_shifted_taps_forward_matches_im2col(shape, num_output, geometry, bias):
+    """The optimiser's forward (one GEMM per kernel tap over the shifted padded input) gives im2col's values."""
+    layer = make_layer(conv_text(num_output, geometry, bias=bias), phase=caffe_pb2.TEST)
+    bottom = blobs_from(rand(*shape), rand(*shape, seed=3))
+    top = setup_layer(layer, bottom, num_top=2)
+    layer.forward(bottom, top)
+    expected = [t.data.copy() for t in top]
+    layer.shifted_taps = True
+    assert layer._runs_shifted_taps()
+    for t in top:
+        t.data[...] = np.nan
+    layer.forward(bottom, top)
+    for t, e in zip(top, expected):
+        np.testing.assert_allclose(t.data, e, rtol=1e-4, atol=1e-4)
+
+
+def test_shifted_taps_follow_new_weights_and_shapes():
+    """Changed weights are re-laid out per tap; a smaller input after a larger one (whose values remain in the
+    shared work buffers) gets zeros in its pads."""
+    layer = make_layer(conv_text(8, "kernel_size: 3 pad: 1"), phase=caffe_pb2.TEST)
+    reference = make_layer(conv_text(8, "kernel_size: 3 pad: 1"), phase=caffe_pb2.TEST)
+    layer.shifted_taps = True
+    for step, shape in enumerate([(2, 96, 10, 12), (1, 96, 6, 5), (3, 96, 9, 9)]):
+        bottom = blobs_from(rand(*shape, seed=step) + 5)
+        top, expected = setup_layer(layer, bottom), setup_layer(reference, bottom)
+        layer.blobs[0].data[...] = rand(*layer.blobs[0].shape, seed=10 + step)
+        reference.blobs[0].data[...] = layer.blobs[0].data
+        reference.blobs[1].data[...] = layer.blobs[1].data
+        layer.forward(bottom, top)
+        reference.forward(bottom, expected)
+        assert layer._runs_shifted_taps()
+        np.testing.assert_allclose(top[0].data, expected[0].data, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,num_output,geometry", [
+    ((1, 48, 9, 9), 48, "kernel_size: 3 pad: 1"),     # too few channels for a GEMM per tap
+    ((1, 64, 9, 9), 256, "kernel_size: 3 pad: 1"),    # 64 channels, but outputs outweigh the columns' copies
+    ((4, 512, 7, 7), 512, "kernel_size: 3 pad: 1"),   # small maps of several samples
+    ((2, 96, 9, 9), 30, "kernel_size: 3 stride: 2"),  # strides
+])
+def test_shifted_taps_leave_other_shapes_to_im2col(shape, num_output, geometry):
+    layer = make_layer(conv_text(num_output, geometry), phase=caffe_pb2.TEST)
+    setup_layer(layer, blobs_from(rand(*shape)))
+    layer.shifted_taps = True
+    assert not layer._runs_shifted_taps()
+
+
 def test_convolution_accumulates_parameter_gradients():
     layer, bottom, top = run(conv_text(2, "kernel_size: 2"), rand(1, 2, 3, 3))
     top[0].diff[...] = 1
