@@ -6,7 +6,8 @@ Levels:
   what Caffe holds after forward. A BatchNorm (global statistics) / Scale / Bias chain that works in place on a
   Convolution's or InnerProduct's top (ResNet's conv -> BatchNorm -> Scale, all writing one blob) is folded into
   that layer's weights and bias, TEST-phase Dropout in place, an identity, is skipped, and the CPU forward of
-  2-D stride-1 convolutions runs one GEMM per kernel tap instead of im2col (ConvolutionLayer.shifted_taps).
+  2-D stride-1 convolutions runs one GEMM per kernel tap instead of im2col (ConvolutionLayer.shifted_taps); a
+  ReLU working in place on a convolution's top is applied as the convolution writes it.
   Layers that a backward pass would run are left alone.
 - "full" (kaffe test, kaffe time --phase TEST, the benchmarks): also folds chains whose intermediate blobs are
   read by nothing else (conv -> bn -> scale writing three blobs), whatever backward would need; only the inputs,
@@ -19,6 +20,7 @@ copy_from, surgery through net.params[...][i].data, a solver's update of weights
 import numpy as np
 
 from ..proto import caffe_pb2
+from . import device
 from .blob import Blob
 from .errors import KaffeError
 from .layer import create_layer
@@ -79,6 +81,25 @@ class FoldedProducer:
         return self.layer.forward(bottom, top)
 
 
+class FusedReLU:
+    """A Convolution step (as written or folded) whose top a ReLU with negative_slope 0 then rewrites in place:
+    on the CPU the convolution applies the ReLU while it writes its top (ConvolutionLayer.fused_relu), which
+    saves a pass over it; on a GPU both run as written. The flag is set only while this step runs, so the
+    layer's own forward (a range that cuts the step, an unoptimised net) is unchanged."""
+
+    def __init__(self, runner, convolution, relu, relu_vecs):
+        self.runner, self.convolution, self.relu, self.relu_vecs = runner, convolution, relu, relu_vecs
+
+    def forward(self, bottom, top):
+        if device.mode() == device.GPU:
+            return self.runner.forward(bottom, top) + self.relu.forward(*self.relu_vecs)
+        self.convolution.fused_relu = True
+        try:
+            return self.runner.forward(bottom, top)
+        finally:
+            self.convolution.fused_relu = False
+
+
 def _affine_channels(layer, bottom):
     """The channel count of a BatchNorm (global statistics) / Scale / Bias layer that maps each channel (axis 1)
     of its one bottom affinely with learned values, else None."""
@@ -118,6 +139,10 @@ class ForwardPlan:
             computing = runner.layer if isinstance(runner, FoldedProducer) else runner
             if computing is not None and computing.type == "Convolution" and self._may_rewrite(i):
                 computing.shifted_taps = True  # a GEMM per kernel tap, no columns (layers/vision.py)
+                if self._is_relu_in_place_on(last + 1, last):
+                    runner = FusedReLU(runner, computing, net.layers[last + 1],
+                                       (net.bottom_vecs[last + 1], net.top_vecs[last + 1]))
+                    last += 1
             self.steps.append((i, last, runner))
             i = last + 1
         self.folded = [step for step in self.steps if step[0] != step[1]]
@@ -191,6 +216,15 @@ class ForwardPlan:
                 net._blobs[i].use_memory(memory)
             ends.setdefault(last_read[key], []).append(memory)
         return 4 * (before - sum(m.count for m in pool))
+
+    def _is_relu_in_place_on(self, layer_id, producer_id):
+        """Whether layer layer_id is a ReLU (negative_slope 0) working in place on the one top of producer_id."""
+        net = self.net
+        return (layer_id < len(net.layers) and net.layers[layer_id].type == "ReLU"
+                and net.layers[layer_id].layer_param.relu_param.negative_slope == 0
+                and len(net.top_ids[producer_id]) == 1
+                and net.bottom_ids[layer_id] == net.top_ids[layer_id] == net.top_ids[producer_id]
+                and self._may_rewrite(layer_id))
 
     def _is_test_dropout_in_place(self, layer_id):
         net = self.net

@@ -152,6 +152,15 @@ def elementwise_layer(type_name, forward, backward=None, params=no_params, **opt
     return register_layer(type_name)(cls)
 
 
+def relu(x, out):
+    """out = ReLU(x) with negative_slope 0, the formula's values in one numpy pass: max(x, 0), and NaN for
+    x = -inf, where the formula's 0 * min(x, 0) gives NaN (as Caffe). out may be x."""
+    minus_infinite = x == -np.inf if x.size and np.fmin.reduce(x, axis=None) == -np.inf else None  # fmin skips NaN
+    np.maximum(x, 0, out=out)
+    if minus_infinite is not None:
+        out[minus_infinite] = np.nan
+
+
 @register_layer("ReLU")
 class ReLULayer(ElementwiseLayer):
     """ReLU: an elementwise activation given by its formula. On the CPU, the usual negative_slope 0 takes one
@@ -165,10 +174,9 @@ class ReLULayer(ElementwiseLayer):
         params=field_params("relu_param", "negative_slope"))
 
     def forward_cpu(self, bottom, top):
-        x = bottom[0].cpu_data()
-        if self.p.negative_slope != 0 or (x.size and np.fmin.reduce(x, axis=None) == -np.inf):   # fmin skips NaN
+        if self.p.negative_slope != 0:
             return super().forward_cpu(bottom, top)
-        np.maximum(x, 0, out=top[0].mutable_cpu_data())
+        relu(bottom[0].cpu_data(), top[0].mutable_cpu_data())
 
     def backward_cpu(self, top, propagate_down, bottom):
         if self.p.negative_slope != 0 or not propagate_down[0]:

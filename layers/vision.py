@@ -16,7 +16,7 @@ from ..engine.blob import Blob
 from ..engine.errors import KaffeError
 from ..engine.layer import Layer, register_layer
 from ..proto import caffe_pb2
-from .neuron import dropout_bits
+from .neuron import BLOCK, dropout_bits, relu
 
 FLT_MAX = np.float32(np.finfo(np.float32).max)
 KERNELS = ("layers/random.cl", "layers/vision.cl")  # stochastic pooling draws counter_bits
@@ -600,9 +600,11 @@ class ConvolutionLayer(BaseConvolutionLayer):
     Output size per axis: (in + 2 pad - (dilation (kernel - 1) + 1)) / stride + 1.
     With `shifted_taps` (set by the deploy-time optimiser, engine/optimize.py) the CPU forward of a 2-D,
     stride-1, one-group convolution runs one GEMM per kernel tap instead (see _forward_shifted_taps): the same
-    sums in another order, within float32 rounding of im2col's.
+    sums in another order, within float32 rounding of im2col's. With `fused_relu` (set by the optimiser while it
+    runs a step whose ReLU works in place on this top) the CPU forward applies that ReLU as it writes the top.
     """
     shifted_taps = False
+    fused_relu = False
 
     def layer_setup(self, bottom, top):
         super().layer_setup(bottom, top)
@@ -718,7 +720,7 @@ class ConvolutionLayer(BaseConvolutionLayer):
         plus the tap's offset (i * dilation_h * row_length + j * dilation_w), so each GEMM reads the input in
         place. The outputs come on the grid (M, N, rows, row_length), in slices of positions to which the taps
         add in turn (BLAS's beta = 1); the top receives each sample's out_h x out_w corner, with the bias added
-        on the way."""
+        (and the fused ReLU) on the way."""
         (kh, kw), (dh, dw) = self.kernel, self.dilation
         (height, width), (out_h, out_w) = self.image_spatial, self.column_spatial
         lead, rows, length = self._tap_grid()
@@ -743,26 +745,41 @@ class ConvolutionLayer(BaseConvolutionLayer):
                     blas.gemm(outputs, positions, channels, blas.address(taps) + tap * tap_size, channels,
                               blas.address(padded) + 4 * (offset + first), size, target + 4 * first, span,
                               accumulate=tap > 0)
-            out = t.mutable_cpu_data().reshape(self.num, outputs, out_h, out_w)
             result = product.reshape(outputs, self.num, rows, length)[:, :, :out_h, :out_w].swapaxes(0, 1)
-            if self.bias_term:
-                np.add(result, self.blobs[1].cpu_data().reshape(1, -1, 1, 1), out=out)
-            else:
-                out[...] = result
+            self._write_top(result, t.mutable_cpu_data().reshape(self.num, outputs, out_h, out_w), self.bias_term)
+
+    def _write_top(self, result, out, add_bias):
+        """out (num, num_output, ...) = result, plus the bias when add_bias, then ReLU when fused_relu, a block of
+        channels at a time so that the ReLU finds what the copy wrote still in the cache. result may be out."""
+        bias = self.blobs[1].cpu_data().reshape((1, -1) + (1,) * (out.ndim - 2)) if add_bias else None
+        step = max(1, BLOCK // out[:, 0].size) if self.fused_relu else self.num_output
+        for first in range(0, self.num_output, step):
+            block, source = out[:, first:first + step], result[:, first:first + step]
+            if bias is not None:
+                np.add(source, bias[:, first:first + step], out=block)
+            elif result is not out:
+                block[...] = source
+            if self.fused_relu:
+                relu(block, block)
 
     def forward_cpu(self, bottom, top):
         if self._compiled_depthwise():
-            return self._forward_depthwise(bottom, top)
+            self._forward_depthwise(bottom, top)
+            for t in top if self.fused_relu else ():
+                relu(t.mutable_cpu_data(), t.mutable_cpu_data())
+            return
         if self._runs_shifted_taps():
             return self._forward_shifted_taps(bottom, top)
         weight = self._weights()
         if self.fold_bias:
             weight = np.concatenate((weight, self.blobs[1].cpu_data().reshape(1, -1, 1)), axis=2)
+        add_bias = self.bias_term and not self.fold_bias
         for b, t in zip(bottom, top):
             out = t.mutable_cpu_data()
             self._rows_product(weight, self._columns(b, forward=True), out)
-            if self.bias_term and not self.fold_bias:
-                out.reshape(self.num, self.num_output, -1)[...] += self._bias()
+            if add_bias or self.fused_relu:
+                out = out.reshape(self.num, self.num_output, -1)
+                self._write_top(out, out, add_bias)
 
     def backward_cpu(self, top, propagate_down, bottom):
         if self._compiled_depthwise():

@@ -89,8 +89,9 @@ def test_what_each_level_folds(nets):
     folded = {level: [levels[level].layer_names[first] + ".." + levels[level].layer_names[last]
                       for first, last, _ in levels[level]._plan.folded] for level in ("safe", "full")}
     # safe: only in-place chains (conv2 -> bn2 -> scale2 writes three blobs); full: that chain too
-    assert folded["safe"] == ["conv1..scale1", "fc..bnfc", "fc2..bnfc2"]
-    assert folded["full"] == ["conv1..scale1", "conv2..bias2", "fc..bnfc", "fc2..bnfc2"]
+    # (relu1 works in place on conv1's folded top: the convolution applies it)
+    assert folded["safe"] == ["conv1..relu1", "fc..bnfc", "fc2..bnfc2"]
+    assert folded["full"] == ["conv1..relu1", "conv2..bias2", "fc..bnfc", "fc2..bnfc2"]
     assert levels["none"]._plan is None
     assert levels["full"]._plan.shared_bytes > 0
 
@@ -169,6 +170,73 @@ def test_full_level_refuses_backward_and_keeps_named_blobs(nets):
     blobs = forward_all_blobs(kept, x)
     for name in ("conv2", "pool", "fc2"):
         assert_close(blobs[name], expected[name])
+
+
+RELU_AFTER_CONVOLUTIONS = """
+name: "relus"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 96 dim: 6 dim: 7 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 64 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+        convolution_param { num_output: 8 kernel_size: 1 } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "conv3" type: "Convolution" bottom: "conv2" top: "conv3"
+        convolution_param { num_output: 8 kernel_size: 3 stride: 2 } }
+layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }
+layer { name: "conv4" type: "Convolution" bottom: "conv3" top: "conv4"
+        convolution_param { num_output: 8 kernel_size: 1 } }
+layer { name: "leaky" type: "ReLU" bottom: "conv4" top: "conv4" relu_param { negative_slope: 0.1 } }
+"""
+
+
+def relu_nets():
+    """The ReLU net at each level, with the same weights."""
+    nets = {level: build(RELU_AFTER_CONVOLUTIONS, optimize=level) for level in ("none", "safe", "full")}
+    randomize(nets["none"])
+    for net in (nets["safe"], nets["full"]):
+        for name, blobs in nets["none"].params.items():
+            for mine, theirs in zip(net.params[name], blobs):
+                mine.data[...] = theirs.data
+    return nets
+
+
+def test_relus_in_place_are_applied_by_the_convolutions_with_caffes_values():
+    """Each path of the convolution (a GEMM per tap, a 1x1 GEMM, im2col) applies the ReLU on its top as Caffe's
+    formula: -inf becomes NaN, NaN stays; a leaky ReLU keeps its own layer; a forward that stops at a
+    convolution leaves its top before the ReLU."""
+    nets = relu_nets()
+    folded = [nets["safe"].layer_names[first] + ".." + nets["safe"].layer_names[last]
+              for first, last, _ in nets["safe"]._plan.folded]
+    assert folded == ["conv1..relu1", "conv2..relu2", "conv3..relu3"]
+    x = np.random.default_rng(6).standard_normal((2, 96, 6, 7)).astype(np.float32)
+    expected = forward_all_blobs(nets["none"], x)
+    for name, value in forward_all_blobs(nets["safe"], x).items():
+        assert_close(value, expected[name])
+    assert_close(forward_all_blobs(nets["full"], x)["conv4"], expected["conv4"])
+    x[0, :, 0, 0] = -np.inf
+    x[1, :, 2, 3] = np.nan
+    for net in nets.values():
+        net.params["conv1"][0].data[...] = np.abs(net.params["conv1"][0].data)
+    expected = forward_all_blobs(nets["none"], x)
+    assert np.isnan(expected["conv1"]).any()
+    actual = forward_all_blobs(nets["safe"], x)
+    for name in ("conv1", "conv2", "conv4"):
+        np.testing.assert_array_equal(np.isnan(actual[name]), np.isnan(expected[name]))
+    nets["safe"].blobs["data"].data[...] = np.random.default_rng(7).standard_normal((2, 96, 6, 7))
+    nets["none"].blobs["data"].data[...] = nets["safe"].blobs["data"].data
+    nets["safe"].forward(end="conv1")
+    nets["none"].forward(end="conv1")
+    assert (nets["safe"].blobs["conv1"].data < 0).any()
+    assert_close(nets["safe"].blobs["conv1"].data, nets["none"].blobs["conv1"].data)
+
+
+def test_relus_after_convolutions_on_opencl(gpu_mode):
+    nets = relu_nets()
+    x = np.random.default_rng(8).standard_normal((2, 96, 6, 7)).astype(np.float32)
+    expected = forward_all_blobs(nets["none"], x)
+    for name, value in forward_all_blobs(nets["safe"], x).items():
+        assert_close(value, expected[name])
 
 
 def test_unknown_level_is_refused():
