@@ -1,5 +1,5 @@
 """Compiled CPU kernels (numba) for what numpy cannot make fast: depthwise convolution (forward, both backward
-directions) and the backward pass of 2-D MAX pooling.
+directions), the forward of 2-D MAX pooling when no backward needs its argmax, and its backward pass.
 
 engine/accelerator.py imports this module on first use, only when numba is installed and KAFFE_ACCEL is not 0;
 the numpy code of layers/vision.py is the reference they are tested against. Every kernel runs in parallel over
@@ -112,6 +112,35 @@ def depthwise_backward_weight(x, dy, dweight, dbias, sh, sw, ph, pw, dh, dw):
                 dweight[o, ky, kx] += np.float32(total[ky, kx])
         if dbias.size:
             dbias[o] += np.float32(bias_total)
+
+
+@pool_kernel
+def max_pool_forward(x, y, kh, kw, sh, sw, ph, pw, start):
+    """y = each window's maximum by Caffe's rule: from `start` (-FLT_MAX), a cell replaces the value only when it
+    is greater (NaN and -inf never do; a window over padding only keeps start). The rule is a maximum over start
+    and the window's non-NaN cells, so it is taken along the window rows first (contiguous, vectorised), then
+    along each row's kw cells."""
+    num, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    for plane in prange(num * channels):
+        n, c = plane // channels, plane % channels
+        image, out = x[n, c], y[n, c]
+        column_max = np.empty(width, dtype=np.float32)
+        for oy in range(out_h):
+            first = oy * sh - ph
+            column_max[:] = start
+            for iy in range(max(first, 0), min(first + kh, height)):
+                row = image[iy]
+                for ix in range(width):
+                    value = row[ix]
+                    column_max[ix] = value if value > column_max[ix] else column_max[ix]
+            for ox in range(out_w):
+                left = ox * sw - pw
+                best = start
+                for ix in range(max(left, 0), min(left + kw, width)):
+                    value = column_max[ix]
+                    best = value if value > best else best
+                out[oy, ox] = best
 
 
 @pool_kernel

@@ -1138,6 +1138,11 @@ class PoolingLayer(Layer):
     def forward_cpu(self, bottom, top):
         x = bottom[0].cpu_data()
         y = top[0].mutable_cpu_data()
+        if self.method == caffe_pb2.PoolingParameter.MAX and not (self.needs_backward or len(top) > 1) \
+                and accelerator.enabled():   # no argmax wanted: one compiled pass
+            self.window_argmax = None
+            accelerator.kernels().max_pool_forward(x, y, *self.kernel, *self.stride, *self.pad, -FLT_MAX)
+            return
         if self.method == caffe_pb2.PoolingParameter.MAX and self._forward_max_fast(x, y, top):
             return
         if self.method == caffe_pb2.PoolingParameter.MAX:

@@ -1,6 +1,6 @@
 """The compiled CPU accelerator (engine/accelerator.py, layers/cpu_kernels.py) against the numpy path it replaces
-(KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, max pooling's backward with Caffe's
-first-maximum tie rule; gradient checks with it on; numpy alone when numba is missing."""
+(KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, max pooling's forward without argmax
+and its backward with Caffe's first-maximum tie rule; gradient checks with it on; numpy alone when numba is missing."""
 import subprocess
 import sys
 import textwrap
@@ -102,6 +102,34 @@ def test_max_pooling_backward_is_bit_identical_to_the_numpy_path(monkeypatch, ge
                                       num_top=2)
     for got, want in zip(accelerated, reference):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("geometry,shape", [
+    ("kernel_size: 3 stride: 2", (3, 3, 9, 8)),
+    ("kernel_size: 3 stride: 2 pad: 1", (2, 4, 8, 7)),
+    ("kernel_size: 3 stride: 1 pad: 1", (3, 2, 5, 6)),
+    ("kernel_size: 2 stride: 2", (1, 3, 8, 6)),
+    ("kernel_size: 3 pad: 2 stride: 3", (2, 2, 7, 7)),   # windows over padding only: -FLT_MAX, as Caffe
+    ("kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2", (1, 2, 5, 7))])
+def test_max_pooling_forward_without_argmax_is_bit_identical_to_the_numpy_path(monkeypatch, geometry, shape):
+    """A MAX pooling whose backward never runs takes one compiled pass, with Caffe's values: NaN and -inf never
+    win, a window of those only gives -FLT_MAX."""
+    x = np.random.default_rng(12).integers(-3, 4, size=shape).astype(np.float32)
+    x.flat[::7] = np.nan
+    x.flat[::11] = -np.inf
+    x[0, 0] = -np.inf
+    x[-1, -1, :2] = np.nan
+    tops = []
+    for accel in ("1", "0"):
+        monkeypatch.setenv("KAFFE_ACCEL", accel)
+        layer = make_layer(f'type: "Pooling" pooling_param {{ pool: MAX {geometry} }}')
+        bottom = blobs_from(x)
+        top = setup_layer(layer, bottom)
+        layer.needs_backward = False
+        layer.forward(bottom, top)
+        tops.append(top[0].data.copy())
+    np.testing.assert_array_equal(tops[0], tops[1])
+    assert (tops[0] == -np.finfo(np.float32).max).any()
 
 
 def test_max_pooling_gradient_with_the_accelerator(monkeypatch):
