@@ -1,5 +1,6 @@
 """Compiled CPU kernels (numba) for what numpy cannot make fast: depthwise convolution (forward, both backward
-directions), the forward of 2-D MAX pooling when no backward needs its argmax, and its backward pass.
+directions), the forward of 2-D MAX pooling when no backward needs its argmax, its backward pass, and the
+scale of LRN across channels.
 
 engine/accelerator.py imports this module on first use, only when numba is installed and KAFFE_ACCEL is not 0;
 the numpy code of layers/vision.py is the reference they are tested against. Every kernel runs in parallel over
@@ -112,6 +113,26 @@ def depthwise_backward_weight(x, dy, dweight, dbias, sh, sw, ph, pw, dh, dw):
                 dweight[o, ky, kx] += np.float32(total[ky, kx])
         if dbias.size:
             dbias[o] += np.float32(bias_total)
+
+
+@pool_kernel
+def lrn_across_scale(x, size, factor, offset, scale):
+    """scale = offset + factor * the sum of x^2 over the `size` channels centred on each (zero past the edges),
+    for x and scale (num, channels, positions): the arithmetic of layers/vision.py's numpy path (float32 squares
+    summed in window order from zero, times factor, plus offset, no fused multiply-adds), so the same bits, in
+    one pass that reads the window's channels from the cache."""
+    num, channels, positions = x.shape
+    half = (size - 1) // 2
+    for plane in prange(num * channels):
+        n, c = plane // channels, plane % channels
+        out = scale[n, c]
+        out[:] = 0
+        for source in range(max(c - half, 0), min(c + half + 1, channels)):
+            values = x[n, source]
+            for i in range(positions):
+                out[i] += values[i] * values[i]
+        for i in range(positions):
+            out[i] = out[i] * factor + offset
 
 
 @pool_kernel

@@ -1480,6 +1480,7 @@ class LRNLayer(Layer):
                              f"got {self.size}")
         self.alpha, self.beta, self.k = p.alpha, p.beta, p.k
         self.across = p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
+        self.scale = None  # offset + factor * the window sums of x^2, kept for backward as Caffe's scale_ blob
 
     def reshape(self, bottom, top):
         if bottom[0].num_axes != 4:
@@ -1496,11 +1497,21 @@ class LRNLayer(Layer):
     def forward_cpu(self, bottom, top):
         x = bottom[0].cpu_data()
         offset = self.k if self.across else 1.0
-        scale = _window_sum(x * x, self.size, self._axes())
-        scale *= np.float32(self._window_mean_factor())
-        scale += np.float32(offset)
-        self.scale = scale  # kept for backward, as Caffe keeps its scale_ blob
-        np.multiply(x, np.power(scale, np.float32(-self.beta)), out=top[0].mutable_cpu_data())
+        if self.across and accelerator.enabled():   # the same values in one compiled pass
+            if self.scale is None or self.scale.shape != x.shape:
+                self.scale = np.empty_like(x)
+            accelerator.kernels().lrn_across_scale(
+                x.reshape(x.shape[0], x.shape[1], -1), self.size, np.float32(self._window_mean_factor()),
+                np.float32(offset), self.scale.reshape(x.shape[0], x.shape[1], -1))
+        else:
+            scale = _window_sum(x * x, self.size, self._axes())
+            scale *= np.float32(self._window_mean_factor())
+            scale += np.float32(offset)
+            self.scale = scale
+        y = top[0].mutable_cpu_data()
+        power = y if top[0].memory is not bottom[0].memory else np.empty_like(x)   # in place: x is still read
+        np.power(self.scale, np.float32(-self.beta), out=power)
+        np.multiply(x, power, out=y)
 
     def backward_cpu(self, top, propagate_down, bottom):
         if not propagate_down[0]:

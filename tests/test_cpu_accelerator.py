@@ -1,6 +1,6 @@
 """The compiled CPU accelerator (engine/accelerator.py, layers/cpu_kernels.py) against the numpy path it replaces
 (KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, max pooling's forward without argmax
-and its backward with Caffe's first-maximum tie rule; gradient checks with it on; numpy alone when numba is missing."""
+and its backward with Caffe's first-maximum tie rule, LRN's window sums; gradient checks with it on; numpy alone when numba is missing."""
 import subprocess
 import sys
 import textwrap
@@ -130,6 +130,17 @@ def test_max_pooling_forward_without_argmax_is_bit_identical_to_the_numpy_path(m
         tops.append(top[0].data.copy())
     np.testing.assert_array_equal(tops[0], tops[1])
     assert (tops[0] == -np.finfo(np.float32).max).any()
+
+
+@pytest.mark.parametrize("size,shape", [(5, (2, 7, 4, 3)), (3, (1, 2, 5, 5)), (7, (2, 4, 3, 2))])
+def test_lrn_across_channels_is_bit_identical_to_the_numpy_path(monkeypatch, size, shape):
+    """The compiled window sums give the numpy path's bits, forward and backward (which reads the kept scale),
+    windows wider than the channels included."""
+    x = np.random.default_rng(13).standard_normal(shape).astype(np.float32) * 3
+    accelerated, reference = run_both(monkeypatch, f'type: "LRN" lrn_param {{ local_size: {size} alpha: 0.3 '
+                                                   f'beta: 0.75 k: 2 }}', x)
+    for got, want in zip(accelerated, reference):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_max_pooling_gradient_with_the_accelerator(monkeypatch):
