@@ -353,10 +353,12 @@ class BaseConvolutionLayer(Layer):
 
         Batch innermost: one GEMM per group over the whole batch, then a transpose into NCHW. Batch outer: one
         GEMM per sample and group, written straight into NCHW (numpy's matmul loops over them in C)."""
-        if self.batch_last:
+        if self.batch_last and self.num > 1:
             product = work_buffer("rows product", self.conv_out_channels * col.shape[2])
             product = np.matmul(weight, col, out=product.reshape(self.group, -1, col.shape[2]))
             transpose_into(product.reshape(-1, self.num), out.reshape(self.num, -1))
+        elif self.batch_last:   # one sample: the product is already in NCHW order
+            np.matmul(weight, col, out=out.reshape(self.group, -1, col.shape[2]))
         else:
             np.matmul(weight, self._columns_by_sample(col), out=self._rows(out))
 
