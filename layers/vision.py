@@ -29,6 +29,7 @@ COLUMN_BUFFER_LIMIT = 1 << 25
 # and the largest output map (positions per sample) left to im2col when the batch has several samples
 SHIFTED_TAPS_SLICE = 4096
 SHIFTED_TAPS_SMALL_MAP = 64
+SHIFTED_TAPS_LARGE_COLUMNS = 1 << 22  # im2col columns (floats) too large for the cache: their copies dominate
 _work_buffers = {}
 
 
@@ -687,12 +688,15 @@ class ConvolutionLayer(BaseConvolutionLayer):
         """Whether this forward runs as one GEMM per kernel tap (see _forward_shifted_taps): 2-D, stride 1, one
         group, and a shape where that beat im2col and one GEMM over all taps (measured with numpy's OpenBLAS on 2
         cores over the zoo's layers): enough input channels that each tap's GEMM, which sums over them, is not
-        thin (96, or 64 when the outputs are at most twice as many, so that im2col's copies weigh more), and not
+        thin (96, or 64 when the outputs are at most twice as many or the columns outgrow the cache, so that
+        im2col's copies weigh more), and not
         small maps of several samples, where the grid's extra positions cost more than the columns."""
         if not (self.shifted_taps and self.num_spatial == 2 and self.group == 1 and not self.pointwise and
                 all(s == 1 for s in self.stride) and blas.available()):
             return False
-        wide = self.channels >= 96 or (self.channels >= 64 and self.num_output <= 2 * self.channels)
+        columns = self.kernel_dim * self.column_count * self.num
+        wide = self.channels >= 96 or (self.channels >= 64 and (self.num_output <= 2 * self.channels or
+                                                               columns >= SHIFTED_TAPS_LARGE_COLUMNS))
         return wide and (self.num == 1 or self.column_count > SHIFTED_TAPS_SMALL_MAP)
 
     def _tap_weights(self):

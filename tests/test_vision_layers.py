@@ -196,6 +196,7 @@ SHIFTED_TAPS_CASES = [
     ((2, 96, 11, 10), 30, "kernel_size: 3 pad: 0"),
     ((2, 96, 9, 9), 30, "kernel_h: 2 kernel_w: 3 pad_h: 2 pad_w: 1"),  # windows overhanging the pads
     ((1, 128, 5, 5), 16, "kernel_size: 3 pad: 1"),  # a small map of one sample
+    ((4, 64, 46, 46), 160, "kernel_size: 3 pad: 1"),  # 64 channels, more than twice the outputs: large columns
 ]
 
 
