@@ -139,29 +139,31 @@ def lrn_across_scale(x, size, factor, offset, scale):
 def max_pool_forward(x, y, kh, kw, sh, sw, ph, pw, start):
     """y = each window's maximum by Caffe's rule: from `start` (-FLT_MAX), a cell replaces the value only when it
     is greater (NaN and -inf never do; a window over padding only keeps start). The rule is a maximum over start
-    and the window's non-NaN cells, so it is taken along the window rows first (contiguous, vectorised), then
-    along each row's kw cells."""
+    and the window's non-NaN cells, so it is taken along the window rows first, then per kernel column over the
+    run of outputs that column reaches (tap_runs), both in contiguous vectorised loops."""
     num, channels, height, width = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
+    step = uint64(sw)
+    runs = tap_runs(kw, 1, pw, sw, width, out_w)
     for plane in prange(num * channels):
         n, c = plane // channels, plane % channels
         image, out = x[n, c], y[n, c]
         column_max = np.empty(width, dtype=np.float32)
         for oy in range(out_h):
-            first = oy * sh - ph
+            first_row = oy * sh - ph
             column_max[:] = start
-            for iy in range(max(first, 0), min(first + kh, height)):
+            for iy in range(max(first_row, 0), min(first_row + kh, height)):
                 row = image[iy]
-                for ix in range(width):
-                    value = row[ix]
-                    column_max[ix] = value if value > column_max[ix] else column_max[ix]
-            for ox in range(out_w):
-                left = ox * sw - pw
-                best = start
-                for ix in range(max(left, 0), min(left + kw, width)):
-                    value = column_max[ix]
-                    best = value if value > best else best
-                out[oy, ox] = best
+                for i in range(width):
+                    value = row[i]
+                    column_max[i] = value if value > column_max[i] else column_max[i]
+            target = out[oy]
+            target[:] = start
+            for kx in range(kw):
+                first, begin, count = runs[kx, 0], runs[kx, 1], runs[kx, 2]
+                for i in range(count):
+                    value = column_max[begin + i * step]
+                    target[first + i] = value if value > target[first + i] else target[first + i]
 
 
 @pool_kernel
