@@ -755,17 +755,26 @@ class ConvolutionLayer(BaseConvolutionLayer):
             self._write_top(result, t.mutable_cpu_data().reshape(self.num, outputs, out_h, out_w), self.bias_term)
 
     def _write_top(self, result, out, add_bias):
-        """out (num, num_output, ...) = result, plus the bias when add_bias, then ReLU when fused_relu, a block of
-        channels at a time so that the ReLU finds what the copy wrote still in the cache. result may be out."""
+        """out (num, num_output, ...) = result, plus the bias when add_bias, then ReLU when fused_relu. result may
+        be out; when it is not (the shifted_taps grid), the ReLU follows the copy a contiguous block of one
+        sample's channels at a time, while the block is still in the cache."""
         bias = self.blobs[1].cpu_data().reshape((1, -1) + (1,) * (out.ndim - 2)) if add_bias else None
-        step = max(1, BLOCK // out[:, 0].size) if self.fused_relu else self.num_output
-        for first in range(0, self.num_output, step):
-            block, source = out[:, first:first + step], result[:, first:first + step]
+        if result is out or not self.fused_relu:
             if bias is not None:
-                np.add(source, bias[:, first:first + step], out=block)
+                np.add(result, bias, out=out)
             elif result is not out:
-                block[...] = source
+                out[...] = result
             if self.fused_relu:
+                relu(out, out)
+            return
+        step = max(1, BLOCK // out[0, 0].size)
+        for n in range(self.num):
+            for first in range(0, self.num_output, step):
+                block, source = out[n, first:first + step], result[n, first:first + step]
+                if bias is not None:
+                    np.add(source, bias[0, first:first + step], out=block)
+                else:
+                    block[...] = source
                 relu(block, block)
 
     def forward_cpu(self, bottom, top):
