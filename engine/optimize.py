@@ -7,7 +7,8 @@ Levels:
   Convolution's or InnerProduct's top (ResNet's conv -> BatchNorm -> Scale, all writing one blob) is folded into
   that layer's weights and bias, TEST-phase Dropout in place, an identity, is skipped, and the CPU forward of
   2-D stride-1 convolutions runs one GEMM per kernel tap instead of im2col (ConvolutionLayer.shifted_taps); a
-  ReLU working in place on a convolution's top is applied as the convolution writes it.
+  ReLU working in place on a convolution's top is applied as the convolution writes it. An in-place chain that
+  follows no producer (BatchNorm -> Scale -> ReLU on a block's input in DenseNet) becomes one affine pass.
   Layers that a backward pass would run are left alone.
 - "full" (kaffe test, kaffe time --phase TEST, the benchmarks): also folds chains whose intermediate blobs are
   read by nothing else (conv -> bn -> scale writing three blobs), whatever backward would need; only the inputs,
@@ -19,15 +20,68 @@ copy_from, surgery through net.params[...][i].data, a solver's update of weights
 """
 import numpy as np
 
+from ..layers.neuron import BLOCK, relu
 from ..proto import caffe_pb2
 from . import device
 from .blob import Blob
 from .errors import KaffeError
-from .layer import create_layer
+from .layer import Layer, create_layer
 from .syncedmem import SyncedMemory
 
 LEVELS = ("none", "safe", "full")
 PRODUCERS = ("Convolution", "InnerProduct")
+
+
+def compose_affine(layers, scale, shift):
+    """(scale, shift), float64 per channel, of the map x -> layers(scale * x + shift) for a chain of BatchNorm
+    (global statistics), Scale and Bias layers."""
+    for layer in layers:
+        values = [blob.cpu_data().astype(np.float64).ravel() for blob in layer.blobs]
+        if layer.type == "BatchNorm":  # as BatchNormLayer with global statistics
+            factor = 0.0 if values[2][0] == 0 else 1 / values[2][0]
+            std = np.sqrt(factor * values[1] + float(layer.eps))
+            scale, shift = scale / std, (shift - factor * values[0]) / std
+        elif layer.type == "Scale":
+            scale, shift = scale * values[0], shift * values[0]
+            if layer.bias_term:
+                shift = shift + values[1]
+        else:  # Bias
+            shift = shift + values[0]
+    return scale, shift
+
+
+class FoldedAffine:
+    """A BatchNorm (global statistics) / Scale / Bias chain that follows no Convolution or InnerProduct (the
+    BN -> Scale -> ReLU on the input of DenseNet's and pre-activation ResNets' blocks): composed into one
+    per-channel y = a x + c, with the ReLU that works in place after it, if any, in one pass over the data
+    (on the CPU; a GPU runs the layers as written). a and c are derived again when a source blob changes."""
+
+    def __init__(self, layers, vecs, relu, channels):
+        self.layers, self.vecs, self.relu, self.channels = layers, vecs, relu, channels
+        self.sources = [blob for layer in layers for blob in layer.blobs]
+        self.versions = self.scale = self.shift = None
+
+    def forward(self, bottom, top):
+        if device.mode() == device.GPU:
+            return sum(layer.forward(*vecs) for layer, vecs in zip((*self.layers, *self.relu), self.vecs))
+        versions = [blob.data_version() for blob in self.sources]
+        if versions != self.versions:
+            scale, shift = compose_affine(self.layers, np.ones(self.channels), np.zeros(self.channels))
+            self.scale, self.shift = scale.astype(np.float32), shift.astype(np.float32)
+            self.versions = versions
+        top[0].reshape(bottom[0].shape)
+        num = bottom[0].shape[0]
+        x = bottom[0].cpu_data().reshape(num, self.channels, -1)
+        y = top[0].mutable_cpu_data().reshape(num, self.channels, -1)
+        step = max(1, BLOCK // x.shape[2])
+        for n in range(num):   # blocks of one sample's channels, each finished while in the cache
+            for first in range(0, self.channels, step):
+                block = y[n, first:first + step]
+                np.multiply(x[n, first:first + step], self.scale[first:first + step, None], out=block)
+                block += self.shift[first:first + step, None]
+                if self.relu:
+                    relu(block, block)
+        return 0.0
 
 
 class FoldedProducer:
@@ -55,19 +109,7 @@ class FoldedProducer:
         weight = producer.blobs[0].cpu_data().astype(np.float64)
         shift = (producer.blobs[1].cpu_data().astype(np.float64) if producer.bias_term
                  else np.zeros(self.channels))
-        scale = np.ones(self.channels)
-        for layer in self.followers:
-            values = [blob.cpu_data().astype(np.float64).ravel() for blob in layer.blobs]
-            if layer.type == "BatchNorm":  # as BatchNormLayer with global statistics
-                factor = 0.0 if values[2][0] == 0 else 1 / values[2][0]
-                std = np.sqrt(factor * values[1] + float(layer.eps))
-                scale, shift = scale / std, (shift - factor * values[0]) / std
-            elif layer.type == "Scale":
-                scale, shift = scale * values[0], shift * values[0]
-                if layer.bias_term:
-                    shift = shift + values[1]
-            else:  # Bias
-                shift = shift + values[0]
+        scale, shift = compose_affine(self.followers, np.ones(self.channels), shift)
         transposed = producer.type == "InnerProduct" and producer.transpose  # weights (K, num_output)
         per_output = scale.reshape((1, -1) if transposed else (-1,) + (1,) * (weight.ndim - 1))
         self.layer.blobs[0].mutable_cpu_data()[...] = weight * per_output
@@ -115,8 +157,8 @@ def _affine_channels(layer, bottom):
 
 
 class ForwardPlan:
-    """The steps of an optimised forward: (first layer, last layer, what runs: a layer, a FoldedProducer, or
-    None for a skipped identity)."""
+    """The steps of an optimised forward: (first layer, last layer, what runs: a layer, a FoldedProducer, a
+    FoldedAffine, a FusedReLU, or None for a skipped identity)."""
 
     def __init__(self, net, level, keep=()):
         self.net, self.level = net, level
@@ -134,10 +176,12 @@ class ForwardPlan:
                                         net.top_vecs[last])
             elif self._is_test_dropout_in_place(i):
                 runner = None
+            elif (chain := self._affine_chain(i, readers, kept)) is not None:
+                runner, last = chain
             else:
                 runner = net.layers[i]
             computing = runner.layer if isinstance(runner, FoldedProducer) else runner
-            if computing is not None and computing.type == "Convolution" and self._may_rewrite(i):
+            if isinstance(computing, Layer) and computing.type == "Convolution" and self._may_rewrite(i):
                 computing.shifted_taps = True  # a GEMM per kernel tap, no columns (layers/vision.py)
                 if self._is_relu_in_place_on(last + 1, last):
                     runner = FusedReLU(runner, computing, net.layers[last + 1],
@@ -160,12 +204,19 @@ class ForwardPlan:
         if producer.type == "InnerProduct" and net.bottom_vecs[first][0].canonical_axis_index(
                 producer.layer_param.inner_product_param.axis) != 1:
             return first
+        return self._affine_run_end(first, producer.num_output, readers, kept)
+
+    def _affine_run_end(self, first, channels, readers, kept):
+        """The last of the affine layers (BatchNorm with global statistics, Scale, Bias) of `channels` channels
+        that follow layer `first` on its one top, each working in place or, at the full level, on a blob that
+        only the next one reads (first itself: none)."""
+        net = self.net
         last, blob_id = first, net.top_ids[first][0]
         for j in range(first + 1, len(net.layers)):
             layer = net.layers[j]
             if net.bottom_ids[j] != [blob_id] or len(net.top_ids[j]) != 1 or not self._may_rewrite(j):
                 break
-            if _affine_channels(layer, net.bottom_vecs[j][0]) != producer.num_output:
+            if _affine_channels(layer, net.bottom_vecs[j][0]) != channels:
                 break
             top_id = net.top_ids[j][0]
             in_place = top_id == blob_id
@@ -174,6 +225,23 @@ class ForwardPlan:
                 break
             last, blob_id = j, top_id
         return last
+
+    def _affine_chain(self, first, readers, kept):
+        """A FoldedAffine step (runner, last layer) for the affine chain starting at layer `first`, or None."""
+        net = self.net
+        layer = net.layers[first]
+        if len(net.bottom_ids[first]) != 1 or len(net.top_ids[first]) != 1 or not self._may_rewrite(first):
+            return None
+        channels = _affine_channels(layer, net.bottom_vecs[first][0])
+        if channels is None or net.bottom_vecs[first][0].num_axes < 2:
+            return None
+        last = self._affine_run_end(first, channels, readers, kept)
+        has_relu = self._is_relu_in_place_on(last + 1, last)
+        end = last + 1 if has_relu else last
+        runner = FoldedAffine(net.layers[first:last + 1], list(zip(net.bottom_vecs[first:end + 1],
+                                                                  net.top_vecs[first:end + 1])),
+                              net.layers[last + 1:end + 1], channels)
+        return runner, end
 
     def _share_memory(self, kept):
         """Full level: blobs whose lifetimes (first step writing them .. last step reading them) do not overlap

@@ -90,7 +90,7 @@ def test_what_each_level_folds(nets):
                       for first, last, _ in levels[level]._plan.folded] for level in ("safe", "full")}
     # safe: only in-place chains (conv2 -> bn2 -> scale2 writes three blobs); full: that chain too
     # (relu1 works in place on conv1's folded top: the convolution applies it)
-    assert folded["safe"] == ["conv1..relu1", "fc..bnfc", "fc2..bnfc2"]
+    assert folded["safe"] == ["conv1..relu1", "scale2..bias2", "fc..bnfc", "fc2..bnfc2"]
     assert folded["full"] == ["conv1..relu1", "conv2..bias2", "fc..bnfc", "fc2..bnfc2"]
     assert levels["none"]._plan is None
     assert levels["full"]._plan.shared_bytes > 0
@@ -237,6 +237,50 @@ def test_relus_after_convolutions_on_opencl(gpu_mode):
     expected = forward_all_blobs(nets["none"], x)
     for name, value in forward_all_blobs(nets["safe"], x).items():
         assert_close(value, expected[name])
+
+
+DENSE_BLOCK = """
+name: "dense"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 6 dim: 5 dim: 4 } } }
+layer { name: "bn1" type: "BatchNorm" bottom: "data" top: "bn1" }
+layer { name: "scale1" type: "Scale" bottom: "bn1" top: "bn1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "bn1" top: "bn1" }
+layer { name: "conv1" type: "Convolution" bottom: "bn1" top: "conv1"
+        convolution_param { num_output: 3 kernel_size: 3 pad: 1 bias_term: false } }
+layer { name: "concat" type: "Concat" bottom: "data" bottom: "conv1" top: "concat" }
+layer { name: "bn2" type: "BatchNorm" bottom: "concat" top: "bn2" }
+layer { name: "scale2" type: "Scale" bottom: "bn2" top: "scale2" }
+layer { name: "bias2" type: "Bias" bottom: "scale2" top: "scale2" }
+"""
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_affine_chains_without_a_producer_become_one_pass(request, gpu):
+    """DenseNet's BatchNorm -> Scale -> ReLU on a block's input: one affine pass (and the ReLU) at both levels,
+    the chains' blobs holding Caffe's values at the safe level, new statistics seen at the next forward; on a
+    GPU the layers run as written."""
+    if gpu:
+        request.getfixturevalue("gpu_mode")
+    nets = {level: build(DENSE_BLOCK, optimize=level) for level in ("none", "safe", "full")}
+    randomize(nets["none"])
+    for net in (nets["safe"], nets["full"]):
+        for name, blobs in nets["none"].params.items():
+            for mine, theirs in zip(net.params[name], blobs):
+                mine.data[...] = theirs.data
+    folded = {level: [nets[level].layer_names[first] + ".." + nets[level].layer_names[last]
+                      for first, last, _ in nets[level]._plan.folded] for level in ("safe", "full")}
+    assert folded == {"safe": ["bn1..relu1", "scale2..bias2"], "full": ["bn1..relu1", "bn2..bias2"]}
+    x = np.random.default_rng(10).standard_normal((2, 6, 5, 4)).astype(np.float32)
+    expected = forward_all_blobs(nets["none"], x)
+    for name, value in forward_all_blobs(nets["safe"], x).items():
+        assert_close(value, expected[name])
+    assert_close(forward_all_blobs(nets["full"], x)["scale2"], expected["scale2"])
+    for net in nets.values():
+        net.params["bn1"][0].data[...] += 1
+        net.params["bn2"][1].data[...] *= 2
+    expected = forward_all_blobs(nets["none"], x)
+    assert_close(forward_all_blobs(nets["safe"], x)["scale2"], expected["scale2"])
+    assert_close(forward_all_blobs(nets["full"], x)["scale2"], expected["scale2"])
 
 
 def test_unknown_level_is_refused():
