@@ -742,15 +742,15 @@ class ConvolutionLayer(BaseConvolutionLayer):
         padded[:, lead + span:] = 0
         grid[:, :, height:] = 0
         grid[:, :, :height, width:] = 0
-        tap_size, target = outputs * channels * 4, blas.address(product)
+        tap_size, weights, source, target = (outputs * channels * 4, blas.address(taps), blas.address(padded),
+                                             blas.address(product))
         for b, t in zip(bottom, top):
             grid[:, :, :height, :width] = b.cpu_data().reshape(self._image_shape()).swapaxes(0, 1)
             for first in range(0, span, SHIFTED_TAPS_SLICE):
                 positions = min(SHIFTED_TAPS_SLICE, span - first)
                 for tap, offset in enumerate(offsets):
-                    blas.gemm(outputs, positions, channels, blas.address(taps) + tap * tap_size, channels,
-                              blas.address(padded) + 4 * (offset + first), size, target + 4 * first, span,
-                              accumulate=tap > 0)
+                    blas.gemm(outputs, positions, channels, weights + tap * tap_size, channels,
+                              source + 4 * (offset + first), size, target + 4 * first, span, accumulate=tap > 0)
             result = product.reshape(outputs, self.num, rows, length)[:, :, :out_h, :out_w].swapaxes(0, 1)
             self._write_top(result, t.mutable_cpu_data().reshape(self.num, outputs, out_h, out_w), self.bias_term)
 

@@ -190,9 +190,9 @@ layer { name: "leaky" type: "ReLU" bottom: "conv4" top: "conv4" relu_param { neg
 """
 
 
-def relu_nets():
-    """The ReLU net at each level, with the same weights."""
-    nets = {level: build(RELU_AFTER_CONVOLUTIONS, optimize=level) for level in ("none", "safe", "full")}
+def nets_at_every_level(text):
+    """The net of `text` at each level, with the same random weights."""
+    nets = {level: build(text, optimize=level) for level in ("none", "safe", "full")}
     randomize(nets["none"])
     for net in (nets["safe"], nets["full"]):
         for name, blobs in nets["none"].params.items():
@@ -205,7 +205,7 @@ def test_relus_in_place_are_applied_by_the_convolutions_with_caffes_values():
     """Each path of the convolution (a GEMM per tap, a 1x1 GEMM, im2col) applies the ReLU on its top as Caffe's
     formula: -inf becomes NaN, NaN stays; a leaky ReLU keeps its own layer; a forward that stops at a
     convolution leaves its top before the ReLU."""
-    nets = relu_nets()
+    nets = nets_at_every_level(RELU_AFTER_CONVOLUTIONS)
     folded = [nets["safe"].layer_names[first] + ".." + nets["safe"].layer_names[last]
               for first, last, _ in nets["safe"]._plan.folded]
     assert folded == ["conv1..relu1", "conv2..relu2", "conv3..relu3"]
@@ -232,7 +232,7 @@ def test_relus_in_place_are_applied_by_the_convolutions_with_caffes_values():
 
 
 def test_relus_after_convolutions_on_opencl(gpu_mode):
-    nets = relu_nets()
+    nets = nets_at_every_level(RELU_AFTER_CONVOLUTIONS)
     x = np.random.default_rng(8).standard_normal((2, 96, 6, 7)).astype(np.float32)
     expected = forward_all_blobs(nets["none"], x)
     for name, value in forward_all_blobs(nets["safe"], x).items():
@@ -261,12 +261,7 @@ def test_affine_chains_without_a_producer_become_one_pass(request, gpu):
     GPU the layers run as written."""
     if gpu:
         request.getfixturevalue("gpu_mode")
-    nets = {level: build(DENSE_BLOCK, optimize=level) for level in ("none", "safe", "full")}
-    randomize(nets["none"])
-    for net in (nets["safe"], nets["full"]):
-        for name, blobs in nets["none"].params.items():
-            for mine, theirs in zip(net.params[name], blobs):
-                mine.data[...] = theirs.data
+    nets = nets_at_every_level(DENSE_BLOCK)
     folded = {level: [nets[level].layer_names[first] + ".." + nets[level].layer_names[last]
                       for first, last, _ in nets[level]._plan.folded] for level in ("safe", "full")}
     assert folded == {"safe": ["bn1..relu1", "scale2..bias2"], "full": ["bn1..relu1", "bn2..bias2"]}
