@@ -1,5 +1,6 @@
-"""The optional compiled CPU accelerator: numba kernels (layers/cpu_kernels.py) for depthwise convolution and
-max pooling's backward pass, which numpy cannot make fast (`pip install "kaffe[accel]"`).
+"""The optional compiled CPU accelerator: numba kernels for what numpy cannot make fast (`pip install
+"kaffe[accel]"`): depthwise convolution, pooling, LRN, col2im (layers/cpu_kernels.py) and the solver's host
+update (solvers/cpu_kernels.py).
 
 Without numba, or with KAFFE_ACCEL=0, the layers run their numpy code, the reference the kernels are tested
 against. numba is imported when a layer with a kernel first runs and each kernel is compiled at its first call,
@@ -12,6 +13,7 @@ import os
 from .log import logger
 
 _kernels = None
+_update_kernels = None
 _numba_installed = None
 
 
@@ -32,14 +34,28 @@ def enabled():
 
 
 def kernels():
-    """The module of compiled kernels (numba imported and its thread count set on the first call)."""
+    """The module of compiled layer kernels (numba imported and its thread count set on the first call)."""
     global _kernels
     if _kernels is None:
-        import numba
-
+        _set_threads()
         from ..layers import cpu_kernels
-        # one thread unless NUMBA_NUM_THREADS asks for more: measured on 2 shared cores, a parallel kernel
-        # waits at its barrier for whichever thread the OS has set aside, and lost to the one-thread kernel
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if "NUMBA_NUM_THREADS" in os.environ else 1)
         _kernels = cpu_kernels
     return _kernels
+
+
+def update_kernels():
+    """The module of compiled solver updates (solvers/cpu_kernels.py)."""
+    global _update_kernels
+    if _update_kernels is None:
+        _set_threads()
+        from ..solvers import cpu_kernels
+        _update_kernels = cpu_kernels
+    return _update_kernels
+
+
+def _set_threads():
+    import numba
+
+    # one thread unless NUMBA_NUM_THREADS asks for more: measured on 2 shared cores, a parallel kernel
+    # waits at its barrier for whichever thread the OS has set aside, and lost to the one-thread kernel
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if "NUMBA_NUM_THREADS" in os.environ else 1)

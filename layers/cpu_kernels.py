@@ -1,6 +1,6 @@
 """Compiled CPU kernels (numba) for what numpy cannot make fast: depthwise convolution (forward, both backward
-directions), the forward of 2-D MAX pooling when no backward needs its argmax, its backward pass, and the
-scale of LRN across channels.
+directions), col2im of the batch-innermost columns (convolution's backward to its input), the forward of 2-D MAX
+pooling when no backward needs its argmax, its backward pass, and the scale of LRN across channels.
 
 engine/accelerator.py imports this module on first use, only when numba is installed and KAFFE_ACCEL is not 0;
 the numpy code of layers/vision.py is the reference they are tested against. Every kernel runs in parallel over
@@ -113,6 +113,27 @@ def depthwise_backward_weight(x, dy, dweight, dbias, sh, sw, ph, pw, dh, dw):
                 dweight[o, ky, kx] += np.float32(total[ky, kx])
         if dbias.size:
             dbias[o] += np.float32(bias_total)
+
+
+@pool_kernel
+def col2im_batch_last(col, padded, sh, sw, dh, dw):
+    """padded (C, H + 2 pad_h, W + 2 pad_w, num), zeros, += im2col's batch-innermost columns col (C, KH, KW, OH,
+    OW, num) summed back into the cells their windows read: tap by tap in row-major order, as the numpy path
+    adds them (the same bits), each output position's num samples one contiguous run (with stride 1, a whole
+    output row's)."""
+    channels, kh, kw, out_h, out_w, num = col.shape
+    run = uint64(out_w * num) if sw == 1 else uint64(num)
+    for c in prange(channels):
+        plane = padded[c]
+        for ky in range(kh):
+            for kx in range(kw):
+                for oy in range(out_h):
+                    source = col[c, ky, kx, oy].reshape(-1)
+                    target = plane[oy * sh + ky * dh].reshape(-1)
+                    for ox in range(1 if sw == 1 else out_w):
+                        begin, at = uint64((ox * sw + kx * dw) * num), uint64(ox * num)
+                        for i in range(run):
+                            target[begin + i] += source[at + i]
 
 
 @pool_kernel

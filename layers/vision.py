@@ -154,8 +154,11 @@ def col2im(col, image_shape, kernel, stride, pad, dilation, out=None, batch_last
     out_shape = _out_shape(spatial, kernel, stride, pad, dilation)
     col = col.reshape((channels, *kernel, *out_shape, num) if batch_last else (channels, *kernel, num, *out_shape))
     padded, lead = _padded_layout(channels, num, spatial, pad, batch_last)
-    for taps, window in _tap_windows(kernel, stride, dilation, out_shape):
-        padded[lead + window] += col[(slice(None),) + taps]
+    if batch_last and len(spatial) == 2 and col.flags.c_contiguous and accelerator.enabled():
+        accelerator.kernels().col2im_batch_last(col, padded, *stride, *dilation)   # numpy's sums in one pass
+    else:
+        for taps, window in _tap_windows(kernel, stride, dilation, out_shape):
+            padded[lead + window] += col[(slice(None),) + taps]
     inner = padded[lead + tuple(slice(p, p + n) for n, p in zip(spatial, pad))]
     image = np.moveaxis(inner, -1, 0) if batch_last else inner.swapaxes(0, 1)
     if out is None:

@@ -1,7 +1,7 @@
 """SGD with momentum (Caffe's SGDSolver): normalisation, regularisation, gradient clipping, history."""
 import numpy as np
 
-from ..engine import device
+from ..engine import accelerator, device
 from ..engine.blob import Blob
 from ..engine.errors import KaffeError
 from ..engine.log import logger
@@ -87,6 +87,12 @@ class SGDSolver(Solver):
         stays in cache they run about twice as fast as over whole arrays, read from memory each time."""
         arrays = [a.reshape(-1) for a in [blob.mutable_cpu_data(), blob.mutable_cpu_diff()] +
                   [h.mutable_cpu_data() for h in self.history[i::len(self.net.learnable_params)]]]
+        if self._compiled_update():
+            norm = np.float32(1.0 / self.param.iter_size) if self.param.iter_size > 1 else np.float32(1)
+            accelerator.update_kernels().sgd_update(*arrays, norm, self._decay(i),
+                                                    np.float32(rate * self.net.params_lr[i]),
+                                                    np.float32(self.param.momentum))
+            return
         for start in range(0, blob.count, UPDATE_BLOCK):
             data, diff, *history = (a[start:start + UPDATE_BLOCK] for a in arrays)
             if self.param.iter_size > 1:
@@ -94,6 +100,13 @@ class SGDSolver(Solver):
             self.regularize_values(i, data, diff)
             self.update_values(i, rate, diff, *history)
             data -= diff
+
+    def _compiled_update(self):
+        """Whether the update is plain SGD's with L2 or no decay, which the accelerator runs in one pass (a rule
+        that redefines regularize_values or update_values, and L1, run the numpy code)."""
+        return (type(self).update_values is SGDSolver.update_values and
+                type(self).regularize_values is SGDSolver.regularize_values and
+                self.param.regularization_type != "L1" and accelerator.enabled())
 
     def clip_gradients(self):
         clip = self.param.clip_gradients

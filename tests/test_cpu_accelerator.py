@@ -1,6 +1,7 @@
 """The compiled CPU accelerator (engine/accelerator.py, layers/cpu_kernels.py) against the numpy path it replaces
-(KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, max pooling's forward without argmax
-and its backward with Caffe's first-maximum tie rule, LRN's window sums; gradient checks with it on; numpy alone when numba is missing."""
+(KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, col2im, max pooling's forward without
+argmax and its backward with Caffe's first-maximum tie rule, LRN's window sums; gradient checks with it on; numpy
+alone when numba is missing."""
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import pytest
 from gradient_check import blobs_from, check_gradient, make_layer, rand32, setup_layer
 
 from kaffe.engine import accelerator, device
+from kaffe.layers.vision import col2im, im2col
 
 pytest.importorskip("numba")
 
@@ -130,6 +132,31 @@ def test_max_pooling_forward_without_argmax_is_bit_identical_to_the_numpy_path(m
         tops.append(top[0].data.copy())
     np.testing.assert_array_equal(tops[0], tops[1])
     assert (tops[0] == -np.finfo(np.float32).max).any()
+
+
+@pytest.mark.parametrize("shape,kernel,stride,pad,dilation", [
+    ((6, 20, 12, 12), (5, 5), (1, 1), (0, 0), (1, 1)),    # LeNet's conv2
+    ((3, 4, 9, 8), (3, 3), (2, 2), (1, 1), (1, 1)),       # overlapping strided windows, padding
+    ((2, 3, 11, 10), (3, 2), (1, 2), (2, 1), (2, 1)),     # per-axis geometry, dilation
+    ((1, 5, 7, 7), (3, 3), (1, 1), (1, 1), (1, 1))])      # one sample
+def test_col2im_is_bit_identical_to_the_numpy_path(monkeypatch, shape, kernel, stride, pad, dilation):
+    columns = im2col(rand32(*shape), kernel, stride, pad, dilation, batch_last=True)
+    columns = np.random.default_rng(14).standard_normal(columns.shape).astype(np.float32)
+    images = []
+    for accel in ("1", "0"):
+        monkeypatch.setenv("KAFFE_ACCEL", accel)
+        images.append(col2im(columns, shape, kernel, stride, pad, dilation, batch_last=True))
+    np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_convolution_backward_with_the_compiled_col2im(monkeypatch):
+    """A convolution whose columns keep the batch innermost (C x kernel >= 4 x outputs): its bottom diff goes
+    through the compiled col2im, with the numpy path's values."""
+    text = ('type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 '
+            'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 } }')
+    accelerated, reference = run_both(monkeypatch, text, rand32(3, 5, 9, 8))
+    for got, want in zip(accelerated, reference):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("size,shape", [(5, (2, 7, 4, 3)), (3, (1, 2, 5, 5)), (7, (2, 4, 3, 2))])

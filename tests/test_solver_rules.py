@@ -162,6 +162,22 @@ def test_rule_matches_float64_reference_cpu(rule, case, block, monkeypatch):
     run_rule(rule, case, "cpu")
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_sgd_update_gives_the_numpy_paths_bits(case, monkeypatch):
+    """With numba (KAFFE_ACCEL=1) plain SGD updates each parameter in one compiled pass (L1 keeps numpy)."""
+    pytest.importorskip("numba")
+    runs = []
+    for accel in ("1", "0"):
+        monkeypatch.setenv("KAFFE_ACCEL", accel)
+        runs.append(run_rule("SGD", case, "cpu"))
+    for compiled, numpy_path in zip(*runs):
+        np.testing.assert_array_equal(compiled, numpy_path)
+    monkeypatch.setenv("KAFFE_ACCEL", "1")
+    solver = caffe.get_solver(solver_param("SGD", CASES[case][0]))
+    assert solver._compiled_update() == ("L1" not in case)
+    assert not caffe.get_solver(solver_param("Nesterov", ""))._compiled_update()
+
+
 @pytest.mark.opencl
 @pytest.mark.skipif(not opencl_available(), reason="no OpenCL platform (install pocl-opencl-icd)")
 @pytest.mark.parametrize("case", sorted(CASES))
