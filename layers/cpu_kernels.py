@@ -188,17 +188,21 @@ def max_pool_forward(x, y, kh, kw, sh, sw, ph, pw, start):
 
 
 @pool_kernel
-def max_pool_backward(dy, window_argmax, dx, kw, sh, sw, ph, pw):
+def max_pool_backward(dy, window_argmax, dx, kh, kw, sh, sw, ph, pw):
     """dx = 0, plus each dy at its window's maximum: window_argmax holds its row-major tap index (the numpy
-    forward's, Caffe's first-maximum rule; every window has a real maximum there). The outputs are visited
-    last to first, so that a cell shared by windows sums in the numpy path's order (by tap) to the same bits."""
+    forward's, Caffe's first-maximum rule; every window has a real maximum there), turned into an offset in the
+    plane by a table (no division per output). The outputs are visited last to first, so that a cell shared by
+    windows sums in the numpy path's order (by tap) to the same bits."""
     num, channels, height, width = dx.shape
     out_h, out_w = dy.shape[2], dy.shape[3]
+    tap_offset = np.empty(kh * kw, dtype=np.int64)
+    for tap in range(kh * kw):
+        tap_offset[tap] = tap // kw * width + tap % kw
     for plane in prange(num * channels):
         n, c = plane // channels, plane % channels
-        image, grad, taps = dx[n, c], dy[n, c], window_argmax[n, c]
+        image, grad, taps = dx[n, c].reshape(-1), dy[n, c], window_argmax[n, c]
         image[:] = 0
         for oy in range(out_h - 1, -1, -1):
+            corner = (oy * sh - ph) * width - pw
             for ox in range(out_w - 1, -1, -1):
-                tap = np.int64(taps[oy, ox])
-                image[uint64(oy * sh - ph + tap // kw), uint64(ox * sw - pw + tap % kw)] += grad[oy, ox]
+                image[uint64(corner + ox * sw + tap_offset[taps[oy, ox]])] += grad[oy, ox]

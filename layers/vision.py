@@ -1241,7 +1241,7 @@ class PoolingLayer(Layer):
         dx = bottom[0].mutable_cpu_diff()
         if self.method == caffe_pb2.PoolingParameter.MAX and self.window_argmax is not None:
             if accelerator.enabled():  # the numba kernel scatters in one pass, not one per tap
-                return accelerator.kernels().max_pool_backward(dy, self.window_argmax, dx, self.kernel[1],
+                return accelerator.kernels().max_pool_backward(dy, self.window_argmax, dx, *self.kernel,
                                                                *self.stride, *self.pad)
             self._backward_max_fast(dy, dx)
             return
