@@ -1,6 +1,7 @@
 """Compiled CPU kernels (numba) for what numpy cannot make fast: depthwise convolution (forward, both backward
 directions), col2im of the batch-innermost columns (convolution's backward to its input), the forward of 2-D MAX
-pooling when no backward needs its argmax, its backward pass, and the scale of LRN across channels.
+pooling (with or without the argmax that backward reads), its backward pass, and the scale of LRN across
+channels.
 
 engine/accelerator.py imports this module on first use, only when numba is installed and KAFFE_ACCEL is not 0;
 the numpy code of layers/vision.py is the reference they are tested against. Every kernel runs in parallel over
@@ -185,6 +186,46 @@ def max_pool_forward(x, y, kh, kw, sh, sw, ph, pw, start):
                 for i in range(count):
                     value = column_max[begin + i * step]
                     target[first + i] = value if value > target[first + i] else target[first + i]
+
+
+@pool_kernel
+def max_pool_forward_argmax(x, y, window_argmax, kh, kw, sh, sw, ph, pw, start):
+    """max_pool_forward's values, and in window_argmax the row-major tap index of each window's first maximum
+    (Caffe's tie rule). The columns are reduced first, each keeping the first row of its maximum; along the row
+    of columns a maximum replaces the current one when it is greater, or equal with a lower tap index, which
+    picks the tap that comes first in row-major order. A window left at `start` has no maximum (Caffe's argmax
+    is -1 there): the caller checks for those."""
+    num, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    step = uint64(sw)
+    runs = tap_runs(kw, 1, pw, sw, width, out_w)
+    for plane in prange(num * channels):
+        n, c = plane // channels, plane % channels
+        image, out, argmax = x[n, c], y[n, c], window_argmax[n, c]
+        column_max = np.empty(width, dtype=np.float32)
+        column_tap = np.empty(width, dtype=np.int32)   # the row of each column's maximum, as a tap index
+        for oy in range(out_h):
+            first_row = oy * sh - ph
+            column_max[:] = start
+            column_tap[:] = 0
+            for iy in range(max(first_row, 0), min(first_row + kh, height)):
+                row, row_tap = image[iy], np.int32((iy - first_row) * kw)
+                for i in range(uint64(width)):
+                    value, current = row[i], column_max[i]
+                    better = value > current
+                    column_max[i] = value if better else current
+                    column_tap[i] = row_tap if better else column_tap[i]
+            target, index = out[oy], argmax[oy]
+            target[:] = start
+            index[:] = 0
+            for kx in range(kw):
+                first, begin, count = runs[kx, 0], runs[kx, 1], runs[kx, 2]
+                for i in range(count):
+                    value, current, old = column_max[begin + i * step], target[first + i], index[first + i]
+                    tap = column_tap[begin + i * step] + kx
+                    better = (value > current) | ((value == current) & (tap < old))
+                    target[first + i] = value if better else current
+                    index[first + i] = tap if better else old
 
 
 @pool_kernel

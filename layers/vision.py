@@ -1093,10 +1093,27 @@ class PoolingLayer(Layer):
                 window = (Ellipsis,) + span[0]
                 local[window] *= np.not_equal(x[(Ellipsis,) + span[1]], y[window])
         self.window_argmax = local
+        self._write_argmax_top(top)
+
+    def _forward_max_compiled(self, x, y, top):
+        """The compiled MAX forward that also keeps each window's argmax tap; False as _forward_max_fast."""
+        dtype = np.uint8 if self.kernel[0] * self.kernel[1] < 256 else np.int32
+        if self.window_argmax is None or self.window_argmax.shape != y.shape or self.window_argmax.dtype != dtype:
+            self.window_argmax = np.empty(y.shape, dtype=dtype)
+        accelerator.kernels().max_pool_forward_argmax(x, y, self.window_argmax, *self.kernel, *self.stride,
+                                                      *self.pad, -FLT_MAX)
+        if not (y > -FLT_MAX).all():
+            self.window_argmax = None
+            return False
+        self._write_argmax_top(top)
+        return True
+
+    def _write_argmax_top(self, top):
+        """A second top gets each window's argmax as Caffe's flat input index (as floats)."""
         if len(top) > 1:
-            (oh, ow), (sh, sw), (ph, pw) = self.out_spatial, self.stride, self.pad
-            rows = (np.arange(oh) * sh - ph)[:, None] + local // kw
-            cols = (np.arange(ow) * sw - pw)[None, :] + local % kw
+            (oh, ow), (sh, sw), (ph, pw), kw = self.out_spatial, self.stride, self.pad, self.kernel[1]
+            rows = (np.arange(oh) * sh - ph)[:, None] + self.window_argmax // kw
+            cols = (np.arange(ow) * sw - pw)[None, :] + self.window_argmax % kw
             top[1].mutable_cpu_data()[...] = rows * self.in_spatial[1] + cols
 
     def _backward_max_fast(self, dy, dx):
@@ -1156,12 +1173,16 @@ class PoolingLayer(Layer):
     def forward_cpu(self, bottom, top):
         x = bottom[0].cpu_data()
         y = top[0].mutable_cpu_data()
-        if self.method == caffe_pb2.PoolingParameter.MAX and not (self.needs_backward or len(top) > 1) \
-                and accelerator.enabled():   # no argmax wanted: one compiled pass
+        max_pool, compiled = self.method == caffe_pb2.PoolingParameter.MAX, accelerator.enabled()
+        if max_pool and compiled and not (self.needs_backward or len(top) > 1):   # no argmax wanted: one pass
             self.window_argmax = None
             accelerator.kernels().max_pool_forward(x, y, *self.kernel, *self.stride, *self.pad, -FLT_MAX)
             return
-        if self.method == caffe_pb2.PoolingParameter.MAX and self._forward_max_fast(x, y, top):
+        # with the argmax: compiled for overlapping or padded windows; the reshapes of the numpy path measured
+        # faster where windows tile the input (LeNet's 2x2/2: 0.89 against 1.07 ms at batch 64)
+        if max_pool and compiled and not self.tiled and self._forward_max_compiled(x, y, top):
+            return
+        if max_pool and self._forward_max_fast(x, y, top):
             return
         if self.method == caffe_pb2.PoolingParameter.MAX:
             self.window_argmax = None

@@ -1,6 +1,6 @@
 """The compiled CPU accelerator (engine/accelerator.py, layers/cpu_kernels.py) against the numpy path it replaces
-(KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, col2im, max pooling's forward without
-argmax and its backward with Caffe's first-maximum tie rule, LRN's window sums; gradient checks with it on; numpy
+(KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, col2im, max pooling's forward with
+and without argmax and its backward with Caffe's first-maximum tie rule, LRN's window sums; gradient checks with it on; numpy
 alone when numba is missing."""
 import subprocess
 import sys
@@ -132,6 +132,28 @@ def test_max_pooling_forward_without_argmax_is_bit_identical_to_the_numpy_path(m
         tops.append(top[0].data.copy())
     np.testing.assert_array_equal(tops[0], tops[1])
     assert (tops[0] == -np.finfo(np.float32).max).any()
+
+
+@pytest.mark.parametrize("geometry,shape", [
+    ("kernel_size: 3 stride: 2", (3, 3, 9, 8)),
+    ("kernel_size: 3 stride: 2 pad: 1", (2, 4, 8, 7)),
+    ("kernel_size: 2 stride: 2", (2, 3, 8, 6))])
+@pytest.mark.parametrize("special", ["ties", "nan", "nan window"])
+def test_max_pooling_forward_with_argmax_is_bit_identical_to_the_numpy_path(monkeypatch, geometry, shape, special):
+    """Training's MAX forward keeps the argmax for backward: compiled, the values, the argmax top and the
+    gradient are the numpy path's, with ties (zeros of both signs), NaN and -inf cells, and windows of NaN only
+    (where the compiled pass hands over to the numpy path, as Caffe leaves -FLT_MAX and argmax -1 there)."""
+    x = np.random.default_rng(15).integers(-2, 3, size=shape).astype(np.float32)
+    x[x == 0] = np.float32(-0.0) * (np.arange((x == 0).sum()) % 2)
+    if special != "ties":
+        x.flat[::7] = np.nan
+        x.flat[::13] = -np.inf
+    if special == "nan window":
+        x[0, 0, :3, :3] = np.nan
+    accelerated, reference = run_both(monkeypatch, f'type: "Pooling" pooling_param {{ pool: MAX {geometry} }}', x,
+                                      num_top=2)
+    for got, want in zip(accelerated, reference):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("shape,kernel,stride,pad,dilation", [
