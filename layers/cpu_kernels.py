@@ -31,28 +31,65 @@ def tap_runs(taps, dilation, pad, stride, in_size, out_size):
     return runs
 
 
+@numba.njit(inline="always")
+def relu(value):
+    """layers/neuron.py's relu on one value: max(value, 0) (+0 for -0), NaN kept, NaN for -inf."""
+    if value > 0 or value != value:
+        return value
+    return np.float32(np.nan) if value == -np.inf else np.float32(0)
+
+
 @conv_kernel
-def depthwise_forward(x, weight, bias, y, sh, sw, ph, pw, dh, dw):
-    """y[n, o] = bias[o] + the correlation of x[n, o // multiplier] with weight[o] (KH, KW)."""
+def depthwise_forward(x, weight, bias, y, sh, sw, ph, pw, dh, dw, fused_relu):
+    """y[n, o] = bias[o] + the correlation of x[n, o // multiplier] with weight[o] (KH, KW), through relu when
+    fused_relu (each plane while it is in cache, not a pass over the blob after).
+
+    Each tap is one long contiguous multiply-add, not one short run per output row (MobileNet's 14x14 and 7x7
+    planes): the zero-padded input plane is split into stride_h x stride_w phase planes, phase (a, b) holding
+    padded[i * stride_h + a, j * stride_w + b], rows qw wide, so that every tap reads one phase at one offset for
+    all outputs at once; the qw - out_w extra columns per row are computed and dropped. Per output, the same
+    operations in the same order as a direct loop (the bias, then the taps row by row, padding adding w * 0)."""
     num, channels, height, width = x.shape
     outputs, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
-    multiplier, step = outputs // channels, uint64(sw)
-    runs = tap_runs(weight.shape[2], dw, pw, sw, width, out_w)
-    for plane in prange(num * outputs):
-        n, o = plane // outputs, plane % outputs
-        image, out, w = x[n, o // multiplier], y[n, o], weight[o]
-        for oy in range(out_h):
-            row = out[oy]
-            row[:] = bias[o]
-            for ky in range(w.shape[0]):
-                iy = oy * sh - ph + ky * dh
-                if 0 <= iy < height:
-                    source = image[iy]
-                    for kx in range(w.shape[1]):
-                        first, start, count = runs[kx, 0], runs[kx, 1], runs[kx, 2]
-                        value = w[ky, kx]
-                        for i in range(count):
-                            row[first + i] += value * source[start + i * step]
+    kh, kw = weight.shape[1], weight.shape[2]
+    multiplier = outputs // channels
+    qh = out_h + ((kh - 1) * dh) // sh + 1  # one more row: the last taps read up to qw - out_w past the end
+    qw = out_w + ((kw - 1) * dw) // sw
+    span = uint64(out_h * qw)
+    for o in prange(outputs):
+        phases = np.zeros((sh * sw, qh * qw), dtype=np.float32)  # padding cells stay 0: only the image is copied
+        total = np.empty(out_h * qw, dtype=np.float32)
+        w = weight[o]
+        for n in range(num):
+            image = x[n, o // multiplier]
+            for a in range(sh):
+                for b in range(sw):
+                    phase = phases[a * sw + b]
+                    first = max(0, (pw - b + sw - 1) // sw)  # the phase's columns that lie in the image
+                    count = uint64(max(min(qw, (width - 1 + pw - b) // sw + 1) - first, 0))
+                    for i in range(qh):
+                        row = i * sh + a - ph
+                        if 0 <= row < height:
+                            source, target = image[row], uint64(i * qw + first)
+                            start, step = uint64(first * sw + b - pw), uint64(sw)
+                            for j in range(count):
+                                phase[target + j] = source[start + j * step]
+            total[:] = bias[o]
+            for ky in range(kh):
+                for kx in range(kw):
+                    phase = phases[((ky * dh) % sh) * sw + (kx * dw) % sw]
+                    offset, value = uint64(((ky * dh) // sh) * qw + (kx * dw) // sw), w[ky, kx]
+                    for q in range(span):
+                        total[q] += value * phase[q + offset]
+            out = y[n, o]
+            for oy in range(out_h):
+                line, start = out[oy], uint64(oy * qw)
+                if fused_relu:
+                    for ox in range(uint64(out_w)):
+                        line[ox] = relu(total[start + ox])
+                else:
+                    for ox in range(uint64(out_w)):
+                        line[ox] = total[start + ox]
 
 
 @conv_kernel

@@ -668,7 +668,8 @@ class ConvolutionLayer(BaseConvolutionLayer):
         for b, t in zip(bottom, top):
             accelerator.kernels().depthwise_forward(
                 self._planes(b.cpu_data(), self.channels), weight, bias,
-                self._planes(t.mutable_cpu_data(), self.num_output), *self.stride, *self.pad, *self.dilation)
+                self._planes(t.mutable_cpu_data(), self.num_output), *self.stride, *self.pad, *self.dilation,
+                self.fused_relu)
 
     def _backward_depthwise(self, top, propagate_down, bottom):
         kernels, geometry = accelerator.kernels(), (*self.stride, *self.pad, *self.dilation)
@@ -782,10 +783,7 @@ class ConvolutionLayer(BaseConvolutionLayer):
 
     def forward_cpu(self, bottom, top):
         if self._compiled_depthwise():
-            self._forward_depthwise(bottom, top)
-            for t in top if self.fused_relu else ():
-                relu(t.mutable_cpu_data(), t.mutable_cpu_data())
-            return
+            return self._forward_depthwise(bottom, top)
         if self._runs_shifted_taps():
             return self._forward_shifted_taps(bottom, top)
         weight = self._weights()

@@ -11,6 +11,7 @@ import pytest
 from gradient_check import blobs_from, check_gradient, make_layer, rand32, setup_layer
 
 from kaffe.engine import accelerator, device
+from kaffe.layers.neuron import relu
 from kaffe.layers.vision import col2im, im2col
 
 pytest.importorskip("numba")
@@ -77,6 +78,31 @@ def test_depthwise_convolution_with_frozen_weights_or_bias(monkeypatch):
         accelerated, reference = run_both(monkeypatch, depthwise_text(3, "kernel_size: 3 pad: 1", extra=params),
                                           rand32(2, 3, 5, 6), prefill_diffs=True)
         assert_close(accelerated, reference)
+
+
+@pytest.mark.parametrize("shape,geometry,multiplier,bias", DEPTHWISE_CASES[:4])
+def test_depthwise_convolution_with_the_fused_relu_is_relu_of_its_output(monkeypatch, shape, geometry, multiplier,
+                                                                          bias):
+    """The optimiser's fused ReLU inside the kernel gives layers/neuron.py's relu of the plain output, bit for bit:
+    -0 to +0, NaN kept, -inf to NaN."""
+    monkeypatch.setenv("KAFFE_ACCEL", "1")
+    x = rand32(*shape)
+    x.flat[::7], x.flat[3::11], x.flat[5::13] = np.inf, -np.inf, np.nan
+    x.flat[1::5] = -0.0
+    outputs = []
+    for fused in (False, True):
+        device.set_random_seed(1234)
+        layer = make_layer(depthwise_text(shape[1], geometry, multiplier, bias))
+        bottom = blobs_from(x)
+        top = setup_layer(layer, bottom)
+        layer.fused_relu = fused
+        layer.forward(bottom, top)
+        outputs.append(top[0].cpu_data().copy())
+    plain, fused = outputs
+    assert np.isnan(plain).any() and (plain == -np.inf).any()
+    want = np.empty_like(plain)
+    relu(plain, want)
+    np.testing.assert_array_equal(fused.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("shape,geometry,multiplier,bias", DEPTHWISE_CASES[1:4])
