@@ -11,8 +11,11 @@ Levels:
   follows no producer (BatchNorm -> Scale -> ReLU on a block's input in DenseNet) becomes one affine pass.
   Layers that a backward pass would run are left alone.
 - "full" (kaffe test, kaffe time --phase TEST, the benchmarks): also folds chains whose intermediate blobs are
-  read by nothing else (conv -> bn -> scale writing three blobs), whatever backward would need; only the inputs,
-  the outputs and the blobs the caller keeps are sure to hold their values, and backward is refused.
+  read by nothing else (conv -> bn -> scale writing three blobs), whatever backward would need, and runs the
+  CPU forward of 3x3 stride-1 convolutions of enough channels by Winograd F(4x4, 3x3)
+  (ConvolutionLayer.winograd), which keeps each output within about 1e-5 of its blob's scale rather than within
+  float32 rounding of each value; only the inputs, the outputs and the blobs the caller keeps are sure to hold
+  their values, and backward is refused.
 
 Folding never touches the parameters users see (net.params, save, snapshots, copy_from): the folded weights live
 in a private copy of the layer and are derived again whenever the data version of a source blob changes (a
@@ -183,6 +186,7 @@ class ForwardPlan:
             computing = runner.layer if isinstance(runner, FoldedProducer) else runner
             if isinstance(computing, Layer) and computing.type == "Convolution" and self._may_rewrite(i):
                 computing.shifted_taps = True  # a GEMM per kernel tap, no columns (layers/vision.py)
+                computing.winograd = self.level == "full"  # within float32 rounding of the outputs only
                 if self._is_relu_in_place_on(last + 1, last):
                     runner = FusedReLU(runner, computing, net.layers[last + 1],
                                        (net.bottom_vecs[last + 1], net.top_vecs[last + 1]))

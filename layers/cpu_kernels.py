@@ -284,3 +284,94 @@ def max_pool_backward(dy, window_argmax, dx, kh, kw, sh, sw, ph, pw):
             corner = (oy * sh - ph) * width - pw
             for ox in range(out_w - 1, -1, -1):
                 image[uint64(corner + ox * sw + tap_offset[taps[oy, ox]])] += grad[oy, ox]
+
+
+# Winograd F(4x4, 3x3) (Lavin & Gray, interpolation points 0, 1, -1, 2, -2): a 3x3 stride-1 convolution of a
+# 6x6 input tile d gives the 4x4 output tile A^T [(G w G^T) * (B^T d B)] A, 36 products where direct needs 144.
+# B^T and A^T have small integer entries, written out below; G (fractions) is applied in float64 by the caller.
+@numba.njit(inline="always", fastmath={"reassoc", "contract"})
+def winograd_bt(i, d0, d1, d2, d3, d4, d5):
+    """Row i of B^T (6 x 6) times the column (d0 .. d5)."""
+    if i == 0:
+        return 4 * d0 - 5 * d2 + d4
+    if i == 1:
+        return d3 + d4 - 4 * (d1 + d2)
+    if i == 2:
+        return 4 * (d1 - d2) - d3 + d4
+    if i == 3:
+        return 2 * (d3 - d1) - d2 + d4
+    if i == 4:
+        return 2 * (d1 - d3) - d2 + d4
+    return 4 * d1 - 5 * d3 + d5
+
+
+@numba.njit(inline="always", fastmath={"reassoc", "contract"})
+def winograd_at(i, m0, m1, m2, m3, m4, m5):
+    """Row i of A^T (4 x 6) times the column (m0 .. m5)."""
+    if i == 0:
+        return m0 + m1 + m2 + m3 + m4
+    if i == 1:
+        return m1 - m2 + 2 * (m3 - m4)
+    if i == 2:
+        return m1 + m2 + 4 * (m3 + m4)
+    return m1 - m2 + 8 * (m3 - m4) + m5
+
+
+@conv_kernel
+def winograd_input(padded, transformed):
+    """transformed[6 i + j, c, tile] = (B^T d B)[i, j] for each 6x6 tile d of the zero-bordered planes padded
+    (num, C, 4 tiles_h + 2, 4 tiles_w + 2), tiles 4 apart, tile = (n * tiles_h + ty) * tiles_w + tx. B^T goes
+    down the tile rows over the whole plane width first, then along each row, both as vectorised loops."""
+    num, channels, height, width = padded.shape
+    tiles_h, tiles_w = (height - 2) // 4, uint64((width - 2) // 4)
+    for plane in prange(num * channels):
+        n, c = plane // channels, plane % channels
+        image = padded[n, c]
+        rows = np.empty((6, width), dtype=np.float32)
+        for ty in range(tiles_h):
+            y = 4 * ty
+            d0, d1, d2, d3, d4, d5 = image[y], image[y + 1], image[y + 2], image[y + 3], image[y + 4], image[y + 5]
+            for i in range(6):
+                row = rows[i]
+                for x in range(uint64(width)):
+                    row[x] = winograd_bt(i, d0[x], d1[x], d2[x], d3[x], d4[x], d5[x])
+            first = uint64((n * tiles_h + ty)) * tiles_w
+            for i in range(6):
+                row = rows[i]
+                for j in range(6):
+                    target = transformed[6 * i + j, c]
+                    for tx in range(tiles_w):
+                        x = 4 * tx
+                        target[first + tx] = winograd_bt(j, row[x], row[x + 1], row[x + 2], row[x + 3], row[x + 4],
+                                                         row[x + 5])
+
+
+@conv_kernel
+def winograd_output(product, bias, y, fused_relu):
+    """y[n, o] = bias[o] + A^T m A for each tile's 6x6 m = product[:, o, tile] (winograd_input's tiles), the
+    tiles' rows and columns past y's edge dropped; through relu when fused_relu."""
+    num, outputs, out_h, out_w = y.shape
+    tiles_h, tiles_w = (out_h + 3) // 4, uint64((out_w + 3) // 4)
+    for plane in prange(num * outputs):
+        n, o = plane // outputs, plane % outputs
+        out, shift = y[n, o], bias[o]
+        half = np.empty((24, tiles_w), dtype=np.float32)  # A^T m: 4 rows x 6 columns per tile
+        for ty in range(tiles_h):
+            first = uint64((n * tiles_h + ty)) * tiles_w
+            for j in range(6):
+                m0, m1, m2 = product[j, o], product[6 + j, o], product[12 + j, o]
+                m3, m4, m5 = product[18 + j, o], product[24 + j, o], product[30 + j, o]
+                for i in range(4):
+                    row = half[6 * i + j]
+                    for tx in range(tiles_w):
+                        t = first + tx
+                        row[tx] = winograd_at(i, m0[t], m1[t], m2[t], m3[t], m4[t], m5[t])
+            for i in range(min(4, out_h - 4 * ty)):
+                line = out[4 * ty + i]
+                h0, h1, h2, h3, h4, h5 = half[6 * i], half[6 * i + 1], half[6 * i + 2], half[6 * i + 3], \
+                    half[6 * i + 4], half[6 * i + 5]
+                for j in range(4):
+                    column = uint64(j)
+                    for tx in range(uint64((out_w - j + 3) // 4)):
+                        value = shift + winograd_at(j, h0[tx], h1[tx], h2[tx], h3[tx], h4[tx], h5[tx])
+                        line[4 * tx + column] = relu(value) if fused_relu else value

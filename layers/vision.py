@@ -30,6 +30,13 @@ COLUMN_BUFFER_LIMIT = 1 << 25
 SHIFTED_TAPS_SLICE = 4096
 SHIFTED_TAPS_SMALL_MAP = 64
 SHIFTED_TAPS_LARGE_COLUMNS = 1 << 22  # im2col columns (floats) too large for the cache: their copies dominate
+# winograd (ConvolutionLayer): the fewest input and output channels, and the smallest output side, for which
+# Winograd F(4x4, 3x3) measured faster than the GEMM paths
+WINOGRAD_MIN_CHANNELS = 96
+WINOGRAD_MIN_SIDE = 12
+# F(4x4, 3x3)'s weight transform G (6 x 3; layers/cpu_kernels.py has B^T and A^T)
+WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                       [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
 _work_buffers = {}
 
 
@@ -38,7 +45,8 @@ def work_buffer(role, count):
     run one at a time): a fresh large array page-faults on every first touch, which costs as much as the copy
     into it. Roles: "inference columns" (convolutions that never run backward keep no columns), "rows" (a
     transposed top diff), "rows product" and "columns product" (GEMM results before they are laid out),
-    "padded image" (a zero-bordered input of the shifted_taps forward)."""
+    "padded image" (a zero-bordered input of the shifted_taps and winograd forwards), "winograd input" (its
+    transformed tiles)."""
     buffer = _work_buffers.get(role)
     if buffer is None or buffer.size < count:
         buffer = _work_buffers[role] = np.empty(count, dtype=np.float32)
@@ -606,16 +614,21 @@ class ConvolutionLayer(BaseConvolutionLayer):
     Output size per axis: (in + 2 pad - (dilation (kernel - 1) + 1)) / stride + 1.
     With `shifted_taps` (set by the deploy-time optimiser, engine/optimize.py) the CPU forward of a 2-D,
     stride-1, one-group convolution runs one GEMM per kernel tap instead (see _forward_shifted_taps): the same
-    sums in another order, within float32 rounding of im2col's. With `fused_relu` (set by the optimiser while it
-    runs a step whose ReLU works in place on this top) the CPU forward applies that ReLU as it writes the top.
+    sums in another order, within float32 rounding of im2col's. With `winograd` (set by the optimiser at its
+    "full" level, where only the net's outputs are kept) a 3x3 stride-1 one runs Winograd F(4x4, 3x3) instead
+    (see _forward_winograd): a quarter of the multiplications, each output within about 1e-5 of its blob's scale
+    of the direct sums. With `fused_relu` (set by the optimiser while it runs a step whose ReLU works in place
+    on this top) the CPU forward applies that ReLU as it writes the top.
     """
     shifted_taps = False
+    winograd = False
     fused_relu = False
 
     def layer_setup(self, bottom, top):
         super().layer_setup(bottom, top)
         self._cached_columns = {}
         self._tap_weights_cache = None
+        self._winograd_weights_cache = None
         # CPU, group 1: the bias rides in the GEMMs, as the weights' last column times a row of ones under
         # the columns; that saves a pass over the top in forward and over its diff for the bias gradient
         self.fold_bias = self.bias_term and self.group == 1 and not self.pointwise
@@ -712,6 +725,63 @@ class ConvolutionLayer(BaseConvolutionLayer):
             self._tap_weights_cache = (key, np.ascontiguousarray(weight.transpose(2, 0, 1)))
         return self._tap_weights_cache[1]
 
+    def _runs_winograd(self):
+        """Whether this forward runs as Winograd F(4x4, 3x3) (see _forward_winograd): 3x3, stride 1, no dilation,
+        one group, 2-D, the compiled transforms at hand, and a shape where it measured faster than the GEMM paths
+        (numpy's OpenBLAS on 2 cores over the zoo's layers): enough channels on both sides that the 36 GEMMs
+        outweigh the transforms, and outputs large enough that 4x4 tiles waste little at the edges."""
+        return (self.winograd and self.num_spatial == 2 and self.group == 1 and tuple(self.kernel) == (3, 3) and
+                tuple(self.stride) == (1, 1) and tuple(self.dilation) == (1, 1) and accelerator.enabled() and
+                min(self.channels, self.num_output) >= WINOGRAD_MIN_CHANNELS and
+                min(self.column_spatial) >= WINOGRAD_MIN_SIDE)
+
+    def _winograd_weights(self):
+        """G w G^T per (output, input) pair, computed in float64: (36, num_output, channels), element 6 i + j;
+        kept while the weights' data is unchanged."""
+        key = (id(self.blobs[0]), self.blobs[0].data_version())
+        if self._winograd_weights_cache is None or self._winograd_weights_cache[0] != key:
+            weight = self.blobs[0].cpu_data().reshape(self.num_output, self.channels, 3, 3).astype(np.float64)
+            transformed = np.einsum("ai,kcij,bj->abkc", WINOGRAD_G, weight, WINOGRAD_G)
+            self._winograd_weights_cache = (key, np.ascontiguousarray(
+                transformed.reshape(36, self.num_output, self.channels), dtype=np.float32))
+        return self._winograd_weights_cache[1]
+
+    def _forward_winograd(self, bottom, top):
+        """The convolution by Winograd F(4x4, 3x3): the zero-bordered input cut into 6x6 tiles 4 apart, each
+        transformed (B^T d B, compiled), 36 GEMMs (one per transformed element: weights (outputs x channels) times
+        the tiles' values (channels x tiles)), and each product tile transformed back (A^T m A, compiled) with the
+        bias (and the fused ReLU) into the top; in chunks of samples. An inf or NaN in the input spreads NaN over
+        the 4x4 outputs of each tile that reads it."""
+        kernels = accelerator.kernels()
+        (height, width), (out_h, out_w), (ph, pw) = self.image_spatial, self.column_spatial, self.pad
+        tiles_h, tiles_w = -(-out_h // 4), -(-out_w // 4)
+        rows, length, tiles = 4 * tiles_h + 2, 4 * tiles_w + 2, tiles_h * tiles_w
+        weights = self._winograd_weights()
+        bias = self.blobs[1].cpu_data() if self.bias_term else np.zeros(self.num_output, dtype=np.float32)
+        # samples per chunk: as few as keep the tiles of a chunk at least a quarter of the smaller channel count,
+        # so that each chunk's GEMMs read the transformed weights (36 x outputs x channels) for enough columns,
+        # while the tiles' transforms stay in the cache (measured on the zoo's layers at batch 16)
+        step = min(self.num, -(-min(self.channels, self.num_output) // (4 * tiles)))
+        for b, t in zip(bottom, top):
+            image = b.cpu_data().reshape(self._image_shape())
+            out = t.mutable_cpu_data().reshape(self.num, self.num_output, out_h, out_w)
+            for first in range(0, self.num, step):
+                count = min(step, self.num - first)
+                padded = work_buffer("padded image", count * self.channels * rows * length).reshape(
+                    count, self.channels, rows, length)
+                padded[:, :, :ph] = 0
+                padded[:, :, ph + height:] = 0
+                padded[:, :, ph:ph + height, :pw] = 0
+                padded[:, :, ph:ph + height, pw + width:] = 0
+                padded[:, :, ph:ph + height, pw:pw + width] = image[first:first + count]
+                transformed = work_buffer("winograd input", 36 * self.channels * count * tiles)
+                product = work_buffer("rows product", 36 * self.num_output * count * tiles)
+                kernels.winograd_input(padded, transformed.reshape(36, self.channels, -1))
+                np.matmul(weights, transformed.reshape(36, self.channels, -1),
+                          out=product.reshape(36, self.num_output, -1))
+                kernels.winograd_output(product.reshape(36, self.num_output, -1), bias, out[first:first + count],
+                                        self.fused_relu)
+
     def _tap_grid(self):
         """The flat layout of the shifted_taps input: (lead, rows per sample, row length). Sample n's pixel
         (y, x) lies at lead + (n * rows + y) * row_length + x and every other place holds zero. Padding comes
@@ -784,6 +854,8 @@ class ConvolutionLayer(BaseConvolutionLayer):
     def forward_cpu(self, bottom, top):
         if self._compiled_depthwise():
             return self._forward_depthwise(bottom, top)
+        if self._runs_winograd():
+            return self._forward_winograd(bottom, top)
         if self._runs_shifted_taps():
             return self._forward_shifted_taps(bottom, top)
         weight = self._weights()

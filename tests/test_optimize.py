@@ -231,6 +231,43 @@ def test_relus_in_place_are_applied_by_the_convolutions_with_caffes_values():
     assert_close(nets["safe"].blobs["conv1"].data, nets["none"].blobs["conv1"].data)
 
 
+def computing_layers(net):
+    """The layer that computes each step of the net's forward (a folded copy for a FoldedProducer, the
+    convolution of a FusedReLU); the layers themselves without a plan."""
+    for _, _, runner in net._plan.steps if net._plan else [(0, 0, layer) for layer in net.layers]:
+        runner = getattr(runner, "runner", runner)
+        yield getattr(runner, "layer", runner)
+
+
+WINOGRAD_BLOCK = """
+name: "winograd"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 96 dim: 13 dim: 14 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 128 kernel_size: 3 pad: 1 } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" batch_norm_param { use_global_stats: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+        convolution_param { num_output: 96 kernel_size: 3 pad: 1 } }
+"""
+
+
+def test_full_level_runs_large_3x3_convolutions_by_winograd(monkeypatch):
+    """Only the full level (where intermediate blobs are not promised), only with the compiled transforms, and
+    the outputs stay within the levels' tolerance; BatchNorm folded into the Winograd layer and its ReLU fused."""
+    pytest.importorskip("numba")
+    monkeypatch.setenv("KAFFE_ACCEL", "1")
+    nets = nets_at_every_level(WINOGRAD_BLOCK)
+    x = np.random.default_rng(8).standard_normal((2, 96, 13, 14)).astype(np.float32)
+    expected = forward_all_blobs(nets["none"], x)
+    for level, net in nets.items():
+        layers = list(computing_layers(net))
+        used = [layer.name for layer in layers if layer.type == "Convolution" and layer._runs_winograd()]
+        assert used == (["conv1", "conv2"] if level == "full" else []), level
+        assert_close(forward_all_blobs(net, x)["conv2"], expected["conv2"])
+    monkeypatch.setenv("KAFFE_ACCEL", "0")
+    assert not any(layer._runs_winograd() for layer in layers if layer.type == "Convolution")
+
+
 def test_relus_after_convolutions_on_opencl(gpu_mode):
     nets = nets_at_every_level(RELU_AFTER_CONVOLUTIONS)
     x = np.random.default_rng(8).standard_normal((2, 96, 6, 7)).astype(np.float32)
