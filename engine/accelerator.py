@@ -1,6 +1,6 @@
 """The optional compiled CPU accelerator: numba kernels for what numpy cannot make fast (`pip install
-"kaffe[accel]"`): depthwise convolution, pooling, LRN, col2im (layers/cpu_kernels.py) and the solver's host
-update (solvers/cpu_kernels.py).
+"kaffe[accel]"`): depthwise convolution, Winograd's transforms, pooling, LRN, col2im (layers/cpu_kernels.py) and
+the solver's host update (solvers/cpu_kernels.py).
 
 Without numba, or with KAFFE_ACCEL=0, the layers run their numpy code, the reference the kernels are tested
 against. numba is imported when a layer with a kernel first runs and each kernel is compiled at its first call,
