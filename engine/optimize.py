@@ -186,7 +186,7 @@ class ForwardPlan:
             computing = runner.layer if isinstance(runner, FoldedProducer) else runner
             if isinstance(computing, Layer) and computing.type == "Convolution" and self._may_rewrite(i):
                 computing.shifted_taps = True  # a GEMM per kernel tap, no columns (layers/vision.py)
-                computing.winograd = self.level == "full"  # within float32 rounding of the outputs only
+                computing.winograd = self.level == "full"  # its rounding is not float32's: outputs only
                 if self._is_relu_in_place_on(last + 1, last):
                     runner = FusedReLU(runner, computing, net.layers[last + 1],
                                        (net.bottom_vecs[last + 1], net.top_vecs[last + 1]))

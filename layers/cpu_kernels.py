@@ -4,9 +4,10 @@ pooling (with or without the argmax that backward reads), its backward pass, the
 and the input and output transforms of Winograd F(4x4, 3x3) convolutions.
 
 engine/accelerator.py imports this module on first use, only when numba is installed and KAFFE_ACCEL is not 0;
-the numpy code of layers/vision.py is the reference they are tested against (the direct sums for Winograd). Every kernel runs in parallel over
-the planes of the batch (sample x channel, or the output channels for the weight gradient); the arrays are
-C-contiguous NCHW float32, windows and taps as in layers/vision.py (tap_span).
+the numpy code of layers/vision.py is the reference they are tested against (the direct sums for Winograd).
+Every kernel runs in parallel over the planes of the batch (sample x channel, or the output channels for the
+depthwise forward and weight gradient); the arrays are C-contiguous NCHW float32, windows and taps as in
+layers/vision.py (tap_span).
 """
 import numba
 import numpy as np
