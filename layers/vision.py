@@ -627,8 +627,7 @@ class ConvolutionLayer(BaseConvolutionLayer):
     def layer_setup(self, bottom, top):
         super().layer_setup(bottom, top)
         self._cached_columns = {}
-        self._tap_weights_cache = None
-        self._winograd_weights_cache = None
+        self._derived_weights = {}
         # CPU, group 1: the bias rides in the GEMMs, as the weights' last column times a row of ones under
         # the columns; that saves a pass over the top in forward and over its diff for the bias gradient
         self.fold_bias = self.bias_term and self.group == 1 and not self.pointwise
@@ -716,14 +715,19 @@ class ConvolutionLayer(BaseConvolutionLayer):
                                                                columns >= SHIFTED_TAPS_LARGE_COLUMNS))
         return wide and (self.num == 1 or self.column_count > SHIFTED_TAPS_SMALL_MAP)
 
-    def _tap_weights(self):
-        """The weights as one contiguous (num_output, channels) matrix per kernel tap, row-major taps; kept
-        while the weights' data is unchanged."""
+    def _derived_from_weights(self, role, derive):
+        """derive(the weights as (num_output, channels, kernel taps)), kept per role while the weights' data is
+        unchanged."""
         key = (id(self.blobs[0]), self.blobs[0].data_version())
-        if self._tap_weights_cache is None or self._tap_weights_cache[0] != key:
+        cached = self._derived_weights.get(role)
+        if cached is None or cached[0] != key:
             weight = self.blobs[0].cpu_data().reshape(self.num_output, self.channels, -1)
-            self._tap_weights_cache = (key, np.ascontiguousarray(weight.transpose(2, 0, 1)))
-        return self._tap_weights_cache[1]
+            cached = self._derived_weights[role] = (key, derive(weight))
+        return cached[1]
+
+    def _tap_weights(self):
+        """The weights as one contiguous (num_output, channels) matrix per kernel tap, row-major taps."""
+        return self._derived_from_weights("taps", lambda weight: np.ascontiguousarray(weight.transpose(2, 0, 1)))
 
     def _runs_winograd(self):
         """Whether this forward runs as Winograd F(4x4, 3x3) (see _forward_winograd): 3x3, stride 1, no dilation,
@@ -736,15 +740,12 @@ class ConvolutionLayer(BaseConvolutionLayer):
                 min(self.column_spatial) >= WINOGRAD_MIN_SIDE)
 
     def _winograd_weights(self):
-        """G w G^T per (output, input) pair, computed in float64: (36, num_output, channels), element 6 i + j;
-        kept while the weights' data is unchanged."""
-        key = (id(self.blobs[0]), self.blobs[0].data_version())
-        if self._winograd_weights_cache is None or self._winograd_weights_cache[0] != key:
-            weight = self.blobs[0].cpu_data().reshape(self.num_output, self.channels, 3, 3).astype(np.float64)
-            transformed = np.einsum("ai,kcij,bj->abkc", WINOGRAD_G, weight, WINOGRAD_G)
-            self._winograd_weights_cache = (key, np.ascontiguousarray(
-                transformed.reshape(36, self.num_output, self.channels), dtype=np.float32))
-        return self._winograd_weights_cache[1]
+        """G w G^T per (output, input) pair, computed in float64: (36, num_output, channels), element 6 i + j."""
+        def transform(weight):
+            kernels = weight.reshape(self.num_output, self.channels, 3, 3).astype(np.float64)
+            transformed = np.einsum("ai,kcij,bj->abkc", WINOGRAD_G, kernels, WINOGRAD_G)
+            return np.ascontiguousarray(transformed.reshape(36, self.num_output, self.channels), dtype=np.float32)
+        return self._derived_from_weights("winograd", transform)
 
     def _forward_winograd(self, bottom, top):
         """The convolution by Winograd F(4x4, 3x3): the zero-bordered input cut into 6x6 tiles 4 apart, each
