@@ -1,5 +1,5 @@
-"""Compiled CPU kernels (numba) for what numpy cannot make fast: depthwise convolution (forward, both backward
-directions), col2im of the batch-innermost columns (convolution's backward to its input), the forward of 2-D MAX
+"""Compiled CPU kernels (numba) for what numpy cannot make fast: a convolution's bias and ReLU in one pass,
+depthwise convolution (forward, both backward directions), col2im of the batch-innermost columns (convolution's backward to its input), the forward of 2-D MAX
 pooling (with or without the argmax that backward reads), its backward pass, the scale of LRN across channels,
 and the input and output transforms of Winograd F(4x4, 3x3) convolutions.
 
@@ -38,6 +38,18 @@ def relu(value):
     if value > 0 or value != value:
         return value
     return np.float32(np.nan) if value == -np.inf else np.float32(0)
+
+
+@conv_kernel
+def bias_relu(y, bias, add_bias, fused_relu):
+    """y[n, o] += bias[o] when add_bias, then through relu when fused_relu: a convolution's epilogue in one pass
+    over its top (num, outputs, positions), where numpy needs one for the sum and two for the ReLU."""
+    num, outputs, length = y.shape
+    for plane in prange(num * outputs):
+        row, shift = y[plane // outputs, plane % outputs], bias[plane % outputs]
+        for i in range(length):
+            value = row[i] + shift if add_bias else row[i]
+            row[i] = relu(value) if fused_relu else value
 
 
 @conv_kernel

@@ -1,8 +1,8 @@
 """The compiled CPU accelerator (engine/accelerator.py, layers/cpu_kernels.py) against the numpy path it replaces
 (KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, col2im, max pooling's forward with
 and without argmax and its backward with Caffe's first-maximum tie rule, LRN's window sums, the Winograd
-convolution's transforms (against the direct sums); gradient checks with it on; numpy alone when numba is
-missing."""
+convolution's transforms (against the direct sums), a convolution's bias and ReLU pass; gradient checks with it
+on; numpy alone when numba is missing."""
 import subprocess
 import sys
 import textwrap
@@ -296,6 +296,46 @@ def test_max_pooling_gradient_with_the_accelerator(monkeypatch):
     bottom = blobs_from(np.random.default_rng(3).permutation(2 * 2 * 7 * 7).reshape(2, 2, 7, 7) * 0.05)
     top = setup_layer(layer, bottom)
     check_gradient(layer, bottom, top)
+
+
+def test_bias_relu_kernel_is_numpys_sum_and_relu_bit_for_bit():
+    """A convolution's epilogue in one pass: numpy's bias sum and layers/neuron.py's relu, special values
+    included (-0 to +0, NaN kept, -inf to NaN, -inf + inf to NaN)."""
+    rng = np.random.default_rng(7)
+    y = rng.standard_normal((3, 5, 37)).astype(np.float32)
+    y.flat[::7], y.flat[3::11], y.flat[5::13], y.flat[1::5] = np.inf, -np.inf, np.nan, -0.0
+    bias = np.array([0.5, -0.0, 0.0, np.inf, -2.0], dtype=np.float32)
+    for add_bias in (False, True):
+        for fused_relu in (False, True):
+            with np.errstate(invalid="ignore"):   # -inf + inf
+                want = y + bias.reshape(1, -1, 1) if add_bias else y.copy()
+            if fused_relu:
+                relu(want, want)
+            got = y.copy()
+            accelerator.kernels().bias_relu(got, bias, add_bias, fused_relu)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("geometry", ["kernel_size: 1", "kernel_size: 3 pad: 1 group: 2"])
+def test_convolution_bias_and_fused_relu_match_the_numpy_path(monkeypatch, geometry):
+    """Pointwise and grouped convolutions add their bias after the GEMM (and the optimiser's ReLU): bit-identical
+    with the accelerator on and off."""
+    x = rand32(2, 4, 5, 6)
+    for fused in (False, True):
+        outputs = []
+        for accel in ("1", "0"):
+            monkeypatch.setenv("KAFFE_ACCEL", accel)
+            device.set_random_seed(1234)
+            layer = make_layer(f'type: "Convolution" convolution_param {{ num_output: 6 {geometry} '
+                               f'weight_filler {{ type: "gaussian" std: 0.5 }} '
+                               f'bias_filler {{ type: "gaussian" std: 0.5 }} }}')
+            bottom = blobs_from(x)
+            top = setup_layer(layer, bottom)
+            layer.fused_relu = fused
+            layer.forward(bottom, top)
+            outputs.append(top[0].cpu_data().copy())
+        assert (outputs[1] < 0).any() != fused
+        np.testing.assert_array_equal(outputs[0].view(np.uint32), outputs[1].view(np.uint32))
 
 
 def test_kaffe_accel_0_turns_it_off(monkeypatch):
