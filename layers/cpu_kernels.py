@@ -41,19 +41,15 @@ def relu(value):
 
 
 @conv_kernel
-def bias_relu(source, y, bias, add_bias, fused_relu):
-    """y[n, o] = source[n, o], plus bias[o] when add_bias, through relu when fused_relu: a convolution's epilogue
-    in one pass over its top (num, outputs, rows, columns), where numpy needs one for the sum and two for the
-    ReLU. source may be y itself or a strided view of a larger product of that shape."""
-    num, outputs, height, width = y.shape
+def bias_relu(y, bias, add_bias, fused_relu):
+    """y[n, o] += bias[o] when add_bias, then through relu when fused_relu: a convolution's epilogue in one pass
+    over its top (num, outputs, positions), where numpy needs one for the sum and two for the ReLU."""
+    num, outputs, length = y.shape
     for plane in prange(num * outputs):
-        n, o = plane // outputs, plane % outputs
-        shift = bias[o]
-        for i in range(height):
-            line, target = source[n, o, i], y[n, o, i]
-            for j in range(width):
-                value = line[j] + shift if add_bias else line[j]
-                target[j] = relu(value) if fused_relu else value
+        row, shift = y[plane // outputs, plane % outputs], bias[plane % outputs]
+        for i in range(length):
+            value = row[i] + shift if add_bias else row[i]
+            row[i] = relu(value) if fused_relu else value
 
 
 @conv_kernel

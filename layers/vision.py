@@ -831,13 +831,12 @@ class ConvolutionLayer(BaseConvolutionLayer):
 
     def _write_top(self, result, out, add_bias):
         """out (num, num_output, ...) = result, plus the bias when add_bias, then ReLU when fused_relu. result may
-        be out, or a strided view of the same shape (the shifted_taps grid). The compiled kernel does it all in
-        one pass; numpy takes one for the sum and two for the ReLU, which for a grid follow the copy a contiguous
-        block of one sample's channels at a time, while the block is still in the cache."""
-        if accelerator.enabled():
+        be out: then the compiled kernel does both in one pass over it (numpy takes one for the sum and two for
+        the ReLU); when it is not (the shifted_taps grid), the ReLU follows the copy a contiguous block of one
+        sample's channels at a time, while the block is still in the cache."""
+        if result is out and accelerator.enabled():
             bias = self.blobs[1].cpu_data() if add_bias else np.zeros(self.num_output, dtype=np.float32)
-            rows = (self.num, self.num_output, -1, out.shape[-1])   # a view of either, (N, C, L) or (N, C, H, W)
-            accelerator.kernels().bias_relu(result.reshape(rows), out.reshape(rows), bias, add_bias,
+            accelerator.kernels().bias_relu(out.reshape(self.num, self.num_output, -1), bias, add_bias,
                                             self.fused_relu)
             return
         bias = self.blobs[1].cpu_data().reshape((1, -1) + (1,) * (out.ndim - 2)) if add_bias else None
