@@ -316,11 +316,13 @@ def test_bias_relu_kernel_is_numpys_sum_and_relu_bit_for_bit():
             np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("geometry", ["kernel_size: 1", "kernel_size: 3 pad: 1 group: 2"])
-def test_convolution_bias_and_fused_relu_match_the_numpy_path(monkeypatch, geometry):
-    """Pointwise and grouped convolutions add their bias after the GEMM (and the optimiser's ReLU): bit-identical
-    with the accelerator on and off."""
-    x = rand32(2, 4, 5, 6)
+@pytest.mark.parametrize("channels, geometry, shifted_taps", [(4, "kernel_size: 1", False),
+                                                             (4, "kernel_size: 3 pad: 1 group: 2", False),
+                                                             (96, "kernel_size: 3 pad: 1", True)])
+def test_convolution_bias_and_fused_relu_match_the_numpy_path(monkeypatch, channels, geometry, shifted_taps):
+    """Pointwise, grouped and shifted_taps convolutions add their bias after the GEMMs (and the optimiser's
+    ReLU): bit-identical with the accelerator on and off, on data whose signs are random."""
+    x = rand32(1, channels, 9, 10)
     for fused in (False, True):
         outputs = []
         for accel in ("1", "0"):
@@ -331,7 +333,8 @@ def test_convolution_bias_and_fused_relu_match_the_numpy_path(monkeypatch, geome
                                f'bias_filler {{ type: "gaussian" std: 0.5 }} }}')
             bottom = blobs_from(x)
             top = setup_layer(layer, bottom)
-            layer.fused_relu = fused
+            layer.fused_relu, layer.shifted_taps = fused, shifted_taps
+            assert layer._runs_shifted_taps() == shifted_taps
             layer.forward(bottom, top)
             outputs.append(top[0].cpu_data().copy())
         assert (outputs[1] < 0).any() != fused
