@@ -1,7 +1,8 @@
 """Compiled CPU kernels (numba) for what numpy cannot make fast: a convolution's bias and ReLU in one pass,
-depthwise convolution (forward, both backward directions), col2im of the batch-innermost columns (convolution's backward to its input), the forward of 2-D MAX
-pooling (with or without the argmax that backward reads), its backward pass, the scale of LRN across channels,
-and the input and output transforms of Winograd F(4x4, 3x3) convolutions.
+depthwise convolution (forward, both backward directions), im2col into batch-outer columns, col2im of the
+batch-innermost columns (convolution's backward to its input), the forward of 2-D MAX pooling (with or without
+the argmax that backward reads), its backward pass, the scale of LRN across channels, and the input and output
+transforms of Winograd F(4x4, 3x3) convolutions.
 
 engine/accelerator.py imports this module on first use, only when numba is installed and KAFFE_ACCEL is not 0;
 the numpy code of layers/vision.py is the reference they are tested against (the direct sums for Winograd).
@@ -164,6 +165,33 @@ def depthwise_backward_weight(x, dy, dweight, dbias, sh, sw, ph, pw, dh, dw):
                 dweight[o, ky, kx] += np.float32(total[ky, kx])
         if dbias.size:
             dbias[o] += np.float32(bias_total)
+
+
+@pool_kernel
+def im2col_batch_outer(x, col, sh, sw, ph, pw, dh, dw):
+    """col (C, KH, KW, num, OH, OW) = im2col's batch-outer columns of x (num, C, H, W): each tap's window of
+    each sample, row by row, zero where it reads padding. One pass of contiguous runs over the output rows
+    (numpy's path pads the whole input first, then copies one window per tap, a Python step each)."""
+    num, channels, height, width = x.shape
+    kh, kw, out_h, out_w = col.shape[1], col.shape[2], col.shape[4], col.shape[5]
+    runs = tap_runs(kw, dw, pw, sw, width, out_w)
+    step = uint64(sw)
+    for c in prange(channels):
+        for ky in range(kh):
+            for kx in range(kw):
+                first, begin, count = runs[kx, 0], uint64(runs[kx, 1]), uint64(runs[kx, 2])
+                for n in range(num):
+                    image, target = x[n, c], col[c, ky, kx, n]
+                    for oy in range(out_h):
+                        line, row = target[oy], oy * sh - ph + ky * dh
+                        if row < 0 or row >= height:
+                            line[:] = 0
+                            continue
+                        source = image[row]
+                        line[:first] = 0
+                        for i in range(count):
+                            line[first + i] = source[begin + i * step]
+                        line[first + count:] = 0
 
 
 @pool_kernel

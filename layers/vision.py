@@ -139,15 +139,20 @@ def im2col(data, kernel, stride, pad, dilation, batch_last=True, out=None):
     of every sample, so a filter bank (O, C*K) times it is the convolution of the whole batch. With the batch
     innermost each tap's copy moves runs of out_w * num contiguous floats (num with strides > 1): the better
     layout when the columns are big; with the batch outer the result maps to NCHW by cheaper transposes.
-    `out`, if given, receives the columns (any array of that many floats that reshapes to their layout).
+    `out`, if given, receives the columns (any array of that many floats that reshapes to their layout). 2-D
+    batch-outer columns (or one sample's) come from the compiled kernel where the accelerator is on.
     """
     num, channels, *spatial = data.shape
     out_shape = _out_shape(spatial, kernel, stride, pad, dilation)
+    layout = (channels, *kernel, *out_shape, num) if batch_last else (channels, *kernel, num, *out_shape)
+    col = np.empty(layout, dtype=np.float32) if out is None else out.reshape(layout)
+    if len(spatial) == 2 and (num == 1 or not batch_last) and accelerator.enabled():   # one sample: both layouts
+        accelerator.kernels().im2col_batch_outer(data, col.reshape(channels, *kernel, num, *out_shape), *stride,
+                                                 *pad, *dilation)
+        return col
     padded, lead = _padded_layout(channels, num, spatial, pad, batch_last)
     interior = lead + tuple(slice(p, p + n) for n, p in zip(spatial, pad))
     padded[interior] = np.moveaxis(data, 0, -1) if batch_last else data.swapaxes(0, 1)
-    layout = (channels, *kernel, *out_shape, num) if batch_last else (channels, *kernel, num, *out_shape)
-    col = np.empty(layout, dtype=np.float32) if out is None else out.reshape(layout)
     for taps, window in _tap_windows(kernel, stride, dilation, out_shape):
         col[(slice(None),) + taps] = padded[lead + window]
     return col

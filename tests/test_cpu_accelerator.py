@@ -1,8 +1,8 @@
 """The compiled CPU accelerator (engine/accelerator.py, layers/cpu_kernels.py) against the numpy path it replaces
-(KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, col2im, max pooling's forward with
-and without argmax and its backward with Caffe's first-maximum tie rule, LRN's window sums, the Winograd
-convolution's transforms (against the direct sums), a convolution's bias and ReLU pass; gradient checks with it
-on; numpy alone when numba is missing."""
+(KAFFE_ACCEL=0): depthwise convolution forward and both backward directions, im2col, col2im, max pooling's
+forward with and without argmax and its backward with Caffe's first-maximum tie rule, LRN's window sums, the
+Winograd convolution's transforms (against the direct sums), a convolution's bias and ReLU pass; gradient checks
+with it on; numpy alone when numba is missing."""
 import subprocess
 import sys
 import textwrap
@@ -254,11 +254,29 @@ def test_max_pooling_forward_with_argmax_is_bit_identical_to_the_numpy_path(monk
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("shape,kernel,stride,pad,dilation", [
+COLUMN_CASES = [
     ((6, 20, 12, 12), (5, 5), (1, 1), (0, 0), (1, 1)),    # LeNet's conv2
     ((3, 4, 9, 8), (3, 3), (2, 2), (1, 1), (1, 1)),       # overlapping strided windows, padding
     ((2, 3, 11, 10), (3, 2), (1, 2), (2, 1), (2, 1)),     # per-axis geometry, dilation
-    ((1, 5, 7, 7), (3, 3), (1, 1), (1, 1), (1, 1))])      # one sample
+    ((1, 5, 7, 7), (3, 3), (1, 1), (1, 1), (1, 1)),       # one sample
+    ((1, 3, 13, 13), (5, 5), (4, 4), (0, 0), (1, 1)),     # AlexNet-like conv1: windows skip cells
+    ((2, 2, 4, 5), (3, 3), (1, 1), (4, 3), (1, 1))]       # padding wider than the reach: rows of zeros
+
+
+@pytest.mark.parametrize("shape,kernel,stride,pad,dilation", COLUMN_CASES)
+def test_im2col_is_bit_identical_to_the_numpy_path(monkeypatch, shape, kernel, stride, pad, dilation):
+    """The compiled batch-outer columns (and one sample's, which are the batch-innermost ones too)."""
+    x = rand32(*shape)
+    for batch_last in (False, True):
+        columns = []
+        for accel in ("1", "0"):
+            monkeypatch.setenv("KAFFE_ACCEL", accel)
+            columns.append(im2col(x, kernel, stride, pad, dilation, batch_last=batch_last,
+                                  out=np.full(im2col(x, kernel, stride, pad, dilation).size, np.nan, np.float32)))
+        np.testing.assert_array_equal(columns[0], columns[1])
+
+
+@pytest.mark.parametrize("shape,kernel,stride,pad,dilation", COLUMN_CASES)
 def test_col2im_is_bit_identical_to_the_numpy_path(monkeypatch, shape, kernel, stride, pad, dilation):
     columns = im2col(rand32(*shape), kernel, stride, pad, dilation, batch_last=True)
     columns = np.random.default_rng(14).standard_normal(columns.shape).astype(np.float32)
