@@ -11,7 +11,8 @@ Levels:
   follows no producer (BatchNorm -> Scale -> ReLU on a block's input in DenseNet) becomes one affine pass.
   Layers that a backward pass would run are left alone.
 - "full" (kaffe test, kaffe time --phase TEST, the benchmarks): also folds chains whose intermediate blobs are
-  read by nothing else (conv -> bn -> scale writing three blobs), whatever backward would need, and runs the
+  read by nothing else (conv -> bn -> scale writing three blobs), whatever backward would need, fuses an Eltwise
+  sum (and the ReLU after it) into the convolution whose top only that sum reads (FusedSum), and runs the
   CPU forward of 3x3 stride-1 convolutions of enough channels by Winograd F(4x4, 3x3)
   (ConvolutionLayer.winograd), which keeps each output within about 1e-5 of its blob's scale rather than within
   float32 rounding of each value; only the inputs, the outputs and the blobs the caller keeps are sure to hold
@@ -145,6 +146,31 @@ class FusedReLU:
             self.convolution.fused_relu = False
 
 
+class FusedSum:
+    """A Convolution step (as written or folded) whose one top only an Eltwise SUM of two bottoms with
+    coefficients 1 reads, with the ReLU working in place on the sum, if any (ResNet's branch2c + shortcut + ReLU).
+    Full level, CPU: the convolution writes the sum's top itself, adding the other bottom (and applying the ReLU)
+    in the pass that adds its bias (ConvolutionLayer.fused_residual), so the sum and the ReLU take no pass of their
+    own and the convolution's own top is never written; the same values (the sum of two is either order). Where
+    its forward has no such pass (depthwise, Winograd, shifted taps) and on a GPU the layers run as written."""
+
+    def __init__(self, runner, convolution, runner_vecs, other, layers, layer_vecs):
+        self.runner, self.convolution, self.runner_vecs, self.other = runner, convolution, runner_vecs, other
+        self.layers, self.layer_vecs = layers, layer_vecs   # the Eltwise (and the ReLU) as written
+
+    def forward(self, bottom, top):
+        convolution = self.convolution
+        if device.mode() == device.GPU or not convolution.writes_top_after_gemm():
+            loss = self.runner.forward(*self.runner_vecs)
+            return loss + sum(layer.forward(*vecs) for layer, vecs in zip(self.layers, self.layer_vecs))
+        convolution.fused_residual = self.other.cpu_data()
+        convolution.fused_relu = len(self.layers) > 1
+        try:
+            return self.runner.forward(bottom, top)
+        finally:
+            convolution.fused_residual, convolution.fused_relu = None, False
+
+
 def _affine_channels(layer, bottom):
     """The channel count of a BatchNorm (global statistics) / Scale / Bias layer that maps each channel (axis 1)
     of its one bottom affinely with learned values, else None."""
@@ -191,6 +217,8 @@ class ForwardPlan:
                     runner = FusedReLU(runner, computing, net.layers[last + 1],
                                        (net.bottom_vecs[last + 1], net.top_vecs[last + 1]))
                     last += 1
+                elif (fused := self._fused_sum(i, last, runner, computing, readers, kept)) is not None:
+                    runner, last = fused
             self.steps.append((i, last, runner))
             i = last + 1
         self.folded = [step for step in self.steps if step[0] != step[1]]
@@ -263,8 +291,8 @@ class ForwardPlan:
         for step, (first, last, runner) in enumerate(self.steps):
             if runner is None:
                 continue
-            for i in net.bottom_ids[first]:
-                last_read[group_of[i]] = step
+            for i in {i for layer_id in range(first, last + 1) for i in net.bottom_ids[layer_id]}:
+                last_read[group_of[i]] = step   # a fused sum's other bottom too
             for i in net.top_ids[last]:
                 first_write.setdefault(group_of[i], step)
                 last_read[group_of[i]] = max(last_read.get(group_of[i], step), step)
@@ -288,6 +316,28 @@ class ForwardPlan:
                 net._blobs[i].use_memory(memory)
             ends.setdefault(last_read[key], []).append(memory)
         return 4 * (before - sum(m.count for m in pool))
+
+    def _fused_sum(self, first, last, runner, convolution, readers, kept):
+        """Full level: a FusedSum step (runner, last layer) for the Eltwise sum that alone reads the one top of the
+        convolution step first..last (and the ReLU in place after it), or None."""
+        net = self.net
+        add = last + 1
+        if self.level != "full" or add >= len(net.layers) or len(net.top_ids[last]) != 1:
+            return None
+        layer, produced = net.layers[add], net.top_ids[last][0]
+        if not (layer.type == "Eltwise" and layer.op == caffe_pb2.EltwiseParameter.SUM and len(net.bottom_ids[add]) == 2
+                and all(c == 1 for c in layer.coeffs) and produced in net.bottom_ids[add]
+                and net.blob_names[produced] not in kept
+                and not set(net.top_ids[add]) & set(net.bottom_ids[add])):
+            return None
+        # the in-place layers of the step (a folded BatchNorm / Scale) read it too; after it only the sum may
+        if readers[produced] - sum(net.bottom_ids[j].count(produced) for j in range(first, last + 1)) != 1:
+            return None
+        other = net.bottom_vecs[add][1 - net.bottom_ids[add].index(produced)]
+        end = add + 1 if self._is_relu_in_place_on(add + 1, add) else add
+        vecs = [(net.bottom_vecs[j], net.top_vecs[j]) for j in range(add, end + 1)]
+        return FusedSum(runner, convolution, (net.bottom_vecs[first], net.top_vecs[last]), other,
+                        net.layers[add:end + 1], vecs), end
 
     def _is_relu_in_place_on(self, layer_id, producer_id):
         """Whether layer layer_id is a ReLU (negative_slope 0) working in place on the one top of producer_id."""

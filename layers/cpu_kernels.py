@@ -42,14 +42,18 @@ def relu(value):
 
 
 @conv_kernel
-def bias_relu(y, bias, add_bias, fused_relu):
-    """y[n, o] += bias[o] when add_bias, then through relu when fused_relu: a convolution's epilogue in one pass
-    over its top (num, outputs, positions), where numpy needs one for the sum and two for the ReLU."""
+def bias_relu(y, bias, residual, add_bias, add_residual, fused_relu):
+    """y[n, o] += bias[o] when add_bias, then += residual[n, o] when add_residual (an Eltwise sum fused into
+    the convolution), then through relu when fused_relu: a convolution's epilogue in one pass over its top (num,
+    outputs, positions), where numpy needs one for each sum and two for the ReLU. residual must not overlap y
+    (LLVM vectorises the loop only when it does not)."""
     num, outputs, length = y.shape
     for plane in prange(num * outputs):
-        row, shift = y[plane // outputs, plane % outputs], bias[plane % outputs]
+        n, o = plane // outputs, plane % outputs
+        row, extra, shift = y[n, o], residual[n, o], bias[o]
         for i in range(length):
             value = row[i] + shift if add_bias else row[i]
+            value = value + extra[i] if add_residual else value
             row[i] = relu(value) if fused_relu else value
 
 

@@ -19,6 +19,9 @@ from ..proto import caffe_pb2
 from .neuron import BLOCK, dropout_bits, relu
 
 FLT_MAX = np.float32(np.finfo(np.float32).max)
+# the convolution epilogue's residual when it adds none: an array of its own, as one that might overlap the top
+# keeps LLVM from vectorising the kernel's loop
+NO_RESIDUAL = np.zeros((1, 1, 1), dtype=np.float32)
 KERNELS = ("layers/random.cl", "layers/vision.cl")  # stochastic pooling draws counter_bits
 LAUNCH_GROUP = 256  # work-group size of the one-work-item-per-element kernels
 SUM_GROUP = 256  # work-group size of channel_sum
@@ -623,11 +626,14 @@ class ConvolutionLayer(BaseConvolutionLayer):
     "full" level, where only the net's outputs are kept) a 3x3 stride-1 one runs Winograd F(4x4, 3x3) instead
     (see _forward_winograd): a quarter of the multiplications, each output within about 1e-5 of its blob's scale
     of the direct sums. With `fused_relu` (set by the optimiser while it runs a step whose ReLU works in place
-    on this top) the CPU forward applies that ReLU as it writes the top.
+    on this top) the CPU forward applies that ReLU as it writes the top; with `fused_residual` (an array the
+    optimiser sets while it runs an Eltwise sum fused into this layer, see writes_top_after_gemm) it adds that
+    array first.
     """
     shifted_taps = False
     winograd = False
     fused_relu = False
+    fused_residual = None
 
     def layer_setup(self, bottom, top):
         super().layer_setup(bottom, top)
@@ -704,6 +710,11 @@ class ConvolutionLayer(BaseConvolutionLayer):
             if down:
                 kernels.depthwise_backward_data(top_diff, weight, self._planes(b.mutable_cpu_diff(), self.channels),
                                                 *geometry)
+
+    def writes_top_after_gemm(self):
+        """Whether the CPU forward ends in one pass over its top after the GEMMs (im2col, 1x1): the pass that
+        adds the bias, and can add fused_residual and apply fused_relu on the way."""
+        return not (self._compiled_depthwise() or self._runs_winograd() or self._runs_shifted_taps())
 
     def _runs_shifted_taps(self):
         """Whether this forward runs as one GEMM per kernel tap (see _forward_shifted_taps): 2-D, stride 1, one
@@ -835,14 +846,17 @@ class ConvolutionLayer(BaseConvolutionLayer):
             self._write_top(result, t.mutable_cpu_data().reshape(self.num, outputs, out_h, out_w), self.bias_term)
 
     def _write_top(self, result, out, add_bias):
-        """out (num, num_output, ...) = result, plus the bias when add_bias, then ReLU when fused_relu. result may
-        be out: then the compiled kernel does both in one pass over it (numpy takes one for the sum and two for
-        the ReLU); when it is not (the shifted_taps grid), the ReLU follows the copy a contiguous block of one
-        sample's channels at a time, while the block is still in the cache."""
+        """out (num, num_output, ...) = result, plus the bias when add_bias, plus fused_residual when set, then
+        ReLU when fused_relu. result may be out: then the compiled kernel does it all in one pass over it (numpy
+        takes one per sum and two for the ReLU); when it is not (the shifted_taps grid, which never has a
+        residual), the ReLU follows the copy a contiguous block of one sample's channels at a time, while the
+        block is still in the cache."""
+        residual = self.fused_residual
         if result is out and accelerator.enabled():
             bias = self.blobs[1].cpu_data() if add_bias else np.zeros(self.num_output, dtype=np.float32)
-            accelerator.kernels().bias_relu(out.reshape(self.num, self.num_output, -1), bias, add_bias,
-                                            self.fused_relu)
+            rows = (self.num, self.num_output, -1)
+            accelerator.kernels().bias_relu(out.reshape(rows), bias, NO_RESIDUAL if residual is None else
+                                            residual.reshape(rows), add_bias, residual is not None, self.fused_relu)
             return
         bias = self.blobs[1].cpu_data().reshape((1, -1) + (1,) * (out.ndim - 2)) if add_bias else None
         if result is out or not self.fused_relu:
@@ -850,6 +864,8 @@ class ConvolutionLayer(BaseConvolutionLayer):
                 np.add(result, bias, out=out)
             elif result is not out:
                 out[...] = result
+            if residual is not None:
+                np.add(out, residual.reshape(out.shape), out=out)
             if self.fused_relu:
                 relu(out, out)
             return
@@ -877,7 +893,7 @@ class ConvolutionLayer(BaseConvolutionLayer):
         for b, t in zip(bottom, top):
             out = t.mutable_cpu_data()
             self._rows_product(weight, self._columns(b, forward=True), out)
-            if add_bias or self.fused_relu:
+            if add_bias or self.fused_relu or self.fused_residual is not None:
                 out = out.reshape(self.num, self.num_output, -1)
                 self._write_top(out, out, add_bias)
 

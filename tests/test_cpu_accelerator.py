@@ -316,22 +316,28 @@ def test_max_pooling_gradient_with_the_accelerator(monkeypatch):
     check_gradient(layer, bottom, top)
 
 
-def test_bias_relu_kernel_is_numpys_sum_and_relu_bit_for_bit():
-    """A convolution's epilogue in one pass: numpy's bias sum and layers/neuron.py's relu, special values
-    included (-0 to +0, NaN kept, -inf to NaN, -inf + inf to NaN)."""
+def test_bias_relu_kernel_is_numpys_sums_and_relu_bit_for_bit():
+    """A convolution's epilogue in one pass: numpy's bias sum, the fused Eltwise sum's np.add and
+    layers/neuron.py's relu, special values included (-0 to +0, NaN kept, -inf to NaN, -inf + inf to NaN)."""
     rng = np.random.default_rng(7)
     y = rng.standard_normal((3, 5, 37)).astype(np.float32)
     y.flat[::7], y.flat[3::11], y.flat[5::13], y.flat[1::5] = np.inf, -np.inf, np.nan, -0.0
+    residual = rng.standard_normal((3, 5, 37)).astype(np.float32)
+    residual.flat[::9], residual.flat[2::17], residual.flat[4::6] = -np.inf, np.nan, -0.0
     bias = np.array([0.5, -0.0, 0.0, np.inf, -2.0], dtype=np.float32)
     for add_bias in (False, True):
-        for fused_relu in (False, True):
-            with np.errstate(invalid="ignore"):   # -inf + inf
-                want = y + bias.reshape(1, -1, 1) if add_bias else y.copy()
-            if fused_relu:
-                relu(want, want)
-            got = y.copy()
-            accelerator.kernels().bias_relu(got, bias, add_bias, fused_relu)
-            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        for add_residual in (False, True):
+            for fused_relu in (False, True):
+                with np.errstate(invalid="ignore"):   # -inf + inf
+                    want = y + bias.reshape(1, -1, 1) if add_bias else y.copy()
+                    if add_residual:
+                        np.add(want, residual, out=want)
+                if fused_relu:
+                    relu(want, want)
+                got = y.copy()
+                accelerator.kernels().bias_relu(got, bias, residual if add_residual else vision.NO_RESIDUAL,
+                                                add_bias, add_residual, fused_relu)
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("channels, geometry, shifted_taps", [(4, "kernel_size: 1", False),

@@ -88,10 +88,10 @@ def test_what_each_level_folds(nets):
     levels, _ = nets
     folded = {level: [levels[level].layer_names[first] + ".." + levels[level].layer_names[last]
                       for first, last, _ in levels[level]._plan.folded] for level in ("safe", "full")}
-    # safe: only in-place chains (conv2 -> bn2 -> scale2 writes three blobs); full: that chain too
-    # (relu1 works in place on conv1's folded top: the convolution applies it)
+    # safe: only in-place chains (conv2 -> bn2 -> scale2 writes three blobs); full: that chain too, and the sum
+    # that alone reads its top (relu1 works in place on conv1's folded top: the convolution applies it)
     assert folded["safe"] == ["conv1..relu1", "scale2..bias2", "fc..bnfc", "fc2..bnfc2"]
-    assert folded["full"] == ["conv1..relu1", "conv2..bias2", "fc..bnfc", "fc2..bnfc2"]
+    assert folded["full"] == ["conv1..relu1", "conv2..sum", "fc..bnfc", "fc2..bnfc2"]   # conv2 adds conv1
     assert levels["none"]._plan is None
     assert levels["full"]._plan.shared_bytes > 0
 
@@ -313,6 +313,63 @@ def test_affine_chains_without_a_producer_become_one_pass(request, gpu):
     expected = forward_all_blobs(nets["none"], x)
     assert_close(forward_all_blobs(nets["safe"], x)["scale2"], expected["scale2"])
     assert_close(forward_all_blobs(nets["full"], x)["scale2"], expected["scale2"])
+
+
+RESIDUAL_BLOCKS = """
+name: "residual"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 96 dim: 9 dim: 9 } } }
+layer { name: "expand" type: "Convolution" bottom: "data" top: "expand"
+        convolution_param { num_output: 96 kernel_size: 1 bias_term: false } }
+layer { name: "bn" type: "BatchNorm" bottom: "expand" top: "expand" }
+layer { name: "scale" type: "Scale" bottom: "expand" top: "expand" scale_param { bias_term: true } }
+layer { name: "sum1" type: "Eltwise" bottom: "data" bottom: "expand" top: "sum1" }
+layer { name: "relu1" type: "ReLU" bottom: "sum1" top: "sum1" }
+layer { name: "same" type: "Convolution" bottom: "sum1" top: "same"
+        convolution_param { num_output: 96 kernel_size: 3 pad: 1 } }
+layer { name: "sum2" type: "Eltwise" bottom: "same" bottom: "sum1" top: "sum2" }
+layer { name: "relu2" type: "ReLU" bottom: "sum2" top: "sum2" }
+layer { name: "project" type: "Convolution" bottom: "sum2" top: "project"
+        convolution_param { num_output: 96 kernel_size: 1 } }
+layer { name: "sum3" type: "Eltwise" bottom: "project" bottom: "sum2" top: "sum3" }
+layer { name: "weighted" type: "Convolution" bottom: "sum3" top: "weighted"
+        convolution_param { num_output: 96 kernel_size: 1 } }
+layer { name: "sum4" type: "Eltwise" bottom: "weighted" bottom: "sum3" top: "sum4"
+        eltwise_param { coeff: 1 coeff: 2 } }
+"""
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # the NaN and -inf in the input
+@pytest.mark.parametrize("accel", ["1", "0"])
+def test_full_level_fuses_a_sum_that_alone_reads_a_convolution_into_it(monkeypatch, accel):
+    """ResNet's branch2c (+ folded BatchNorm/Scale) + shortcut + ReLU, and MobileNet v2's linear projection +
+    shortcut: the convolution adds the other bottom (and applies the ReLU) as it writes the sum's top, with the
+    values of the layers as written (NaN and -inf included); a 3x3 convolution whose GEMM per tap writes no such
+    pass runs its sum as written; a sum with coefficients keeps its own layer; the safe level fuses nothing."""
+    monkeypatch.setenv("KAFFE_ACCEL", accel)
+    nets = nets_at_every_level(RESIDUAL_BLOCKS)
+    steps = {level: [(net.layer_names[first], net.layer_names[last], type(runner).__name__)
+                     for first, last, runner in net._plan.steps] for level, net in nets.items() if net._plan}
+    assert ("expand", "relu1", "FusedSum") in steps["full"] and ("project", "sum3", "FusedSum") in steps["full"]
+    assert ("same", "relu2", "FusedSum") in steps["full"] and ("weighted", "weighted", "ConvolutionLayer") in \
+        steps["full"]
+    assert not any(kind == "FusedSum" for *_, kind in steps["safe"])
+    same = nets["full"].layers[list(nets["full"].layer_names).index("same")]
+    assert same._runs_shifted_taps() and not same.writes_top_after_gemm()
+    x = np.random.default_rng(11).standard_normal((2, 96, 9, 9)).astype(np.float32)
+    x[0, 3, 1, 1], x[1, 5, 2, 2] = -np.inf, np.nan
+    expected = forward_all_blobs(nets["none"], x)
+    actual = forward_all_blobs(nets["full"], x)["sum4"]
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected["sum4"]))
+    finite = np.isfinite(expected["sum4"])
+    assert_close(actual[finite], expected["sum4"][finite])
+    unfused = forward_all_blobs(nets["safe"], x)["sum4"]   # the same layers run unfused: the same bits
+    np.testing.assert_array_equal(actual.view(np.uint32), unfused.view(np.uint32))
+
+
+def test_fused_sums_run_as_written_on_opencl(gpu_mode):
+    nets = nets_at_every_level(RESIDUAL_BLOCKS)
+    x = np.random.default_rng(12).standard_normal((2, 96, 9, 9)).astype(np.float32)
+    assert_close(forward_all_blobs(nets["full"], x)["sum4"], forward_all_blobs(nets["none"], x)["sum4"])
 
 
 def test_unknown_level_is_refused():
