@@ -51,6 +51,19 @@ def assert_close(accelerated, reference):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
 
 
+def convolution_output(text, x, phase=caffe_pb2.TRAIN, **flags):
+    """(the layer, its top) after one forward of a freshly seeded layer of `text` on x, with the optimiser's
+    flags (winograd, shifted_taps, fused_relu) set on it."""
+    device.set_random_seed(1234)
+    layer = make_layer(text, phase=phase)
+    bottom = blobs_from(x)
+    top = setup_layer(layer, bottom)
+    for name, value in flags.items():
+        setattr(layer, name, value)
+    layer.forward(bottom, top)
+    return layer, top[0].cpu_data().copy()
+
+
 def depthwise_text(channels, geometry, multiplier=1, bias=True, extra=""):
     return (f'type: "Convolution" convolution_param {{ num_output: {channels * multiplier} group: {channels} '
             f'bias_term: {"true" if bias else "false"} {geometry} weight_filler {{ type: "gaussian" std: 0.5 }} '
@@ -129,14 +142,9 @@ def winograd_and_direct(monkeypatch, shape, outputs, pad, bias, x, fused_relu=Fa
             f'bias_filler {{ type: "gaussian" std: 0.5 }} }}')
     tops = []
     for winograd in (True, False):
-        device.set_random_seed(1234)
-        layer = make_layer(text, phase=caffe_pb2.TEST)
-        bottom = blobs_from(x)
-        top = setup_layer(layer, bottom)
-        layer.winograd, layer.fused_relu = winograd, fused_relu
+        layer, output = convolution_output(text, x, phase=caffe_pb2.TEST, winograd=winograd, fused_relu=fused_relu)
         assert layer._runs_winograd() == winograd
-        layer.forward(bottom, top)
-        tops.append(top[0].cpu_data().copy())
+        tops.append(output)
     return tops
 
 
@@ -351,16 +359,12 @@ def test_convolution_bias_and_fused_relu_match_the_numpy_path(monkeypatch, chann
         outputs = []
         for accel in ("1", "0"):
             monkeypatch.setenv("KAFFE_ACCEL", accel)
-            device.set_random_seed(1234)
-            layer = make_layer(f'type: "Convolution" convolution_param {{ num_output: 6 {geometry} '
-                               f'weight_filler {{ type: "gaussian" std: 0.5 }} '
-                               f'bias_filler {{ type: "gaussian" std: 0.5 }} }}')
-            bottom = blobs_from(x)
-            top = setup_layer(layer, bottom)
-            layer.fused_relu, layer.shifted_taps = fused, shifted_taps
+            layer, output = convolution_output(
+                f'type: "Convolution" convolution_param {{ num_output: 6 {geometry} weight_filler {{ type: '
+                f'"gaussian" std: 0.5 }} bias_filler {{ type: "gaussian" std: 0.5 }} }}', x,
+                fused_relu=fused, shifted_taps=shifted_taps)
             assert layer._runs_shifted_taps() == shifted_taps
-            layer.forward(bottom, top)
-            outputs.append(top[0].cpu_data().copy())
+            outputs.append(output)
         assert (outputs[1] < 0).any() != fused
         np.testing.assert_array_equal(outputs[0].view(np.uint32), outputs[1].view(np.uint32))
 
